@@ -1,0 +1,159 @@
+"""PTQ configuration: default activation and weight specs plus per-module overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from typing import Any, Mapping
+
+from core.errors import ConfigError
+from core.quant.dtypes import get_dtype
+
+FLOAT = "float"  # override value that keeps a module in float
+SCHEMES = ("affine", "symmetric")
+OBSERVERS = ("minmax", "ema", "percentile")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: integer dtype, scheme and granularity."""
+
+    dtype: str = "uint8"
+    scheme: str = "affine"
+    per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        get_dtype(self.dtype)
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"unknown scheme {self.scheme!r}: use one of {', '.join(SCHEMES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return {"dtype": self.dtype, "scheme": self.scheme, "per_channel": self.per_channel}
+
+
+def _spec_from(value: Any, base: QuantSpec) -> QuantSpec:
+    if isinstance(value, QuantSpec):
+        return value
+    if isinstance(value, str):
+        return replace(base, dtype=value)
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"dtype", "scheme", "per_channel"}
+        if unknown:
+            raise ConfigError(f"unknown quantization spec keys {sorted(unknown)}")
+        return replace(base, **dict(value))
+    raise ConfigError(f"cannot read a quantization spec from {value!r}")
+
+
+@dataclass(frozen=True)
+class ModuleOverride:
+    """What an override glob changes: activations, weights, or keeps the module float."""
+
+    keep_float: bool = False
+    activation: QuantSpec | None = None
+    weight: QuantSpec | None = None
+
+    def to_json(self) -> Any:
+        """Plain-JSON form (the shortest one that reads back the same)."""
+        if self.keep_float:
+            return FLOAT
+        out: dict[str, Any] = {}
+        if self.activation is not None:
+            out["activation"] = self.activation.to_dict()
+        if self.weight is not None:
+            out["weight"] = self.weight.to_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """Defaults match TICO's PTQConfig: uint8 affine activations, uint8 affine per-channel weights, min-max."""
+
+    activation: QuantSpec = QuantSpec()
+    weight: QuantSpec = QuantSpec(per_channel=True)
+    observer: str = "minmax"
+    percentile: float = 99.99
+    ema_momentum: float = 0.9
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"unknown observer {self.observer!r}: use one of {', '.join(OBSERVERS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile {self.percentile} must lie in (50, 100]")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ConfigError(f"ema_momentum {self.ema_momentum} must lie in [0, 1)")
+        parsed = {glob: self._parse_override(glob, value) for glob, value in dict(self.overrides).items()}
+        object.__setattr__(self, "overrides", parsed)
+
+    def _parse_override(self, glob: str, value: Any) -> ModuleOverride:
+        if isinstance(value, ModuleOverride):
+            return value
+        if value == FLOAT or value is None:
+            return ModuleOverride(keep_float=True)
+        if isinstance(value, str):
+            # A bare dtype name changes the module's activations (the common "int16 here" case).
+            return ModuleOverride(activation=_spec_from(value, self.activation))
+        if isinstance(value, Mapping) and ({"activation", "weight"} & set(value)):
+            act = value.get("activation")
+            wgt = value.get("weight")
+            return ModuleOverride(
+                activation=None if act is None else _spec_from(act, self.activation),
+                weight=None if wgt is None else _spec_from(wgt, self.weight),
+            )
+        if isinstance(value, Mapping):
+            return ModuleOverride(activation=_spec_from(value, self.activation))
+        raise ConfigError(f"override for {glob!r}: cannot read {value!r}; use 'float', a dtype name or a spec mapping")
+
+    @staticmethod
+    def matches(glob: str, module_name: str) -> bool:
+        """Whether `glob` names `module_name` or one of its parents."""
+        return fnmatchcase(module_name, glob) or fnmatchcase(module_name, glob + ".*")
+
+    def spec_for(self, module_name: str, kind: str) -> QuantSpec | None:
+        """The spec of a tensor of `kind` ('activation' or 'weight') in `module_name`; None keeps it float."""
+        spec = self.activation if kind == "activation" else self.weight
+        for glob, override in self.overrides.items():  # later globs win
+            if not self.matches(glob, module_name):
+                continue
+            if override.keep_float:
+                return None
+            chosen = override.activation if kind == "activation" else override.weight
+            if chosen is not None:
+                spec = chosen
+        return spec
+
+    def with_keep_float(self, globs: list[str] | tuple[str, ...]) -> "PTQConfig":
+        """A copy that also keeps the modules matching `globs` in float."""
+        overrides = dict(self.overrides)
+        for glob in globs:
+            overrides[glob] = ModuleOverride(keep_float=True)
+        return replace(self, overrides=overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, read back by from_dict."""
+        return {
+            "activation": self.activation.to_dict(),
+            "weight": self.weight.to_dict(),
+            "observer": self.observer,
+            "percentile": self.percentile,
+            "ema_momentum": self.ema_momentum,
+            "overrides": {glob: o.to_json() for glob, o in self.overrides.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PTQConfig":
+        """Inverse of to_dict; raises ConfigError on unknown keys or values."""
+        known = {"activation", "weight", "observer", "percentile", "ema_momentum", "overrides"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        if "activation" in data:
+            kwargs["activation"] = _spec_from(data["activation"], QuantSpec())
+        if "weight" in data:
+            kwargs["weight"] = _spec_from(data["weight"], QuantSpec(per_channel=True))
+        for key in ("observer", "percentile", "ema_momentum", "overrides"):
+            if key in data:
+                kwargs[key] = data[key]
+        return cls(**kwargs)

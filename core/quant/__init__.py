@@ -1,0 +1,1 @@
+"""Quantization primitives: integer dtypes (`dtypes`), modes (`mode`) and observers (`observers`)."""

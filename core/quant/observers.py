@@ -1,0 +1,304 @@
+"""Observers: record tensor statistics in CALIB mode and turn them into qparams.
+
+The public ``collect()`` is a template method: it reduces the tensor once and hands the
+batch extremes to the subclass's ``_update_stats()``. Statistics live in registered
+buffers so they survive ``state_dict``; the image that set the current min and max is
+kept beside them (``min_source`` / ``max_source``).
+
+Quantization maths (affine, per tensor)::
+
+    lo = min(x_min, 0), hi = max(x_max, 0)            # zero must be representable
+    scale = (hi - lo) / (qmax - qmin)
+    zero_point = clamp(qmin - round(lo / scale), qmin, qmax)
+    fq(x) = (clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+Symmetric: ``scale = max(|x_min|, |x_max|) / ((qmax - qmin) / 2)`` and the zero point is 0
+for signed dtypes or the middle code for unsigned ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.config import QuantSpec
+from core.errors import NotCalibratedError
+from core.quant.dtypes import QDType, get_dtype
+
+WEIGHT_SOURCE = "weights"
+_EPS = 1e-12
+
+
+class Observer(nn.Module):
+    """Base observer; subclasses decide how batch extremes update the running range."""
+
+    observer_kind = "base"
+    hist_bins = 128
+    hist_sample = 1 << 16  # values drawn per batch for the display histogram
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        module_name: str,
+        role: str,
+        kind: str,
+        spec: QuantSpec,
+        enabled: bool = True,
+        channels: int | None = None,
+        channel_axis: int = 0,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.module_name = module_name
+        self.role = role
+        self.kind = kind
+        self.spec = spec
+        self.qdtype: QDType = get_dtype(spec.dtype)
+        self.enabled = enabled
+        self.per_channel = bool(spec.per_channel and channels is not None)
+        self.channel_axis = channel_axis
+        shape = (channels,) if self.per_channel else ()
+        self.register_buffer("min_val", torch.full(shape, math.inf))
+        self.register_buffer("max_val", torch.full(shape, -math.inf))
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("hist_counts", torch.zeros(self.hist_bins, dtype=torch.float64))
+        self.register_buffer("hist_range", torch.tensor([math.inf, -math.inf], dtype=torch.float64))
+        self.register_buffer("num_seen", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self.min_source: str | None = None
+        self.max_source: str | None = None
+        self._scale_f = 1.0
+        self._zp_i = 0
+
+    # ----------------------------------------------------------------- statistics
+    @property
+    def has_stats(self) -> bool:
+        """Whether at least one tensor was collected."""
+        return int(self.num_seen) > 0
+
+    def reset(self) -> None:
+        """Forget all statistics and qparams."""
+        self.min_val.fill_(math.inf)
+        self.max_val.fill_(-math.inf)
+        self.hist_counts.zero_()
+        self.hist_range.copy_(torch.tensor([math.inf, -math.inf], dtype=torch.float64))
+        self.num_seen.zero_()
+        self.frozen.fill_(False)
+        self.min_source = self.max_source = None
+        self._reset_extra()
+
+    def _reset_extra(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def collect(self, x: torch.Tensor, source: str | None = None) -> None:
+        """Record the statistics of `x`; `source` names the image it came from."""
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        if x.dtype != torch.float32:
+            x = x.float()
+        if self.per_channel:
+            flat = x.transpose(0, self.channel_axis).reshape(x.shape[self.channel_axis], -1)
+            mn, mx = flat.aminmax(dim=1)
+        else:
+            mn, mx = torch.aminmax(x)
+        self._update_stats(x, mn, mx, source)
+        self._update_histogram(x, float(mn.min()), float(mx.max()))
+        self.num_seen += x.numel()
+
+    def _update_stats(self, x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, source: str | None) -> None:
+        raise NotImplementedError
+
+    def _set_extremes(self, mn: torch.Tensor, mx: torch.Tensor, source: str | None) -> None:
+        """Plain running min/max with provenance (shared by the min-max family)."""
+        if self.per_channel:
+            torch.minimum(self.min_val, mn, out=self.min_val)
+            torch.maximum(self.max_val, mx, out=self.max_val)
+            self.min_source = self.max_source = source
+            return
+        if float(mn) < float(self.min_val):
+            self.min_val.copy_(mn)
+            self.min_source = source
+        if float(mx) > float(self.max_val):
+            self.max_val.copy_(mx)
+            self.max_source = source
+
+    def _histogram_values(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1)
+        step = max(1, flat.numel() // self.hist_sample)
+        return flat[::step]
+
+    def _update_histogram(self, x: torch.Tensor, mn: float, mx: float) -> None:
+        lo_old, hi_old = self.hist_range.tolist()
+        lo, hi = min(lo_old, mn), max(hi_old, mx)
+        if hi <= lo:
+            hi = lo + 1e-6
+        if (lo, hi) != (lo_old, hi_old) and self.hist_counts.sum() > 0:
+            # Re-bin what was counted so far onto the wider range (bin centres move as mass).
+            width = (hi_old - lo_old) / self.hist_bins
+            centres = lo_old + width * (torch.arange(self.hist_bins, dtype=torch.float64) + 0.5)
+            idx = ((centres - lo) / (hi - lo) * self.hist_bins).long().clamp(0, self.hist_bins - 1)
+            self.hist_counts.copy_(torch.bincount(idx, weights=self.hist_counts, minlength=self.hist_bins))
+        self.hist_range.copy_(torch.tensor([lo, hi], dtype=torch.float64))
+        values = self._histogram_values(x)
+        weight = x.numel() / values.numel()
+        counts = torch.histc(values.float(), bins=self.hist_bins, min=lo, max=hi).double()
+        self.hist_counts.add_(counts * weight)
+
+    def histogram(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counts and bin edges of the values seen (a fixed number of bins)."""
+        lo, hi = self.hist_range.tolist()
+        if not math.isfinite(lo):
+            lo, hi = 0.0, 1.0
+        return self.hist_counts.clone(), torch.linspace(lo, hi, self.hist_bins + 1, dtype=torch.float64)
+
+    # ------------------------------------------------------------------- qparams
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (lo, hi) range that qparams are computed from."""
+        return self.min_val, self.max_val
+
+    @torch.no_grad()
+    def compute_qparams(self) -> None:
+        """Freeze the collected statistics into (scale, zero_point)."""
+        if not self.has_stats:
+            raise NotCalibratedError(f"observer {self.name} has no statistics: calibrate before converting")
+        lo, hi = (t.double() for t in self.range())
+        q = self.qdtype
+        if self.spec.scheme == "symmetric":
+            amax = torch.maximum(-lo, hi).clamp(min=0)
+            scale = (amax / ((q.qmax - q.qmin) / 2)).clamp(min=_EPS)
+            zp = torch.zeros_like(scale) if q.signed else torch.full_like(scale, (q.qmax + 1) // 2)
+        else:
+            lo = lo.clamp(max=0)
+            hi = hi.clamp(min=0)
+            scale = ((hi - lo) / (q.qmax - q.qmin)).clamp(min=_EPS)
+            zp = (q.qmin - torch.round(lo / scale)).clamp(q.qmin, q.qmax)
+        self.scale.copy_(scale.float())
+        self.zero_point.copy_(zp.to(torch.int32))
+        self.frozen.fill_(True)
+        self._refresh_cache()
+
+    def _refresh_cache(self) -> None:
+        if not self.per_channel:
+            self._scale_f = float(self.scale)
+            self._zp_i = int(self.zero_point)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_cache()
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize and dequantize `x` with the frozen qparams (standard ATen ops only)."""
+        q = self.qdtype
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(
+                x, self.scale, self.zero_point, self.channel_axis, q.qmin, q.qmax
+            )
+        return torch.fake_quantize_per_tensor_affine(x, self._scale_f, self._zp_i, q.qmin, q.qmax)
+
+    def representable_range(self) -> tuple[float, float]:
+        """Smallest and largest real values the frozen grid can hold (per tensor: scalars)."""
+        q = self.qdtype
+        scale = self.scale.double()
+        zp = self.zero_point.double()
+        lo = (q.qmin - zp) * scale
+        hi = (q.qmax - zp) * scale
+        return (float(lo.min()), float(hi.max()))
+
+    def provenance(self) -> dict[str, str | None]:
+        """Which image set the min and the max (kept outside the state_dict)."""
+        return {"min_source": self.min_source, "max_source": self.max_source}
+
+    def set_provenance(self, data: dict[str, str | None]) -> None:
+        """Restore what provenance() returned."""
+        self.min_source = data.get("min_source")
+        self.max_source = data.get("max_source")
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, {self.observer_kind}, {self.spec.dtype}/{self.spec.scheme}"
+
+
+class MinMaxObserver(Observer):
+    """Running minimum and maximum of everything seen."""
+
+    observer_kind = "minmax"
+
+    def _update_stats(self, x, mn, mx, source):
+        self._set_extremes(mn, mx, source)
+
+
+class EMAMinMaxObserver(Observer):
+    """Moving average of batch minima and maxima: ``r = m * r + (1 - m) * batch``.
+
+    ``min_source``/``max_source`` name the image whose batch extreme was the most extreme
+    seen, since an average has no single origin.
+    """
+
+    observer_kind = "ema"
+
+    def __init__(self, *, momentum: float = 0.9, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.momentum = momentum
+        self._extreme = [math.inf, -math.inf]
+
+    def _reset_extra(self) -> None:
+        self._extreme = [math.inf, -math.inf]
+
+    def _update_stats(self, x, mn, mx, source):
+        if not self.has_stats:
+            self.min_val.copy_(mn)
+            self.max_val.copy_(mx)
+        else:
+            m = self.momentum
+            self.min_val.mul_(m).add_((1 - m) * mn)
+            self.max_val.mul_(m).add_((1 - m) * mx)
+        if float(mn.min()) < self._extreme[0]:
+            self._extreme[0] = float(mn.min())
+            self.min_source = source
+        if float(mx.max()) > self._extreme[1]:
+            self._extreme[1] = float(mx.max())
+            self.max_source = source
+
+
+class PercentileObserver(Observer):
+    """Clips the range to the [100 - p, p] percentiles of a histogram of every value seen."""
+
+    observer_kind = "percentile"
+    hist_bins = 2048
+
+    def __init__(self, *, percentile: float = 99.99, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.percentile = percentile
+
+    def _histogram_values(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1)  # the range is read off this histogram, so count every value
+
+    def _update_stats(self, x, mn, mx, source):
+        self._set_extremes(mn, mx, source)
+
+    def range(self):
+        if self.per_channel:
+            return self.min_val, self.max_val
+        counts, edges = self.histogram()
+        cdf = torch.cumsum(counts, 0) / counts.sum().clamp(min=1)
+        tail = (100.0 - self.percentile) / 100.0
+        lo_idx = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=cdf.dtype)))
+        hi_idx = int(torch.searchsorted(cdf, torch.tensor(1.0 - tail, dtype=cdf.dtype)))
+        lo = max(float(edges[lo_idx]), float(self.min_val))
+        hi = min(float(edges[min(hi_idx + 1, self.hist_bins)]), float(self.max_val))
+        return torch.tensor(lo), torch.tensor(hi)
+
+
+def make_observer(observer_kind: str, *, momentum: float = 0.9, percentile: float = 99.99, **kwargs: Any) -> Observer:
+    """Build the observer class named by the config ('minmax', 'ema', 'percentile')."""
+    if observer_kind == "ema":
+        return EMAMinMaxObserver(momentum=momentum, **kwargs)
+    if observer_kind == "percentile":
+        return PercentileObserver(percentile=percentile, **kwargs)
+    return MinMaxObserver(**kwargs)

@@ -1,0 +1,135 @@
+"""Leaf wrappers: linear (plain and clippable), RMSNorm, vision MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tico  # noqa: F401  (registers torch.ops.circle_custom.rms_norm, the Circle RMS_NORM op)
+
+from core.quant.mode import Mode
+from core.wrappers.base import QuantContext, QuantModule
+
+
+class QuantLinear(QuantModule):
+    """nn.Linear: per-channel weight observer and one output observer."""
+
+    def __init__(self, linear: nn.Linear, module_name: str, ctx: QuantContext) -> None:
+        super().__init__(module_name, ctx)
+        self.linear = linear
+        self.obs_weight = self._observer("weight", "weight", channels=linear.out_features)
+        self.obs_output = self._observer("output")
+        self.register_buffer("weight_fq", None, persistent=False)
+
+    def collect_weights(self) -> None:
+        self.obs_weight.collect(self.linear.weight, "weights")
+
+    def cache_weights(self) -> None:
+        with torch.no_grad():
+            self.weight_fq = self.obs_weight.fake_quant(self.linear.weight) if self.obs_weight.enabled else None
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.fq_weight(self.linear.weight, self.obs_weight, self.weight_fq)
+        return F.linear(x, weight, self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fq(self._project(x), self.obs_output)
+
+
+class QuantClippableLinear(QuantLinear):
+    """Gemma4ClippableLinear: optional input/output clamps, each clamp output observed."""
+
+    def __init__(self, module: nn.Module, module_name: str, ctx: QuantContext) -> None:
+        self.clip_in = self.clip_out = False
+        if module.use_clipped_linears:
+            # Infinite bounds are a no-op clamp; leaving it out keeps the exported graph lean.
+            self.clip_in = bool(math.isfinite(float(module.input_min)) or math.isfinite(float(module.input_max)))
+            self.clip_out = bool(math.isfinite(float(module.output_min)) or math.isfinite(float(module.output_max)))
+        nn.Module.__init__(self)
+        QuantModule.__init__(self, module_name, ctx)
+        self.source = module
+        self.linear = module.linear
+        if self.clip_in:
+            self.obs_input_clamped = self._observer("input_clamped")
+        self.obs_weight = self._observer("weight", "weight", channels=self.linear.out_features)
+        if self.clip_out:
+            self.obs_linear = self._observer("linear")
+        self.obs_output = self._observer("output")
+        self.register_buffer("weight_fq", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        src = self.source
+        if src.use_clipped_linears:
+            x = torch.clamp(x, src.input_min, src.input_max)
+            if self.clip_in:
+                x = self.fq(x, self.obs_input_clamped)
+        y = self._project(x)
+        if src.use_clipped_linears:
+            if self.clip_out:
+                y = self.fq(y, self.obs_linear)
+            y = torch.clamp(y, src.output_min, src.output_max)
+        return self.fq(y, self.obs_output)
+
+
+class QuantRMSNorm(QuantModule):
+    """Gemma4RMSNorm with or without scale; one Circle RMS_NORM op on the static path."""
+
+    def __init__(self, module: nn.Module, module_name: str, ctx: QuantContext) -> None:
+        super().__init__(module_name, ctx)
+        self.source = module
+        self.eps = float(module.eps)
+        self.with_scale = bool(module.with_scale)
+        self.obs_weight = self._observer("weight", "weight", per_channel=False)
+        self.obs_output = self._observer("output")
+        self.register_buffer("weight_fq", None, persistent=False)
+        self.register_buffer("unit_weight", None, persistent=False)
+
+    def _raw_weight(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_scale:
+            return self.source.weight.float()
+        if self.unit_weight is None or self.unit_weight.shape[0] != x.shape[-1]:
+            self.unit_weight = torch.ones(x.shape[-1], dtype=torch.float32, device=x.device)
+        return self.unit_weight
+
+    def collect_weights(self) -> None:
+        if self.with_scale:
+            self.obs_weight.collect(self.source.weight, "weights")
+
+    def cache_weights(self) -> None:
+        if self.with_scale and self.obs_weight.enabled:
+            with torch.no_grad():
+                self.weight_fq = self.obs_weight.fake_quant(self.source.weight.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.ctx.static:
+            out = self.source(x)  # runtime NO_QUANT path: the original maths, bit for bit
+        else:
+            weight = self._raw_weight(x)
+            if self.mode is Mode.CALIB and not self.with_scale and not self.obs_weight.has_stats:
+                self.obs_weight.collect(weight, "weights")
+            weight = self.fq_weight(weight, self.obs_weight, self.weight_fq if self.with_scale else None)
+            out = torch.ops.circle_custom.rms_norm(x.float(), weight, self.eps).type_as(x)
+        return self.fq(out, self.obs_output)
+
+
+class QuantVisionMLP(QuantModule):
+    """Gemma4VisionMLP: down(act(gate(x)) * up(x)) with the activation and product observed."""
+
+    def __init__(self, module: nn.Module, module_name: str, ctx: QuantContext) -> None:
+        super().__init__(module_name, ctx)
+        from core.wrappers.registry import wrap
+
+        self.act_fn = module.act_fn
+        self.gate_proj = wrap(module.gate_proj, f"{module_name}.gate_proj", ctx)
+        self.obs_act = self._observer("act")
+        self.up_proj = wrap(module.up_proj, f"{module_name}.up_proj", ctx)
+        self.obs_product = self._observer("product")
+        self.down_proj = wrap(module.down_proj, f"{module_name}.down_proj", ctx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.fq(self.act_fn(self.gate_proj(x)), self.obs_act)
+        product = self.fq(act * self.up_proj(x), self.obs_product)
+        return self.down_proj(product)

@@ -1,0 +1,314 @@
+"""Patch embedder, pooler and vision-model wrappers, plus the static export adapter."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from core.errors import ExportError, NotCalibratedError
+from core.quant.mode import Mode
+from core.quant.observers import Observer
+from core.wrappers.attention import rope_tables
+from core.wrappers.base import QuantContext, QuantModule
+
+
+@dataclass
+class StaticProfile:
+    """Everything that depends on patch positions, precomputed for one image layout."""
+
+    num_patches: int  # valid (leading) patches; the rest of the input is padding
+    max_patches: int
+    pos_rows: torch.Tensor  # (1, n, hidden): x- plus y-position embedding of each valid patch
+    cos: torch.Tensor  # (1, n, head_dim)
+    sin_signed: torch.Tensor  # (1, n, head_dim)
+    pool: torch.Tensor | None  # (1, rows, n): averaging matrix onto the valid soft tokens
+    grid: tuple[int, int]  # patches across, patches down
+
+    @property
+    def soft_tokens(self) -> int:
+        """Number of output rows (soft tokens) this profile produces."""
+        return self.pool.shape[1] if self.pool is not None else self.num_patches
+
+
+class QuantPatchEmbedder(QuantModule):
+    """Gemma4VisionPatchEmbedder: input scaling, projection, position embedding."""
+
+    def __init__(self, module: nn.Module, module_name: str, ctx: QuantContext) -> None:
+        super().__init__(module_name, ctx)
+        from core.wrappers.registry import wrap
+
+        self.source = module
+        self.obs_pixels = self._observer("pixels")
+        self.obs_centered = self._observer("centered")
+        self.obs_scaled = self._observer("scaled")
+        self.input_proj = wrap(module.input_proj, f"{module_name}.input_proj", ctx)
+        self.obs_position = self._observer("position")
+        self.obs_output = self._observer("output")
+
+    def forward(self, pixel_values, pixel_position_ids, padding_positions):
+        """HF's padded path (NO_QUANT)."""
+        pixel_values = 2 * (pixel_values - 0.5)
+        hidden = self.input_proj(pixel_values.to(self.source.input_proj.weight.dtype))
+        return hidden + self.source._position_embeddings(pixel_position_ids, padding_positions)
+
+    def forward_static(self, pixel_values: torch.Tensor, pos_rows: torch.Tensor) -> torch.Tensor:
+        """Valid patches only; every intermediate observed."""
+        pixel_values = self.fq(pixel_values, self.obs_pixels)
+        centered = self.fq(pixel_values - 0.5, self.obs_centered)
+        scaled = self.fq(2 * centered, self.obs_scaled)
+        hidden = self.input_proj(scaled)
+        position = self.fq(pos_rows, self.obs_position)
+        return self.fq(hidden + position, self.obs_output)
+
+
+class QuantPooler(QuantModule):
+    """Gemma4VisionPooler: k x k average pooling as a constant matmul, then sqrt(hidden) scaling."""
+
+    def __init__(self, module: nn.Module, module_name: str, ctx: QuantContext) -> None:
+        super().__init__(module_name, ctx)
+        self.source = module
+        self.root_hidden_size = float(module.root_hidden_size)
+        self.obs_matrix = self._observer("matrix")
+        self.obs_pooled = self._observer("pooled")
+        self.obs_output = self._observer("output")
+
+    def forward(self, hidden_states, pixel_position_ids, padding_positions, output_length):
+        """HF's padded path (NO_QUANT): the original maths."""
+        return self.source(hidden_states, pixel_position_ids, padding_positions, output_length)
+
+    def forward_static(self, hidden: torch.Tensor, pool: torch.Tensor | None) -> torch.Tensor:
+        if pool is not None:
+            hidden = self.fq(torch.matmul(self.fq(pool, self.obs_matrix), hidden), self.obs_pooled)
+        return self.fq(hidden * self.root_hidden_size, self.obs_output)
+
+
+class QuantVisionModel(QuantModule):
+    """Gemma4VisionModel wrapper: the root of a wrapped tree and owner of its mode."""
+
+    def __init__(self, model: nn.Module, module_name: str, ctx: QuantContext) -> None:
+        super().__init__(module_name, ctx)
+        from core.wrappers.registry import wrap
+
+        self.config = model.config
+        self.source = model
+        self.patch_embedder = wrap(model.patch_embedder, "patch_embedder", ctx)
+        self.encoder = wrap(model.encoder, "encoder", ctx)
+        self.pooler = wrap(model.pooler, "pooler", ctx)
+        self.standardize = bool(model.config.standardize)
+        if self.standardize:
+            self.obs_std_bias = self._observer("std_bias", "weight", per_channel=False)
+            self.obs_centered = self._observer("centered")
+            self.obs_std_scale = self._observer("std_scale", "weight", per_channel=False)
+            self.obs_output = self._observer("output")
+
+    # ------------------------------------------------------------------ modes
+    def set_mode(self, mode: Mode) -> None:
+        """Move the whole tree to `mode` (CALIB collects weight statistics at once)."""
+        if mode is Mode.QUANT:
+            self.freeze()
+            return
+        if mode is Mode.CALIB and self.ctx.mode is not Mode.CALIB:
+            for wrapper in self.quant_modules():
+                wrapper.collect_weights()
+            self._collect_standardize_weights()
+        self.ctx.mode = mode
+
+    def enable_calibration(self, reset: bool = True) -> None:
+        """Enter CALIB; `reset` forgets earlier statistics first."""
+        if reset:
+            for obs in self.observers():
+                obs.reset()
+            self.ctx.mode = Mode.NO_QUANT
+        self.set_mode(Mode.CALIB)
+
+    def freeze(self) -> None:
+        """Freeze every observer's statistics into qparams and enter QUANT."""
+        missing = [o.name for o in self.observers() if not o.has_stats]
+        if missing:
+            raise NotCalibratedError(
+                f"{len(missing)} observers have no statistics (first: {missing[0]}): calibrate on at least one image"
+            )
+        for obs in self.observers():
+            obs.compute_qparams()
+        for wrapper in self.quant_modules():
+            wrapper.cache_weights()
+        self.ctx.mode = Mode.QUANT
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether every observer holds statistics."""
+        return all(o.has_stats for o in self.observers())
+
+    def _collect_standardize_weights(self) -> None:
+        if self.standardize:
+            self.obs_std_bias.collect(self.source.std_bias.float(), "weights")
+            self.obs_std_scale.collect(self.source.std_scale.float(), "weights")
+
+    # ---------------------------------------------------------------- listing
+    def observers(self) -> list[Observer]:
+        """Every observer in forward order."""
+        return list(self.ctx.observers)
+
+    def quant_modules(self) -> Iterator[QuantModule]:
+        """Every wrapper in the tree (this one included)."""
+        return (m for m in self.modules() if isinstance(m, QuantModule))
+
+    def wrappers(self) -> list[tuple[str, QuantModule]]:
+        """(dotted module name, wrapper) for every wrapper below the root, in forward order."""
+        return [(m.module_name, m) for m in self.modules() if isinstance(m, QuantModule) and m is not self]
+
+    def set_keep_float(self, globs: Sequence[str]) -> None:
+        """Keep modules matching `globs` (and those the config keeps) in float; no recalibration needed."""
+        config = self.ctx.config
+        for obs in self.observers():
+            float_by_config = config.spec_for(obs.module_name, obs.kind) is None
+            by_glob = any(config.matches(g, obs.module_name) for g in globs)
+            obs.enabled = not (float_by_config or by_glob)
+        if self.ctx.mode is Mode.QUANT:
+            for wrapper in self.quant_modules():
+                wrapper.cache_weights()
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_position_ids: torch.Tensor,
+        image_ids: Sequence[str] | None = None,
+        static: bool | None = None,
+        **_: object,
+    ) -> BaseModelOutputWithPooling:
+        """What Gemma4VisionModel returns. NO_QUANT runs HF's padded path; CALIB/QUANT the static one per image."""
+        use_static = self.ctx.mode is not Mode.NO_QUANT if static is None else static
+        if not use_static:
+            return self._forward_padded(pixel_values, pixel_position_ids)
+        outputs = []
+        for b in range(pixel_values.shape[0]):
+            profile = self.build_profile(pixel_position_ids[b : b + 1])
+            self.ctx.source = image_ids[b] if image_ids is not None else None
+            try:
+                outputs.append(self.forward_static(pixel_values[b : b + 1, : profile.num_patches], profile))
+            finally:
+                self.ctx.source = None
+        return BaseModelOutputWithPooling(last_hidden_state=torch.cat(outputs, dim=0))
+
+    def _forward_padded(self, pixel_values, pixel_position_ids) -> BaseModelOutputWithPooling:
+        k = self.config.pooling_kernel_size
+        output_length = pixel_values.shape[-2] // (k * k)
+        padding = (pixel_position_ids == -1).all(dim=-1)
+        embeds = self.patch_embedder(pixel_values, pixel_position_ids, padding)
+        hidden = self.encoder(embeds, ~padding, pixel_position_ids)
+        hidden, pooler_mask = self.pooler(hidden, pixel_position_ids, padding, output_length)
+        hidden = hidden[pooler_mask]
+        if self.standardize:
+            hidden = (hidden - self.source.std_bias.float()) * self.source.std_scale.float()
+        return BaseModelOutputWithPooling(last_hidden_state=hidden.to(embeds.dtype))
+
+    def forward_static(self, pixel_values: torch.Tensor, profile: StaticProfile) -> torch.Tensor:
+        """The static path for one image's valid patches; returns (soft_tokens, hidden)."""
+        previous = self.ctx.static
+        self.ctx.static = True
+        try:
+            hidden = self.patch_embedder.forward_static(pixel_values, profile.pos_rows)
+            hidden = self.encoder.run_layers(hidden, profile.cos, profile.sin_signed)
+            hidden = self.pooler.forward_static(hidden, profile.pool)
+            hidden = hidden.reshape(hidden.shape[-2], hidden.shape[-1])
+            if self.standardize:
+                bias = self.fq_weight(self.source.std_bias.float(), self.obs_std_bias, None)
+                scale = self.fq_weight(self.source.std_scale.float(), self.obs_std_scale, None)
+                hidden = self.fq(hidden - bias, self.obs_centered)
+                hidden = self.fq(hidden * scale, self.obs_output)
+            return hidden
+        finally:
+            self.ctx.static = previous
+
+    # ---------------------------------------------------------------- profiles
+    @torch.no_grad()
+    def build_profile(self, pixel_position_ids: torch.Tensor) -> StaticProfile:
+        """Precompute the position-dependent tensors of one image (batch of one)."""
+        if pixel_position_ids.dim() != 3 or pixel_position_ids.shape[0] != 1 or pixel_position_ids.shape[-1] != 2:
+            raise ExportError(
+                f"pixel_position_ids must have shape (1, patches, 2), got {tuple(pixel_position_ids.shape)}"
+            )
+        positions = pixel_position_ids.long()
+        max_patches = positions.shape[1]
+        padding = (positions == -1).all(dim=-1)[0]
+        n = int((~padding).sum())
+        if n == 0 or bool(padding[:n].any()):
+            raise ExportError("the image layout must hold its valid patches first and its padding last")
+        valid = positions[:, :n]
+        cfg = self.config
+        if int(valid.max()) >= cfg.position_embedding_size:
+            raise ExportError(
+                f"image is {int(valid.max()) + 1} patches across, more than the model's "
+                f"{cfg.position_embedding_size} position embeddings: use fewer soft tokens"
+            )
+        pos_rows = self.source.patch_embedder._position_embeddings(valid, torch.zeros_like(valid[..., 0], dtype=torch.bool))
+        cos, sin_signed = rope_tables(self.encoder.rotary_emb, valid, self.encoder.head_dim)
+        k = cfg.pooling_kernel_size
+        output_length = max_patches // (k * k)
+        pool = None
+        if output_length != max_patches:
+            # HF's one-hot pooling weights, restricted to valid patches and to the rows HF keeps.
+            clamped = positions.clamp(min=0)
+            max_x = clamped[..., 0].max(dim=-1, keepdim=True)[0] + 1
+            kernel = torch.div(clamped, k, rounding_mode="floor")
+            kernel = kernel[..., 0] + (max_x // k) * kernel[..., 1]
+            weights = F.one_hot(kernel.long(), output_length).float() / (k * k)  # (1, P, L)
+            keep = (weights != 0).any(dim=1)[0]
+            pool = weights[:, :n, :][..., keep].transpose(1, 2).contiguous()  # (1, rows, n)
+        grid = (int(valid[0, :, 0].max()) + 1, int(valid[0, :, 1].max()) + 1)
+        return StaticProfile(n, max_patches, pos_rows, cos, sin_signed, pool, grid)
+
+    @contextmanager
+    def exporting(self) -> Iterator[None]:
+        """Weights go through explicit fake-quant ops (the converter reads their qparams there)."""
+        previous = self.ctx.exporting
+        self.ctx.exporting = True
+        try:
+            yield
+        finally:
+            self.ctx.exporting = previous
+
+    def as_export_module(self, pixel_position_ids: torch.Tensor) -> "VisionExportModule":
+        """A static module for torch.export: positions fixed, `forward(pixel_values)` only."""
+        if self.ctx.mode is Mode.CALIB:
+            raise ExportError("the model is calibrating: convert it (QUANT) or switch to NO_QUANT before export")
+        return VisionExportModule(self, self.build_profile(pixel_position_ids))
+
+
+class VisionExportModule(nn.Module):
+    """Export adapter beside the runtime wrapper: one profile's constants as buffers, no dynamic shapes."""
+
+    def __init__(self, qmodel: QuantVisionModel, profile: StaticProfile) -> None:
+        super().__init__()
+        self.qmodel = qmodel
+        self.profile = profile
+        self.num_patches = profile.num_patches
+        self.register_buffer("pos_rows", profile.pos_rows.clone())
+        self.register_buffer("cos", profile.cos.clone())
+        self.register_buffer("sin_signed", profile.sin_signed.clone())
+        self.register_buffer("pool", None if profile.pool is None else profile.pool.clone())
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """forward_export: pixel values (1, max_patches, 3*p*p) -> soft tokens (rows, hidden)."""
+        return self.forward_export(pixel_values)
+
+    def forward_export(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Static forward on the leading valid patches with precomputed positions."""
+        profile = StaticProfile(
+            self.num_patches,
+            self.profile.max_patches,
+            self.pos_rows,
+            self.cos,
+            self.sin_signed,
+            self.pool,
+            self.profile.grid,
+        )
+        with self.qmodel.exporting():
+            return self.qmodel.forward_static(pixel_values[:, : self.num_patches], profile)
