@@ -50,13 +50,19 @@ class QuantModule(nn.Module):
         *,
         channels: int | None = None,
         per_channel: bool | None = None,
+        spec_from: str | None = None,
     ) -> Observer:
-        """Create and register `obs_<role>`; call in forward order so listings follow the data."""
+        """Create and register `obs_<role>`; call in forward order so listings follow the data.
+
+        `spec_from` picks the config spec ('activation' or 'weight') when it differs from `kind`:
+        elementwise constants such as RMSNorm scales are weights that take the activation dtype.
+        """
         config = self._ctx.config
-        spec = config.spec_for(self.module_name, kind)
+        spec_kind = spec_from or kind
+        spec = config.spec_for(self.module_name, spec_kind)
         enabled = spec is not None
         if spec is None:
-            spec = config.activation if kind == "activation" else config.weight
+            spec = config.activation if spec_kind == "activation" else config.weight
         if per_channel is False and spec.per_channel:
             from dataclasses import replace
 

@@ -82,7 +82,7 @@ class QuantRMSNorm(QuantModule):
         self.source = module
         self.eps = float(module.eps)
         self.with_scale = bool(module.with_scale)
-        self.obs_weight = self._observer("weight", "weight", per_channel=False)
+        self.obs_weight = self._observer("weight", "weight", per_channel=False, spec_from="activation")
         self.obs_output = self._observer("output")
         self.register_buffer("weight_fq", None, persistent=False)
         self.register_buffer("unit_weight", None, persistent=False)

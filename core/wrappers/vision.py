@@ -36,6 +36,18 @@ class StaticProfile:
         return self.pool.shape[1] if self.pool is not None else self.num_patches
 
 
+@torch.no_grad()
+def _fold_input_affine(linear: nn.Linear) -> nn.Linear:
+    """A copy of `linear` that computes linear(2 * (x - 0.5)) from x: weight 2W, bias b - W.1."""
+    folded = nn.Linear(linear.in_features, linear.out_features, bias=True, dtype=linear.weight.dtype)
+    folded.weight.copy_(2 * linear.weight)
+    bias = -linear.weight.sum(dim=1)
+    if linear.bias is not None:
+        bias = bias + linear.bias
+    folded.bias.copy_(bias)
+    return folded.requires_grad_(False)
+
+
 class QuantPatchEmbedder(QuantModule):
     """Gemma4VisionPatchEmbedder: input scaling, projection, position embedding."""
 
@@ -45,24 +57,45 @@ class QuantPatchEmbedder(QuantModule):
 
         self.source = module
         self.obs_pixels = self._observer("pixels")
-        self.obs_centered = self._observer("centered")
-        self.obs_scaled = self._observer("scaled")
-        self.input_proj = wrap(module.input_proj, f"{module_name}.input_proj", ctx)
+        # HF computes input_proj(2 * (pixels - 0.5)). Quantizing that centred tensor puts every
+        # 8-bit pixel exactly on a rounding tie ((k - 127.5) steps), and integer runtimes break
+        # ties differently from torch, so the exported model drifts by several output steps.
+        # Folding the affine map into the projection (W' = 2W, b' = b - W.1) removes the tensor.
+        self.input_proj = wrap(_fold_input_affine(module.input_proj), f"{module_name}.input_proj", ctx)
+        self.register_buffer("folded_bias", self.input_proj.linear.bias.detach().clone(), persistent=False)
         self.obs_position = self._observer("position")
         self.obs_output = self._observer("output")
+
+    @torch.no_grad()
+    def collect_weights(self) -> None:
+        self.input_proj.linear.bias.copy_(self.folded_bias)
+
+    @torch.no_grad()
+    def cache_weights(self) -> None:
+        # The converter stores the folded bias as int32 on the (pixel scale x weight scale) grid;
+        # holding it on that grid here makes torch compute what the Circle model computes.
+        bias = self.folded_bias
+        proj = self.input_proj
+        if self.obs_pixels.enabled and proj.obs_weight.enabled:
+            step = torch.tensor(self.obs_pixels._scale_f) * proj.obs_weight.scale.float()
+            # int32 bias for 8-bit inputs, int64 for 16-bit ones (as the Circle kernels store them).
+            bits = 31 if self.obs_pixels.qdtype.bits <= 8 else 63
+            bias = (torch.round(bias.double() / step.double()).clamp(-(2.0**bits), 2.0**bits - 1) * step.double()).float()
+        proj.linear.bias.copy_(bias)
 
     def forward(self, pixel_values, pixel_position_ids, padding_positions):
         """HF's padded path (NO_QUANT)."""
         pixel_values = 2 * (pixel_values - 0.5)
-        hidden = self.input_proj(pixel_values.to(self.source.input_proj.weight.dtype))
+        hidden = self.source.input_proj(pixel_values.to(self.source.input_proj.weight.dtype))
         return hidden + self.source._position_embeddings(pixel_position_ids, padding_positions)
 
     def forward_static(self, pixel_values: torch.Tensor, pos_rows: torch.Tensor) -> torch.Tensor:
-        """Valid patches only; every intermediate observed."""
-        pixel_values = self.fq(pixel_values, self.obs_pixels)
-        centered = self.fq(pixel_values - 0.5, self.obs_centered)
-        scaled = self.fq(2 * centered, self.obs_scaled)
-        hidden = self.input_proj(scaled)
+        """Valid patches only; every intermediate observed (the input affine folded into input_proj)."""
+        if self.mode is Mode.NO_QUANT:
+            # Float: HF's own maths, so forward_export matches the padded path bit for bit.
+            hidden = self.source.input_proj(2 * (pixel_values - 0.5))
+        else:
+            hidden = self.input_proj(self.fq(pixel_values, self.obs_pixels))
         position = self.fq(pos_rows, self.obs_position)
         return self.fq(hidden + position, self.obs_output)
 
@@ -74,9 +107,15 @@ class QuantPooler(QuantModule):
         super().__init__(module_name, ctx)
         self.source = module
         self.root_hidden_size = float(module.root_hidden_size)
+        # A tensor constant with its own qparams: a bare Python scalar becomes a float Circle tensor.
+        self.register_buffer("root_scale", torch.tensor(self.root_hidden_size), persistent=False)
         self.obs_matrix = self._observer("matrix")
         self.obs_pooled = self._observer("pooled")
+        self.obs_root_scale = self._observer("root_scale", "weight", per_channel=False, spec_from="activation")
         self.obs_output = self._observer("output")
+
+    def collect_weights(self) -> None:
+        self.obs_root_scale.collect(self.root_scale, "weights")
 
     def forward(self, hidden_states, pixel_position_ids, padding_positions, output_length):
         """HF's padded path (NO_QUANT): the original maths."""
@@ -85,7 +124,8 @@ class QuantPooler(QuantModule):
     def forward_static(self, hidden: torch.Tensor, pool: torch.Tensor | None) -> torch.Tensor:
         if pool is not None:
             hidden = self.fq(torch.matmul(self.fq(pool, self.obs_matrix), hidden), self.obs_pooled)
-        return self.fq(hidden * self.root_hidden_size, self.obs_output)
+        root = self.fq_weight(self.root_scale, self.obs_root_scale, None)
+        return self.fq(hidden * root, self.obs_output)
 
 
 class QuantVisionModel(QuantModule):
@@ -102,9 +142,9 @@ class QuantVisionModel(QuantModule):
         self.pooler = wrap(model.pooler, "pooler", ctx)
         self.standardize = bool(model.config.standardize)
         if self.standardize:
-            self.obs_std_bias = self._observer("std_bias", "weight", per_channel=False)
+            self.obs_std_bias = self._observer("std_bias", "weight", per_channel=False, spec_from="activation")
             self.obs_centered = self._observer("centered")
-            self.obs_std_scale = self._observer("std_scale", "weight", per_channel=False)
+            self.obs_std_scale = self._observer("std_scale", "weight", per_channel=False, spec_from="activation")
             self.obs_output = self._observer("output")
 
     # ------------------------------------------------------------------ modes

@@ -1,0 +1,293 @@
+"""core.models: seeded built-in models, checkpoint folders, and every load failure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import (
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4TextConfig,
+    Gemma4VisionModel,
+)
+
+import core.models as models
+from core.errors import ModelLoadError
+from core.models import describe_model, load_model, tiny_config
+
+
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def _positions(width: int, height: int, pad_to: int) -> torch.Tensor:
+    grid = torch.stack(torch.meshgrid(torch.arange(width), torch.arange(height), indexing="xy"), -1).reshape(-1, 2)
+    pad = torch.full((pad_to - grid.shape[0], 2), -1)
+    return torch.cat([grid, pad]).unsqueeze(0)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Gemma4VisionModel:
+    return load_model("tiny")
+
+
+def test_tiny_is_deterministic_and_leaves_global_rng_alone(tiny: Gemma4VisionModel) -> None:
+    state = torch.random.get_rng_state()
+    again = load_model()
+    assert torch.equal(state, torch.random.get_rng_state())
+    _assert_same_state(tiny, again)
+
+
+def test_tiny_shape_and_mode(tiny: Gemma4VisionModel) -> None:
+    config = tiny.config
+    assert not tiny.training
+    assert config._attn_implementation == "eager"
+    assert (config.patch_size, config.pooling_kernel_size, config.standardize) == (16, 3, True)
+    assert config.hidden_size == 64 and config.num_hidden_layers >= 2
+    # The widest 1120-soft-token image is 1120*3 patches long; its positions must fit.
+    assert config.position_embedding_size >= 1120 * 3
+    assert all(t.dtype == torch.float32 for t in tiny.state_dict().values())
+    assert describe_model(tiny) == {
+        "name": "tiny",
+        "parameters": sum(p.numel() for p in tiny.parameters()),
+        "layers": config.num_hidden_layers,
+        "hidden_size": 64,
+    }
+
+
+def test_every_tensor_is_set_finite_and_non_trivial(tiny: Gemma4VisionModel) -> None:
+    for name, tensor in list(tiny.named_parameters()) + list(tiny.named_buffers()):
+        assert torch.isfinite(tensor).all(), name
+        if tensor.numel() > 1 and "inv_freq" not in name:
+            assert tensor.std() > 0, f"{name} is constant"
+    # HF allocates these with torch.empty; they must be set, not left as whatever memory held.
+    assert tiny.std_bias.abs().max() > 0 and (tiny.std_scale > 0).all()
+    assert not torch.equal(tiny.std_scale, torch.ones_like(tiny.std_scale))
+
+
+def test_rope_buffers_match_transformers(tiny: Gemma4VisionModel) -> None:
+    reference = Gemma4VisionModel(tiny.config)
+    assert torch.equal(reference.encoder.rotary_emb.inv_freq, tiny.encoder.rotary_emb.inv_freq)
+    assert torch.equal(reference.encoder.rotary_emb.original_inv_freq, tiny.encoder.rotary_emb.original_inv_freq)
+
+
+def test_tiny_forward_is_finite_and_varied(tiny: Gemma4VisionModel) -> None:
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 630, 768, generator=gen)
+    out = tiny(pixel_values=pixels, pixel_position_ids=_positions(12, 12, 630)).last_hidden_state
+    assert out.shape == (16, 64)
+    assert torch.isfinite(out).all() and out.std() > 0.1
+
+
+def test_clipped_linear_variant_gets_finite_bounds() -> None:
+    model = models.build_seeded_model(tiny_config(use_clipped_linears=True))
+    bounds = {n: b for n, b in model.named_buffers() if n.endswith(("_min", "_max"))}
+    assert bounds and all(torch.isfinite(b) for b in bounds.values())
+
+
+def test_e2b_shapes() -> None:
+    model = load_model("e2b")
+    info = describe_model(model)
+    assert info["layers"] == 16 and info["hidden_size"] == 768 and info["name"] == "e2b"
+    assert len(model.encoder.layers) == 16
+    assert model.config._attn_implementation == "eager"
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    assert model.patch_embedder.position_embedding_table.std() > 0
+
+
+def test_unknown_spec_is_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model("tinyy")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_vision_checkpoint_round_trip(tmp_path: Path, tiny: Gemma4VisionModel) -> None:
+    tiny.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    _assert_same_state(tiny, loaded)
+    assert loaded.config._attn_implementation == "eager" and not loaded.training
+    assert describe_model(loaded)["name"] == str(tmp_path)
+
+
+def _tiny_full_model() -> Gemma4ForConditionalGeneration:
+    text = Gemma4TextConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size_per_layer_input=128,
+        hidden_size_per_layer_input=8,
+        layer_types=["full_attention"],
+    )
+    vision = tiny_config(num_hidden_layers=1, position_embedding_size=64)
+    full = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=vision, audio_config=None))
+    with torch.no_grad():
+        # Distinct values so a wrong tensor mapping cannot pass by accident.
+        for i, tensor in enumerate(full.state_dict().values()):
+            tensor.copy_(torch.linspace(-1, 1, tensor.numel()).reshape(tensor.shape) * (i + 1))
+    return full
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_full_checkpoint_reads_only_the_vision_tower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shard: bool) -> None:
+    full = _tiny_full_model()
+    full.save_pretrained(tmp_path, max_shard_size="20KB" if shard else "5GB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() == shard
+
+    read: list[str] = []
+    real_safe_open = models.safe_open
+
+    class SpyHandle:
+        def __init__(self, handle: object) -> None:
+            self._handle = handle
+
+        def __enter__(self) -> "SpyHandle":
+            self._handle.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._handle.__exit__(*exc)
+
+        def get_tensor(self, key: str) -> torch.Tensor:
+            read.append(key)
+            return self._handle.get_tensor(key)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._handle, name)
+
+    monkeypatch.setattr(models, "safe_open", lambda *a, **k: SpyHandle(real_safe_open(*a, **k)))
+    loaded = load_model(tmp_path)
+
+    assert read and all(key.startswith("model.vision_tower.") for key in read)
+    _assert_same_state(full.model.vision_tower, loaded)
+    assert loaded.config._attn_implementation == "eager"
+
+
+def _saved_tiny(tmp_path: Path, tiny: Gemma4VisionModel) -> Path:
+    folder = tmp_path / "ckpt"
+    tiny.save_pretrained(folder)
+    return folder
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist") as info:
+        load_model(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(info.value)
+
+
+def test_missing_config(tmp_path: Path, tiny: Gemma4VisionModel) -> None:
+    folder = _saved_tiny(tmp_path, tiny)
+    (folder / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="config.json") as info:
+        load_model(folder)
+    assert info.value.path == folder / "config.json"
+
+
+def test_not_gemma4(tmp_path: Path, tiny: Gemma4VisionModel) -> None:
+    folder = _saved_tiny(tmp_path, tiny)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "siglip_vision_model"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="siglip_vision_model.*not a Gemma 4") as info:
+        load_model(folder)
+    assert "config.json" in str(info.value)
+
+
+def test_no_weights(tmp_path: Path, tiny: Gemma4VisionModel) -> None:
+    folder = _saved_tiny(tmp_path, tiny)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="no safetensors") as info:
+        load_model(folder)
+    assert "model.safetensors" in str(info.value)
+
+
+def test_pickle_weights_are_refused(tmp_path: Path, tiny: Gemma4VisionModel) -> None:
+    folder = _saved_tiny(tmp_path, tiny)
+    (folder / "model.safetensors").unlink()
+    torch.save(tiny.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle") as info:
+        load_model(folder)
+    assert "pytorch_model.bin" in str(info.value)
+
+
+def test_missing_tensor(tmp_path: Path, tiny: Gemma4VisionModel) -> None:
+    folder = _saved_tiny(tmp_path, tiny)
+    state = {k: v for k, v in tiny.state_dict().items() if k != "std_scale"}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="missing.*std_scale") as info:
+        load_model(folder)
+    assert "model.safetensors" in str(info.value)
+
+
+def test_misshaped_tensor(tmp_path: Path, tiny: Gemma4VisionModel) -> None:
+    folder = _saved_tiny(tmp_path, tiny)
+    state = dict(tiny.state_dict())
+    state["std_bias"] = torch.zeros(65)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"std_bias has shape \[65\].*\[64\]") as info:
+        load_model(folder)
+    assert "model.safetensors" in str(info.value)
+
+
+def test_unexpected_tensor(tmp_path: Path, tiny: Gemma4VisionModel) -> None:
+    folder = _saved_tiny(tmp_path, tiny)
+    state = dict(tiny.state_dict())
+    state["encoder.layers.9.extra.weight"] = torch.zeros(2)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="unexpected.*layers.9"):
+        load_model(folder)
+
+
+def test_corrupt_safetensors(tmp_path: Path, tiny: Gemma4VisionModel) -> None:
+    folder = _saved_tiny(tmp_path, tiny)
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError, match="safetensors") as info:
+        load_model(folder)
+    assert "model.safetensors" in str(info.value)
+
+
+def test_missing_shard(tmp_path: Path) -> None:
+    full = _tiny_full_model()
+    full.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / victim).unlink()
+    with pytest.raises(ModelLoadError, match="shard.*missing") as info:
+        load_model(tmp_path)
+    assert victim in str(info.value)
+
+
+def test_full_checkpoint_without_vision(tmp_path: Path) -> None:
+    full = _tiny_full_model()
+    full.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vision_config"] = None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="no vision_config"):
+        load_model(tmp_path)
+
+
+def test_a_file_is_not_a_folder(tmp_path: Path) -> None:
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="not a folder"):
+        load_model(file)
+
+
+def test_copy_of_folder_loads(tmp_path: Path, tiny: Gemma4VisionModel) -> None:
+    folder = _saved_tiny(tmp_path, tiny)
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    _assert_same_state(tiny, load_model(str(copy)))
