@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import sys
 import time
@@ -41,6 +42,8 @@ def _worker(phase: str, tokens: int, model_spec: str) -> dict:
         from core.ptq import calibrate, convert, prepare
 
         runner = prepare(model)
+        del model  # NO_QUANT reproduces it exactly, so the pipeline never needs the original again
+        gc.collect()
         if stage == "calib":
             runner.enable_calibration()
         else:
@@ -51,6 +54,8 @@ def _worker(phase: str, tokens: int, model_spec: str) -> dict:
         from tico.quantization.config.ptq import PTQConfig
 
         runner = tico.quantization.prepare(copy.deepcopy(model), PTQConfig(), inplace=True)
+        del model
+        gc.collect()
         if stage == "quant":
             with torch.no_grad():
                 runner(**batch)

@@ -1,0 +1,142 @@
+"""Small widgets and formatting shared by the tabs."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
+
+from core.errors import PTQStudioError
+
+
+def error_text(exc: BaseException) -> str:
+    """One line for a failure: the core's own message, or the type and text of a bug."""
+    if isinstance(exc, PTQStudioError):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc}"
+
+
+def fmt_float(value, digits: int = 4) -> str:
+    """Compact number for tables: 4 significant digits, scientific when tiny or huge."""
+    if value is None:
+        return ""
+    arr = np.asarray(value)
+    if arr.size == 0:
+        return ""
+    if arr.size > 1:
+        return f"{fmt_float(arr.min(), digits)} … {fmt_float(arr.max(), digits)}"
+    v = float(arr.reshape(-1)[0])
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}g}"
+
+
+def scalar(value, reduce: str = "max") -> float:
+    """A sortable float for a scalar or per-channel value (min or max over channels)."""
+    if value is None:
+        return float("nan")
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.size == 0:
+        return float("nan")
+    return float(arr.min() if reduce == "min" else arr.max())
+
+
+def fmt_bytes(n: int) -> str:
+    """Human file size."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def fmt_duration(seconds: float) -> str:
+    """m:ss or h:mm:ss."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class QtMessageLine(QLabel):
+    """One line in a tab that says what happened last (info or error), never modal."""
+
+    _STYLES = {
+        "info": "color: palette(text);",
+        "ok": "color: #1b7f3b;",
+        "error": "color: #b00020; font-weight: 600;",
+    }
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWordWrap(True)
+        self.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.level = "info"
+
+    def show_message(self, text: str, level: str = "info") -> None:
+        """Show ``text``; level is info, ok or error."""
+        self.level = level
+        self.setStyleSheet(self._STYLES.get(level, ""))
+        self.setText(text)
+        self.setToolTip(text)
+
+
+class QtTaskProgress(QWidget):
+    """Progress bar with count and ETA plus a Cancel button."""
+
+    def __init__(self, parent: QWidget | None = None, cancel_name: str = "") -> None:
+        super().__init__(parent)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.bar = QProgressBar()
+        self.bar.setTextVisible(True)
+        self.bar.setFormat("idle")
+        self.bar.setValue(0)
+        self.cancel_button = QPushButton("Cancel")
+        if cancel_name:
+            self.cancel_button.setObjectName(cancel_name)
+        self.cancel_button.setEnabled(False)
+        layout.addWidget(self.bar, 1)
+        layout.addWidget(self.cancel_button)
+        self._t0 = 0.0
+        self.unit = "items"
+
+    def begin(self, total: int = 0, unit: str = "items", text: str = "starting…") -> None:
+        """Reset for a new run."""
+        self._t0 = time.monotonic()
+        self.unit = unit
+        self.bar.setRange(0, max(total, 0))
+        self.bar.setValue(0)
+        self.bar.setFormat(text)
+        self.cancel_button.setEnabled(True)
+
+    def update_progress(self, done: int, total: int, message: str = "") -> None:
+        """Show done/total, the rate-based ETA and the core's message."""
+        total = max(int(total), 0)
+        done = max(0, min(int(done), total)) if total else int(done)
+        self.bar.setRange(0, total)
+        self.bar.setValue(done)
+        elapsed = time.monotonic() - self._t0
+        eta = ""
+        if total and done:
+            remaining = elapsed / done * (total - done)
+            eta = f" · ETA {fmt_duration(remaining)}"
+        count = f"{done}/{total} {self.unit}" if total else f"{done} {self.unit}"
+        tail = f" · {message}" if message else ""
+        # QProgressBar treats % as a placeholder, so escape it.
+        self.bar.setFormat((count + eta + tail).replace("%", "%%"))
+
+    def end(self, text: str) -> None:
+        """Stop; keep the bar where it was and say why."""
+        self.cancel_button.setEnabled(False)
+        if self.bar.maximum() == 0:
+            self.bar.setRange(0, 1)
+        self.bar.setFormat(text.replace("%", "%%"))

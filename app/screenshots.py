@@ -1,0 +1,94 @@
+"""Screenshots of every tab after a real calibration (for the README).
+
+    xvfb-run -a .venv/bin/python -m app.screenshots resources/screenshots
+    QT_QPA_PLATFORM=offscreen .venv/bin/python -m app.screenshots /tmp/shots
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from app.main import prepare_qt_environment
+
+
+def _spin(predicate, timeout_s: float) -> bool:
+    """Run the real event loop until predicate() holds or the time is up."""
+    from PySide6.QtCore import QEventLoop, QTimer
+
+    loop = QEventLoop()
+    deadline = time.monotonic() + timeout_s
+    timer = QTimer()
+    timer.setInterval(50)
+    timer.timeout.connect(lambda: (predicate() or time.monotonic() > deadline) and loop.quit())
+    timer.start()
+    loop.exec()
+    timer.stop()
+    return bool(predicate())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Calibrate the tiny model on the bundled samples, export, and save one PNG per tab."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = Path(argv[0] if argv else "screenshots")
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_qt_environment()
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QApplication
+
+    from app.qt_main_window import QtMainWindow
+    from core.resources import sample_images
+
+    app = QApplication.instance() or QApplication([])
+    work = Path(tempfile.mkdtemp(prefix="ptq-shots-"))
+    settings = QSettings(str(work / "settings.ini"), QSettings.IniFormat)
+    window = QtMainWindow(model_spec="tiny", images=sample_images(), max_soft_tokens=280, settings=settings)
+    window.resize(1440, 900)
+    window.show()
+    idle = lambda: window.session is not None and not window.runner.busy  # noqa: E731
+    _spin(idle, 600)
+    window.calibration_tab.calibrate()
+    _spin(lambda: window.errors_tab.result is not None and idle(), 1800)
+
+    calib = window.calibration_tab
+    window.tabs.setCurrentWidget(calib)
+    _spin(lambda: len(calib._thumbs) >= calib.model.rowCount(), 30)
+    calib.grid.setCurrentIndex(calib.model.index(0, 0))
+    _spin(lambda: calib.preview_image.pixmap() is not None and not calib.preview_image.pixmap().isNull(), 10)
+    window.grab().save(str(out / "calibration.png"))
+
+    ranges = window.ranges_tab
+    window.tabs.setCurrentWidget(ranges)
+    widest = max(range(len(ranges.records)), key=lambda i: float(ranges.model.data(ranges.model.index(i, 10), ranges.proxy.sortRole()) or 0))
+    ranges.select_observer(widest)
+    _spin(lambda: False, 0.5)
+    window.grab().save(str(out / "ranges.png"))
+
+    errors = window.errors_tab
+    window.tabs.setCurrentWidget(errors)
+    errors.table.sortByColumn(3, errors.table.horizontalHeader().sortIndicatorOrder())
+    errors.select_module(errors.proxy.data(errors.proxy.index(0, 1)))
+    errors.run_sensitivity()
+    _spin(lambda: errors.sensitivity_table.rowCount() > 0 and idle(), 1800)
+    window.grab().save(str(out / "errors.png"))
+
+    export = window.export_tab
+    window.tabs.setCurrentWidget(export)
+    export.path_edit.setText(str(work / "gemma4_vision_tiny.circle"))
+    export.export()
+    _spin(lambda: idle() and export._task is None, 1800)
+    window.grab().save(str(out / "export.png"))
+
+    if export.result is not None:
+        window.open_in_netron(str(export.result.path))
+        _spin(lambda: False, 8.0)
+        window.grab().save(str(out / "netron.png"))
+    window.close()
+    print("\n".join(str(p) for p in sorted(out.glob("*.png"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

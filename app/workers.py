@@ -1,0 +1,171 @@
+"""Run Session calls off the UI thread: one worker thread, one task at a time.
+
+The Session is not thread-safe, so every call that touches it (load, add images, calibrate,
+evaluate, export, save) goes through one ``SessionRunner``: a QObject living in a QThread that
+runs submitted tasks in order. Progress and results come back as queued signals; widgets are
+never touched from the worker, and there is no ``processEvents()`` loop anywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import traceback
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+
+from core.cancel import CancelToken
+
+# Every QThread the app starts, so tests (and shutdown) can check that none is left running.
+_LIVE_THREADS: "weakref.WeakSet[QThread]" = weakref.WeakSet()
+
+
+def live_threads() -> list[QThread]:
+    """Return the app's worker threads that are still running."""
+    return [t for t in list(_LIVE_THREADS) if t.isRunning()]
+
+
+@dataclass
+class Task:
+    """One Session call submitted to the runner."""
+
+    name: str
+    fn: Callable[..., Any]
+    takes_progress: bool = True
+    task_id: int = 0
+    token: CancelToken = field(default_factory=CancelToken)
+    on_done: Callable[[Any], None] | None = None
+    on_error: Callable[[BaseException], None] | None = None
+    on_progress: Callable[[int, int, str], None] | None = None
+    started_at: float = 0.0
+
+
+class _SessionWorker(QObject):
+    """Lives in the worker thread; runs one task per queued ``run_task`` call."""
+
+    sigProgress = Signal(int, int, int, str)  # task id, done, total, message
+    sigFinished = Signal(int, object)  # task id, result
+    sigFailed = Signal(int, object, str)  # task id, exception, traceback text
+
+    @Slot(object)
+    def run_task(self, task: Task) -> None:
+        # Grad mode is thread-local: entering no_grad on the UI thread would not reach here.
+        import torch
+
+        def progress(done: int, total: int, message: str = "") -> None:
+            self.sigProgress.emit(task.task_id, int(done), int(total), str(message))
+
+        kwargs: dict[str, Any] = {}
+        if task.takes_progress:
+            kwargs = {"progress": progress, "cancel": task.token}
+        try:
+            with torch.no_grad():
+                result = task.fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the window
+            self.sigFailed.emit(task.task_id, exc, traceback.format_exc())
+            return
+        self.sigFinished.emit(task.task_id, result)
+
+
+class SessionRunner(QObject):
+    """Queue of Session calls executed in order on one worker thread."""
+
+    sigBusyChanged = Signal(bool)
+    sigTaskStarted = Signal(str)
+    _sigSubmit = Signal(object)
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._ids = itertools.count(1)
+        self._tasks: dict[int, Task] = {}
+        self._thread = QThread()
+        self._thread.setObjectName("ptq-session-worker")
+        self._worker = _SessionWorker()
+        self._worker.moveToThread(self._thread)
+        self._sigSubmit.connect(self._worker.run_task)
+        self._worker.sigProgress.connect(self._on_progress)
+        self._worker.sigFinished.connect(self._on_finished)
+        self._worker.sigFailed.connect(self._on_failed)
+        self._thread.finished.connect(self._worker.deleteLater)
+        _LIVE_THREADS.add(self._thread)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a task is queued or running."""
+        return bool(self._tasks)
+
+    def pending(self) -> list[str]:
+        """Names of the queued and running tasks, oldest first."""
+        return [t.name for t in self._tasks.values()]
+
+    def submit(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        takes_progress: bool = True,
+        on_done: Callable[[Any], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        on_progress: Callable[[int, int, str], None] | None = None,
+    ) -> Task:
+        """Queue ``fn`` (called with progress=, cancel= when takes_progress) on the worker."""
+        task = Task(
+            name=name,
+            fn=fn,
+            takes_progress=takes_progress,
+            task_id=next(self._ids),
+            on_done=on_done,
+            on_error=on_error,
+            on_progress=on_progress,
+            started_at=time.monotonic(),
+        )
+        was_busy = self.busy
+        self._tasks[task.task_id] = task
+        if not was_busy:
+            self.sigBusyChanged.emit(True)
+        self.sigTaskStarted.emit(name)
+        self._sigSubmit.emit(task)
+        return task
+
+    def cancel_all(self) -> None:
+        """Ask every queued and running task to stop at its next check."""
+        for task in self._tasks.values():
+            task.token.cancel()
+
+    def shutdown(self, timeout_ms: int = 30000) -> bool:
+        """Cancel pending work, stop the thread and wait for it; True if it stopped."""
+        self.cancel_all()
+        self._thread.quit()
+        stopped = self._thread.wait(timeout_ms)
+        return bool(stopped)
+
+    def _finish(self, task_id: int) -> Task | None:
+        task = self._tasks.pop(task_id, None)
+        if not self._tasks:
+            self.sigBusyChanged.emit(False)
+        return task
+
+    @Slot(int, int, int, str)
+    def _on_progress(self, task_id: int, done: int, total: int, message: str) -> None:
+        task = self._tasks.get(task_id)
+        if task is not None and task.on_progress is not None:
+            task.on_progress(done, total, message)
+
+    @Slot(int, object)
+    def _on_finished(self, task_id: int, result: Any) -> None:
+        task = self._finish(task_id)
+        if task is not None and task.on_done is not None:
+            task.on_done(result)
+
+    @Slot(int, object, str)
+    def _on_failed(self, task_id: int, exc: BaseException, text: str) -> None:
+        task = self._finish(task_id)
+        if task is None:
+            return
+        exc.__dict__.setdefault("_ptq_traceback", text)
+        if task.on_error is not None:
+            task.on_error(exc)
