@@ -13,7 +13,8 @@ every valid value seen; padding rows are excluded):
 - max abs = max|fp - q|
 - cosine = sum(fp * q) / sqrt(sum fp^2 * sum q^2)
 - clipped fraction = share of fp values outside the output observer's representable range
-  [(qmin - zero_point) * scale, (qmax - zero_point) * scale]
+  [(qmin - zero_point) * scale, (qmax - zero_point) * scale] by more than half a step
+  (closer values round onto the edge code like any other value)
 
 Outlier flag on an observer: ``outlier_ratio = max|value| / p``, where ``p`` is the 99.99th
 percentile of ``|value|`` estimated from the observer's fixed-bin histogram (bin upper bound,
@@ -24,7 +25,7 @@ of its bits on at most 0.01 % of the values.
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import math
 import re
 import time
@@ -66,6 +67,8 @@ __all__ = [
     "compare",
     "sensitivity",
     "sensitivity_units",
+    "module_output_observers",
+    "clip_bounds",
 ]
 
 
@@ -204,14 +207,38 @@ class ReservoirSample:
 
     @property
     def fp(self) -> np.ndarray:
+        """The sampled FP values."""
         return self._fp.copy()
 
     @property
     def q(self) -> np.ndarray:
+        """The quantized values paired with them."""
         return self._q.copy()
 
     def __len__(self) -> int:
         return int(self._keys.size)
+
+
+@contextlib.contextmanager
+def _one_thread(t: torch.Tensor):
+    """Run the metric reductions on one CPU thread.
+
+    They are memory-bound passes, so a second thread buys little, while every parallel region
+    costs an OpenMP barrier: on a busy machine a barrier waits for a scheduler slice, and
+    measured here one update took 100 ms on two threads against 2 ms on one.
+    """
+    if t.device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class ErrorAccumulator:
@@ -241,6 +268,10 @@ class ErrorAccumulator:
 
     def update(self, fp: torch.Tensor, q: torch.Tensor) -> None:
         """Add one pair of same-shaped tensors (any shape) to the statistics."""
+        with _one_thread(fp):
+            self._update(fp, q)
+
+    def _update(self, fp: torch.Tensor, q: torch.Tensor) -> None:
         fp = fp.detach().reshape(-1)
         q = q.detach().reshape(-1)
         if fp.shape != q.shape:
@@ -264,7 +295,8 @@ class ErrorAccumulator:
         self.fp_max = max(self.fp_max, float(fmax))
         if self.clip_range is not None:
             lo, hi = self.clip_range
-            self.clipped += int(fp.numel()) - int(torch.count_nonzero((fp >= lo) & (fp <= hi)))
+            if float(fmin) < lo or float(fmax) > hi:  # most tensors fit: skip the counting pass
+                self.clipped += int(torch.count_nonzero(fp < lo)) + int(torch.count_nonzero(fp > hi))
         self.n += int(fp.numel())
         self.sample.update(fp, q)
 
@@ -552,7 +584,8 @@ def _observer_name(obs) -> str:
 
 
 def observer_table(qmodel) -> list[ObserverRecord]:
-    """One ObserverRecord per observer of a wrapped model, in forward order."""
+    """One ObserverRecord per observer of a wrapped model (or a Session), in forward order."""
+    qmodel = getattr(qmodel, "qmodel", qmodel)
     records = []
     for obs in qmodel.observers():
         spec = getattr(obs, "spec", None)
@@ -615,94 +648,41 @@ def _source(x):
 
 
 # ---------------------------------------------------------------------------------------------
-# compare: FP (NO_QUANT) vs quantized (QUANT) outputs of every wrapper, streamed over images
+# compare: FP vs quantized (QUANT) outputs of every wrapper, streamed over images
 # ---------------------------------------------------------------------------------------------
+
+_KIND_NAMES = {
+    "QuantLinear": "linear",
+    "QuantClippableLinear": "linear",
+    "QuantRMSNorm": "rmsnorm",
+    "QuantVisionMLP": "mlp",
+    "QuantVisionAttention": "attention",
+    "QuantVisionEncoderLayer": "layer",
+    "QuantVisionEncoder": "encoder",
+    "QuantPatchEmbedder": "patch_embedder",
+    "QuantPooler": "pooler",
+    "QuantVisionModel": "model",
+}
 
 
 def _mode_enum():
-    from core.quant.mode import Mode  # lazy: the lead's package; keeps this module importable alone
+    from core.quant.mode import Mode
 
     return Mode
 
 
 def _first_tensor(out) -> torch.Tensor | None:
-    """The module's output tensor: wrappers return a tensor, a tuple (attention) or a ModelOutput."""
+    """The output tensor of a model call: a tensor, a ModelOutput or a tuple."""
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, Mapping) or hasattr(out, "last_hidden_state"):
-        t = getattr(out, "last_hidden_state", None)
-        if isinstance(t, torch.Tensor):
-            return t
+    t = getattr(out, "last_hidden_state", None)
+    if isinstance(t, torch.Tensor):
+        return t
     if isinstance(out, (tuple, list)):
         for t in out:
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 return t
     return None
-
-
-def _valid_mask(out, t: torch.Tensor, patch_valid: torch.Tensor | None) -> torch.Tensor | None:
-    """Boolean (B, S) mask of the rows that are real patches / pooled tokens, if t has such rows."""
-    if t.dim() < 2:
-        return None
-    if patch_valid is not None and t.shape[:2] == patch_valid.shape:
-        return patch_valid
-    # The pooler returns (hidden, mask) with mask True = valid pooled token.
-    if isinstance(out, (tuple, list)) and len(out) > 1:
-        m = out[1]
-        if isinstance(m, torch.Tensor) and m.dtype == torch.bool and m.shape == t.shape[:2]:
-            return m
-    return None
-
-
-def _select_valid(out, patch_valid) -> torch.Tensor | None:
-    t = _first_tensor(out)
-    if t is None:
-        return None
-    m = _valid_mask(out, t, patch_valid)
-    t = t.detach()
-    if m is not None and not bool(m.all()):
-        t = t[m]
-    return t
-
-
-def _wrapper_kind(name: str, module) -> str:
-    k = getattr(module, "kind", None)
-    if isinstance(k, str) and k:
-        return k
-    cls = type(module).__name__
-    return re.sub(r"^Quant", "", cls) or cls
-
-
-def _output_clip_ranges(qmodel) -> dict[str, tuple[float, float]]:
-    """Representable output range of every wrapper, from its last activation observer."""
-    ranges: dict[str, tuple[float, float]] = {}
-    for obs in qmodel.observers():
-        if str(getattr(obs, "kind", "activation")) != "activation":
-            continue
-        if not getattr(obs, "enabled", True):
-            continue
-        role = str(getattr(obs, "role", ""))
-        module = str(getattr(obs, "module_name", ""))
-        if role and not re.search(r"(^|_)(out|output)$", role):
-            continue
-        scale = _to_np(getattr(obs, "scale", None))
-        zp = _to_np(getattr(obs, "zero_point", None))
-        qr = _qrange(getattr(obs, "spec", None))
-        if scale is None or zp is None or qr is None or scale.size != 1:
-            continue
-        s, z = float(scale.reshape(-1)[0]), float(zp.reshape(-1)[0])
-        ranges[module] = ((qr[0] - z) * s, (qr[1] - z) * s)  # later observers win: the output
-    return ranges
-
-
-def _match_any(name: str, globs: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-
-def _batch_inputs(batch: Mapping, device) -> tuple[dict, list[str]]:
-    ids = list(batch.get("image_ids", []) or [])
-    inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    return inputs, ids
 
 
 def _final_output(out) -> torch.Tensor:
@@ -712,81 +692,159 @@ def _final_output(out) -> torch.Tensor:
     return t
 
 
-class _Capture:
-    """Forward hooks on every wrapper; FP pass stores outputs, QUANT pass pairs and accumulates."""
+def _wrapper_kind(module) -> str:
+    cls = type(module).__name__
+    return _KIND_NAMES.get(cls, re.sub(r"^Quant", "", cls).lower() or cls)
 
-    def __init__(self, named_wrappers, accs: dict[str, ErrorAccumulator]):
-        self.named = named_wrappers
+
+def module_output_observers(qmodel) -> list[tuple[str, str, Any]]:
+    """(wrapper name, kind, observer) for every wrapper, in forward order.
+
+    A wrapper's output is the tensor its ``obs_output`` observer sees; wrappers without one
+    (attention, MLP, encoder) end in a child wrapper (o_proj, down_proj, last layer) whose
+    output observer sees exactly their output.
+    """
+    named = list(qmodel.wrappers())
+    names = [n for n, _ in named]
+    own = {n: getattr(m, "obs_output", None) for n, m in named}
+
+    def resolve(name: str):
+        if own.get(name) is not None:
+            return own[name]
+        pre = name + "."
+        inner = [n for n in names if n.startswith(pre)]
+        # The container's output is produced by its last outermost child (the last layer, not
+        # that layer's last norm).
+        outer = [n for n in inner if not any(n.startswith(o + ".") for o in inner if o != n)]
+        return resolve(outer[-1]) if outer else None
+
+    out = []
+    for name, mod in named:
+        obs = resolve(name)
+        if obs is None:
+            continue
+        out.append((name, _wrapper_kind(mod), obs))
+    return out
+
+
+class _Capture:
+    """Records the tensors that chosen observers see, by intercepting each wrapper's ``fq``.
+
+    Forward hooks cannot be used: the static path (the one QUANT runs) calls ``forward_static``
+    of the patch embedder, encoder and pooler directly. Every observed tensor goes through
+    ``QuantModule.fq`` on both passes, so that is where FP and quantized values are paired.
+    FP pass: the wanted tensors of one image are kept; QUANT pass: each one is paired with its
+    FP twin as soon as it is produced, folded into the accumulator and released.
+    """
+
+    def __init__(self, qmodel, accs: dict[str, "ErrorAccumulator"]):
+        self.qmodel = qmodel
         self.accs = accs
         self.phase = "off"
         self.store: dict[tuple[str, int], torch.Tensor] = {}
         self.calls: dict[str, int] = {}
-        self.patch_valid: torch.Tensor | None = None
-        self._by_src: dict = {}
-        self._handles = []
+        self._patched: list = []
 
     def __enter__(self):
-        for name, mod in self.named:
-            self._handles.append(mod.register_forward_hook(self._hook(name)))
+        for mod in self.qmodel.quant_modules():
+            if "fq" in mod.__dict__:
+                continue
+            orig = mod.fq
+            mod.fq = self._wrap(orig)
+            self._patched.append(mod)
         return self
 
     def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        for mod in self._patched:
+            mod.__dict__.pop("fq", None)
+        self._patched.clear()
         self.store.clear()
 
-    def start(self, phase: str, patch_valid):
+    def start(self, phase: str) -> None:
+        """Enter "fp" (store), "q" (pair and accumulate) or "off"."""
         self.phase = phase
         self.calls = {}
-        self.patch_valid = patch_valid
-        self._by_src = {}
-        if phase == "fp":
-            self.store.clear()
 
-    def _hook(self, name):
-        def hook(module, args, out):
-            if self.phase == "off":
-                return
-            i = self.calls.get(name, 0)
-            self.calls[name] = i + 1
-            t = _select_valid(out, self.patch_valid)
-            if t is None:
-                return
-            if self.phase == "fp":
-                src = _first_tensor(out)
-                ref, shared = self._by_src.get(id(src), (None, None))
-                if ref is None or ref() is not src:
-                    # clone: a later in-place op in the model must not change what we compare.
-                    shared = t.clone() if t.data_ptr() == src.data_ptr() else t
-                    self._by_src[id(src)] = (weakref.ref(src), shared)
-                # Nested wrappers often return the same tensor (attention = its o_proj): store once.
-                self.store[(name, i)] = shared
-            elif self.phase == "q":
-                fp = self.store.pop((name, i), None)
-                if fp is not None and fp.shape == t.shape:
-                    self.accs[name].update(fp, t)
+    def _wrap(self, orig):
+        accs = self.accs
 
-        return hook
+        def fq(x, obs):
+            y = orig(x, obs)
+            if self.phase != "off":
+                name = obs.name
+                acc = accs.get(name)
+                if acc is not None:
+                    i = self.calls.get(name, 0)
+                    self.calls[name] = i + 1
+                    if self.phase == "fp":
+                        self.store[(name, i)] = y.detach()
+                    else:
+                        fp = self.store.pop((name, i), None)
+                        if fp is not None and fp.shape == y.shape:
+                            acc.update(fp, y.detach())
+            return y
+
+        return fq
 
 
-def _iter_batches(batches: Iterable[Mapping], cancel, progress: Progress | None, total: int, what: str):
-    done = 0
-    for batch in batches:
-        if cancel is not None and getattr(cancel, "cancelled", False):
-            _raise_cancelled(what)
-        yield batch
-        done += 1
-        if progress is not None:
-            progress(done, total, f"{what}: {done}/{total} images")
-    if cancel is not None and getattr(cancel, "cancelled", False):
-        _raise_cancelled(what)
+def clip_bounds(obs) -> tuple[float, float] | None:
+    """Values outside these bounds are clipped by the observer's grid (None: kept float).
+
+    The representable range widened by half a step on each side: a value within half a step
+    of the edge rounds onto the edge code like any other value, so it does not count.
+    """
+    if obs is None or not obs.enabled:
+        return None
+    lo, hi = obs.representable_range()
+    half = 0.5 * float(obs.scale.max())
+    return lo - half, hi + half
 
 
 def _raise_cancelled(what: str):
     from core.errors import CancelledError
 
-    raise CancelledError(f"{what} cancelled by the user; nothing was changed")
+    raise CancelledError(f"{what} cancelled by the user; run it again to get results")
+
+
+def _cancelled(cancel) -> bool:
+    return cancel is not None and bool(getattr(cancel, "cancelled", False))
+
+
+def _model_inputs(batch: Mapping, device) -> tuple[dict, list[str]]:
+    ids = list(batch.get("image_ids") or [])
+    inputs = {
+        "pixel_values": batch["pixel_values"].to(device),
+        "pixel_position_ids": batch["pixel_position_ids"].to(device),
+    }
+    return inputs, ids
+
+
+def _model_device(qmodel) -> torch.device:
+    for p in qmodel.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+ALL_FLOAT = ["*"]
+
+
+def _fp_forward(qmodel, inputs) -> torch.Tensor:
+    # FP reference: QUANT mode with every observer kept float, i.e. the very graph the QUANT pass
+    # runs (same wrappers, same fq call sites, folded input projection) without fake-quant.
+    # NO_QUANT would take HF's maths in places (the patch embedder's unfolded projection) and
+    # skip wrappers the QUANT pass goes through, leaving them without an FP twin.
+    qmodel.set_keep_float(ALL_FLOAT)
+    return _final_output(qmodel(**inputs, static=True)).detach()
+
+
+def _q_forward(qmodel, inputs, keep: Sequence[str]) -> torch.Tensor:
+    qmodel.set_keep_float(list(keep))
+    return _final_output(qmodel(**inputs, static=True)).detach()
+
+
+def _enter_quant(qmodel, Mode) -> None:
+    if qmodel.ctx.mode is not Mode.QUANT:
+        qmodel.set_mode(Mode.QUANT)  # freezes qparams; raises NotCalibratedError without stats
 
 
 def compare(
@@ -799,52 +857,60 @@ def compare(
     total: int | None = None,
     seed: int = 0,
 ) -> CompareResult:
-    """FP (NO_QUANT) vs quantized (QUANT) output of every wrapper, streamed over the batches.
+    """FP vs quantized (QUANT) output of every wrapper, streamed over the batches.
 
-    Each batch is a preprocessor mapping (plus optional "image_ids"). The model is left in
-    QUANT mode with its previous keep-float setting. Raises core.errors.CancelledError when
-    cancelled between batches.
+    Each image runs twice: once with every observer kept float (the FP reference), once
+    quantized. ``compare(session, image_paths)`` is ``session.evaluate(image_paths)``. Each batch is a preprocessor mapping (plus optional "image_ids"). Modules matching
+    ``keep_float`` stay float for this comparison only. The model is left in QUANT mode with
+    only the config's keep-float modules. Raises core.errors.CancelledError when cancelled.
     """
+    if hasattr(qmodel, "evaluate") and hasattr(qmodel, "qmodel"):  # a Session and image paths
+        return qmodel.evaluate(images=batches, progress=progress, cancel=cancel, keep_float=keep_float)
     Mode = _mode_enum()
-    batches = list(batches) if total is None and not hasattr(batches, "__len__") else batches
-    total = total if total is not None else len(batches)  # type: ignore[arg-type]
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)  # type: ignore[arg-type]
     keep = list(keep_float or [])
-    prev_keep = _current_keep_float(qmodel)
-    if keep:
-        qmodel.set_keep_float(keep)
     t0 = time.perf_counter()
+    device = _model_device(qmodel)
     try:
-        named = list(qmodel.wrappers())
-        clip = _output_clip_ranges(qmodel)
-        accs = {
-            name: ErrorAccumulator(name, _wrapper_kind(name, mod), clip.get(name), sample_size, seed)
-            for name, mod in named
-        }
-        final_clip = clip.get(named[0][0]) if named and named[0][0] in ("", "model") else None
+        _enter_quant(qmodel, Mode)
+        qmodel.set_keep_float(keep)
+        outputs = module_output_observers(qmodel)
+        accs: dict[str, ErrorAccumulator] = {}
+        for name, kind, obs in outputs:
+            if obs.name not in accs:
+                accs[obs.name] = ErrorAccumulator(obs.name, kind, clip_bounds(obs), sample_size, seed)
+        final_clip = clip_bounds(getattr(qmodel, "obs_output", None))
         e2e = ErrorAccumulator(END_TO_END, "model", final_clip, sample_size, seed)
         images: list[str] = []
-        device = _model_device(qmodel)
-        with torch.no_grad(), _Capture(named, accs) as cap:
-            for batch in _iter_batches(batches, cancel, progress, total, "Comparing"):
-                inputs, ids = _batch_inputs(batch, device)
-                images.extend(ids)
-                ppi = inputs.get("pixel_position_ids")
-                patch_valid = (ppi != -1).any(dim=-1) if ppi is not None else None
-                qmodel.set_mode(Mode.NO_QUANT)
-                cap.start("fp", patch_valid)
-                fp_out = _final_output(qmodel(**inputs)).detach().clone()
-                qmodel.set_mode(Mode.QUANT)
-                cap.start("q", patch_valid)
-                q_out = _final_output(qmodel(**inputs))
-                cap.start("off", None)
+        done = 0
+        with torch.no_grad(), _Capture(qmodel, accs) as cap:
+            for batch in batches:
+                if _cancelled(cancel):
+                    _raise_cancelled("Comparison")
+                inputs, ids = _model_inputs(batch, device)
+                cap.start("fp")
+                fp_out = _fp_forward(qmodel, inputs)
+                cap.start("q")
+                q_out = _q_forward(qmodel, inputs, keep)
+                cap.start("off")
                 cap.store.clear()
                 e2e.update(fp_out, q_out)
                 del fp_out, q_out
+                images.extend(ids)
+                done += int(inputs["pixel_values"].shape[0])
+                if progress is not None:
+                    progress(done, total or done, f"compared {done} image(s)")
     finally:
-        qmodel.set_mode(Mode.QUANT)
-        if keep:
-            qmodel.set_keep_float(prev_keep)
-    modules = [accs[name].result() for name, _ in named if accs[name].n > 0]
+        qmodel.set_keep_float([])
+    results = {name: acc.result() for name, acc in accs.items()}
+    modules = []
+    for name, kind, obs in outputs:
+        r = results[obs.name]
+        if r.num_values == 0:
+            continue
+        m = ModuleError(**{**r.__dict__, "name": name, "kind": kind})
+        modules.append(m)
     return CompareResult(
         modules=modules,
         end_to_end=e2e.result(),
@@ -852,22 +918,6 @@ def compare(
         keep_float=keep,
         seconds=time.perf_counter() - t0,
     )
-
-
-def _current_keep_float(qmodel) -> list[str]:
-    for attr in ("keep_float", "keep_float_globs", "_keep_float"):
-        v = getattr(qmodel, attr, None)
-        if isinstance(v, (list, tuple)):
-            return list(v)
-    return []
-
-
-def _model_device(qmodel) -> torch.device:
-    for p in qmodel.parameters():
-        return p.device
-    for b in qmodel.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -897,7 +947,6 @@ def sensitivity_units(qmodel, unit: str = "layer") -> list[tuple[str, list[str]]
             if not m:
                 continue
             key = f"{m.group('prefix')}.{m.group('idx')}"
-            globs = [key, key + ".*"]
         else:
             if m:
                 if not m.group("rest"):
@@ -907,10 +956,10 @@ def sensitivity_units(qmodel, unit: str = "layer") -> list[tuple[str, list[str]]
                 if n in ("", "model") or _is_container(n, names):
                     continue
                 key = n
-            globs = [key, key + ".*"]
         if key not in seen:
+            # PTQConfig.matches: a glob names a module and everything below it.
             seen.add(key)
-            units.append((key, globs))
+            units.append((key, [key]))
     return units
 
 
@@ -920,29 +969,25 @@ def _is_container(name: str, names: Sequence[str]) -> bool:
     return any(_LAYER_RE.match(n) and n.startswith(pre) for n in names)
 
 
-def _e2e_only(qmodel, inputs) -> torch.Tensor:
-    return _final_output(qmodel(**inputs))
-
-
 def sensitivity(
     qmodel,
     batches: Iterable[Mapping],
     unit: str = "layer",
     progress: Progress | None = None,
     cancel=None,
-    total: int | None = None,
 ) -> tuple[ModuleError, list[SensitivityEntry]]:
     """Baseline end-to-end error, then one entry per unit kept in float, best improvement first.
 
-    FP outputs do not depend on what is kept in float, so the FP pass runs once per image and
-    only the QUANT pass is repeated per unit. Raises core.errors.CancelledError when cancelled.
+    The FP output does not depend on what is kept in float, so the FP pass runs once per image
+    and only the QUANT pass is repeated per unit. Raises core.errors.CancelledError when
+    cancelled; the model is left in QUANT mode with only the config's keep-float modules.
     """
     Mode = _mode_enum()
     batches = list(batches)
     units = sensitivity_units(qmodel, unit)
     steps = len(batches) * (len(units) + 1)
-    prev_keep = _current_keep_float(qmodel)
     device = _model_device(qmodel)
+    _enter_quant(qmodel, Mode)
     base = ErrorAccumulator(END_TO_END, "model", None, 0)
     accs = [ErrorAccumulator(name, unit, None, 0) for name, _ in units]
     done = 0
@@ -953,30 +998,22 @@ def sensitivity(
         if progress is not None:
             progress(done, steps, msg)
 
-    def check():
-        if cancel is not None and getattr(cancel, "cancelled", False):
-            _raise_cancelled("Sensitivity sweep")
-
     try:
         with torch.no_grad():
             for bi, batch in enumerate(batches):
-                check()
-                inputs, _ = _batch_inputs(batch, device)
-                qmodel.set_mode(Mode.NO_QUANT)
-                fp_out = _e2e_only(qmodel, inputs).detach().clone()
-                qmodel.set_mode(Mode.QUANT)
-                qmodel.set_keep_float(prev_keep)
-                base.update(fp_out, _e2e_only(qmodel, inputs))
-                tick(f"Sensitivity: image {bi + 1}/{len(batches)} baseline")
+                if _cancelled(cancel):
+                    _raise_cancelled("Sensitivity sweep")
+                inputs, _ = _model_inputs(batch, device)
+                fp_out = _fp_forward(qmodel, inputs)
+                base.update(fp_out, _q_forward(qmodel, inputs, []))
+                tick(f"image {bi + 1}/{len(batches)}: baseline")
                 for (name, globs), acc in zip(units, accs):
-                    check()
-                    qmodel.set_keep_float(list(prev_keep) + globs)
-                    acc.update(fp_out, _e2e_only(qmodel, inputs))
-                    tick(f"Sensitivity: image {bi + 1}/{len(batches)}, {name} in float")
-                qmodel.set_keep_float(prev_keep)
+                    if _cancelled(cancel):
+                        _raise_cancelled("Sensitivity sweep")
+                    acc.update(fp_out, _q_forward(qmodel, inputs, globs))
+                    tick(f"image {bi + 1}/{len(batches)}: {name} in float")
     finally:
-        qmodel.set_mode(Mode.QUANT)
-        qmodel.set_keep_float(prev_keep)
+        qmodel.set_keep_float([])
     baseline = base.result()
     entries = []
     for (name, globs), acc in zip(units, accs):
@@ -987,7 +1024,7 @@ def sensitivity(
                 peir=r.peir,
                 sqnr_db=r.sqnr_db,
                 improvement_db=_improvement(r.sqnr_db, baseline.sqnr_db),
-                globs=globs,
+                globs=list(globs),
             )
         )
     entries.sort(key=lambda e: (-_finite_key(e.improvement_db), e.name))

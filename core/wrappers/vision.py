@@ -206,13 +206,21 @@ class QuantVisionModel(QuantModule):
     def set_keep_float(self, globs: Sequence[str]) -> None:
         """Keep modules matching `globs` (and those the config keeps) in float; no recalibration needed."""
         config = self.ctx.config
+        changed: set[str] = set()
         for obs in self.observers():
             float_by_config = config.spec_for(obs.module_name, obs.kind) is None
             by_glob = any(config.matches(g, obs.module_name) for g in globs)
-            obs.enabled = not (float_by_config or by_glob)
-        if self.ctx.mode is Mode.QUANT:
+            enabled = not (float_by_config or by_glob)
+            if enabled != obs.enabled:
+                changed.add(obs.module_name)
+            obs.enabled = enabled
+        if self.ctx.mode is Mode.QUANT and changed:
+            # Only wrappers whose own observers flipped need their fake-quantized weights again.
+            # (A parent may fold a child's qparams into its own constants, so parents refresh too.)
             for wrapper in self.quant_modules():
-                wrapper.cache_weights()
+                name = wrapper.module_name
+                if any(c == name or c.startswith(name + ".") or not name for c in changed):
+                    wrapper.cache_weights()
 
     # ---------------------------------------------------------------- forward
     def forward(
