@@ -113,7 +113,9 @@ class QuantVisionAttention(QuantModule):
         scores = self.fq(scores, self.obs_scores)
         if attention_mask is not None:
             scores = scores + attention_mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if probs.dtype != q.dtype:  # a no-op cast would still be a graph node
+            probs = probs.to(q.dtype)
         probs = self.fq(probs, self.obs_probs)
         context = self.fq(torch.matmul(probs, self._repeat_kv(v)), self.obs_context)
         context = context.transpose(1, 2).contiguous().reshape(*input_shape, -1).contiguous()

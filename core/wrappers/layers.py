@@ -89,7 +89,9 @@ class QuantRMSNorm(QuantModule):
 
     def _raw_weight(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_scale:
-            return self.source.weight.float()
+            weight = self.source.weight
+            # No-op casts still become to/_assert_tensor_metadata nodes in the exported graph.
+            return weight if weight.dtype == torch.float32 else weight.float()
         if self.unit_weight is None or self.unit_weight.shape[0] != x.shape[-1]:
             self.unit_weight = torch.ones(x.shape[-1], dtype=torch.float32, device=x.device)
         return self.unit_weight
@@ -111,7 +113,9 @@ class QuantRMSNorm(QuantModule):
             if self.mode is Mode.CALIB and not self.with_scale and not self.obs_weight.has_stats:
                 self.obs_weight.collect(weight, "weights")
             weight = self.fq_weight(weight, self.obs_weight, self.weight_fq if self.with_scale else None)
-            out = torch.ops.circle_custom.rms_norm(x.float(), weight, self.eps).type_as(x)
+            out = torch.ops.circle_custom.rms_norm(x if x.dtype == torch.float32 else x.float(), weight, self.eps)
+            if out.dtype != x.dtype:
+                out = out.type_as(x)
         return self.fq(out, self.obs_output)
 
 

@@ -1,0 +1,674 @@
+"""Static Circle export of a wrapped Gemma4VisionModel, verified by running the written file.
+
+Pipeline: ``as_export_module`` (one image layout) -> ``torch.export`` -> TICO's converter
+(decompositions, FX legalize/quantization passes, serialisation, Circle O1 optimisation) ->
+atomic write -> TICO's Python reference runtime on the example input, compared with
+``forward_export`` and with the runtime ``forward`` of the same wrapped model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError, UnwritablePathError
+from core.quant.mode import Mode
+
+Progress = Callable[[int, int, str], None]
+
+# Stage names, in order; ExportResult.timings uses the same keys.
+STAGES = (
+    "export module",
+    "torch.export",
+    "decompositions",
+    "converter passes",
+    "serialisation",
+    "circle optimisation",
+    "write",
+    "verify",
+)
+
+_FLOAT_TYPES = {"FLOAT32", "FLOAT16", "FLOAT64", "BFLOAT16"}
+
+
+@dataclass
+class VerifyResult:
+    """The written file run by a reference runtime, compared with the torch model."""
+
+    max_abs_diff: float  # vs forward_export (the exact graph that was exported)
+    peir: float  # max |diff| / (max - min) of the forward_export output
+    within_one_step: float  # fraction of output elements within one output quantization step
+    max_steps: float  # max |diff| / step
+    runtime: str
+    vs_runtime_forward: float | None = None  # max |diff| vs qmodel(pixel_values, pixel_position_ids)
+    mode: str = "quant"  # "quant" | "float"
+    step: float | None = None  # output quantization step (None for a float export: tolerance 1e-4 used)
+    output_observer: str | None = None
+    export_vs_forward: float | None = None  # max |forward_export - forward| in torch
+    seconds: float = 0.0
+
+
+@dataclass
+class ExportResult:
+    """What export_circle wrote and how it checked it."""
+
+    path: Path
+    bytes: int
+    seconds: float
+    op_counts: dict[str, int]
+    tensors_without_qparams: list[str]
+    io_tensors: list[str]
+    verify: VerifyResult | None
+    timings: dict[str, float] = field(default_factory=dict)
+    mode: str = "quant"
+    graph_nodes: int = 0  # call_function nodes of the torch.export graph
+    soft_tokens: int = 0
+    patches: int = 0  # valid patches of the profile
+    max_patches: int = 0
+    unquantized_details: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- public API
+def export_circle(
+    qmodel: Any,
+    example: Any = None,
+    out_path: str | os.PathLike[str] | None = None,
+    verify: bool = True,
+    progress: Progress | None = None,
+    cancel: Any = None,
+    *,
+    mode: str | None = None,
+    max_soft_tokens: int | None = None,
+    image: Any = None,
+    preprocessor: Any = None,
+    strict: bool = False,
+    circle_optimize: bool = False,
+    compile_config: Any = None,
+) -> ExportResult:
+    """Export `qmodel` for one image layout to a static Circle file at `out_path` and verify it.
+
+    `example` is a preprocessed batch of one (mapping with pixel_values and pixel_position_ids)
+    or its pixel_position_ids; without it, `image` (or a bundled sample) is preprocessed at
+    `max_soft_tokens`. `mode` is "quant" or "float" (default: the model's current mode).
+    A failure leaves any earlier file at `out_path` untouched.
+    """
+    start = time.perf_counter()
+    # Session passes out_path positionally as the second argument; accept both orders.
+    if isinstance(example, (str, os.PathLike)) and not isinstance(out_path, (str, os.PathLike)):
+        example, out_path = out_path, example
+    if out_path is None:
+        raise ExportError("no output file given: pass out_path, e.g. model.circle")
+    out = Path(out_path).expanduser()
+    _check_writable(out)
+
+    export_mode = _resolve_mode(qmodel, mode)
+    pixel_values, position_ids = _example_tensors(qmodel, example, image, max_soft_tokens, preprocessor)
+
+    timings: dict[str, float] = {}
+    total = len(STAGES) if verify else len(STAGES) - 1
+    done = 0
+
+    def step(name: str) -> None:
+        nonlocal done
+        _check_cancel(cancel)
+        done += 1
+        if progress is not None:
+            progress(done, total, name)
+
+    with _model_mode(qmodel, export_mode):
+        t = time.perf_counter()
+        module = qmodel.as_export_module(position_ids).eval()
+        profile = module.profile
+        # One eager run before tracing: it is the verification reference, and it fills any
+        # tensor a wrapper caches lazily with a real value (under torch.export it would be fake).
+        with torch.no_grad():
+            reference = module(pixel_values).detach().float().cpu().clone()
+            forward = None
+            if verify:  # the runtime forward now, so its activations are gone before conversion starts
+                forward = qmodel(pixel_values=pixel_values, pixel_position_ids=position_ids).last_hidden_state
+                forward = forward.detach().float().cpu().clone()
+        timings["export module"] = time.perf_counter() - t
+        step("export module built")
+
+        with _weight_caches_released(qmodel):
+            t = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    program = torch.export.export(module, (pixel_values,), strict=strict)
+            except PTQStudioError:
+                raise
+            except Exception as exc:  # torch.export errors are long; the first line names the cause
+                raise ExportError(f"torch.export failed: {_first_line(exc)}") from exc
+            timings["torch.export"] = time.perf_counter() - t
+            graph_nodes = sum(1 for n in program.graph.nodes if n.op == "call_function")
+            step(f"torch.export done ({graph_nodes} nodes)")
+
+            problems = check_graph(program, convertible=False)
+            if problems:
+                raise ExportError(f"the static graph has {len(problems)} unsupported nodes (first: {problems[0]})")
+
+            holder = [program]
+            del program
+            circle_bytes = _convert(holder, timings, step, cancel, circle_optimize, compile_config)
+            gc.collect()
+
+            t = time.perf_counter()
+            _write_atomically(out, circle_bytes)
+            timings["write"] = time.perf_counter() - t
+            step(f"wrote {out.name}")
+            del circle_bytes
+
+            written = out.read_bytes()
+            summary = summarize_circle(written)
+            result = ExportResult(
+                path=out,
+                bytes=len(written),
+                seconds=0.0,
+                op_counts=summary["op_counts"],
+                tensors_without_qparams=summary["tensors_without_qparams"],
+                io_tensors=summary["io_tensors"],
+                verify=None,
+                timings=timings,
+                mode=export_mode,
+                graph_nodes=graph_nodes,
+                soft_tokens=profile.soft_tokens,
+                patches=profile.num_patches,
+                max_patches=profile.max_patches,
+                unquantized_details=summary["unquantized_details"],
+            )
+            if verify:
+                t = time.perf_counter()
+                result.verify = verify_circle(
+                    written, qmodel, module, pixel_values, position_ids, mode=export_mode, reference=reference, forward=forward
+                )
+                timings["verify"] = time.perf_counter() - t
+                result.verify.seconds = timings["verify"]
+                step("verified")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def check_graph(exported_program: Any, convertible: bool = True) -> list[str]:
+    """Nodes the static Circle pipeline rejects: boolean/data-dependent ops, dynamic shapes, ops TICO cannot convert."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    banned = ("bitwise_not", "logical_not", "one_hot", "nonzero", "masked_select", "masked_scatter", "unique")
+    problems: list[str] = []
+    for node in exported_program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = _target_name(node.target)
+        if any(b in name for b in banned):
+            problems.append(f"{node.name}: {name}")
+            continue
+        if name.startswith("aten.index.") or name.startswith("aten.index_put"):
+            indices = node.args[1] if len(node.args) > 1 else []
+            for idx in indices or []:
+                val = getattr(idx, "meta", {}).get("val") if idx is not None else None
+                if isinstance(val, torch.Tensor) and val.dtype == torch.bool:
+                    problems.append(f"{node.name}: {name} with a boolean mask")
+                    break
+        val = node.meta.get("val")
+        vals = val if isinstance(val, (list, tuple)) else [val]
+        for v in vals:
+            if isinstance(v, torch.Tensor):
+                if free_unbacked_symbols(v):
+                    problems.append(f"{node.name}: {name} has a data-dependent shape {tuple(v.shape)}")
+                    break
+                if any(not isinstance(d, int) for d in v.shape):
+                    problems.append(f"{node.name}: {name} has a dynamic shape {tuple(v.shape)}")
+                    break
+            elif isinstance(v, torch.SymInt) or (v is not None and free_unbacked_symbols(v)):
+                problems.append(f"{node.name}: {name} returns a symbolic value")
+                break
+    if convertible:
+        problems += unconvertible_nodes(exported_program)
+    return problems
+
+
+def unconvertible_nodes(exported_program: Any) -> list[str]:
+    """Nodes left after TICO's decompositions and legalize passes that its serializer has no operator for."""
+    import tico.utils.convert as tconv
+
+    found: list[str] = []
+
+    class _Stop(Exception):
+        pass
+
+    def capture(ep: Any) -> None:
+        supported = set(tconv.get_support_targets())
+        import operator
+
+        supported.add(operator.getitem)
+        for n in ep.graph.nodes:
+            if n.op == "call_function" and n.target not in supported:
+                found.append(f"{n.name}: {_target_name(n.target)} (no Circle operator in tico)")
+        raise _Stop
+
+    program = copy.deepcopy(exported_program)
+    with _patched(tconv, "check_unsupported_target", capture):
+        try:
+            tconv.convert_exported_module_to_circle(program)
+        except _Stop:
+            pass
+    return found
+
+
+def summarize_circle(data: bytes) -> dict[str, Any]:
+    """Operator counts, unquantized float tensors and graph I/O of a Circle flatbuffer."""
+    from tico.circle.runtime.program import CircleProgram, tensor_type_name
+
+    program = CircleProgram.from_bytes(data)
+    ops = Counter(op.name for op in program.operators)
+    users: dict[int, list[str]] = {}
+    producers: dict[int, str] = {}
+    for op in program.operators:
+        for i in op.inputs:
+            users.setdefault(i, []).append(f"{op.name}#{op.index}")
+        for o in op.outputs:
+            producers[o] = f"{op.name}#{op.index}"
+    io = set(program.inputs) | set(program.outputs)
+    missing: list[str] = []
+    details: dict[str, str] = {}
+    io_tensors: list[str] = []
+    for kind, indices in (("input", program.inputs), ("output", program.outputs)):
+        for i in indices:
+            t = program.tensor(i)
+            q = f"quantized scale={t.quantization.scale[0]:.6g} zp={t.quantization.zero_point[0]}" if t.is_quantized else "float"
+            io_tensors.append(f"{kind} {t.name}: {tensor_type_name(t.tensor_type)}{list(t.shape)} ({q})")
+    for t in program.tensors:
+        if t.index in io or t.is_quantized:
+            continue
+        if tensor_type_name(t.tensor_type) not in _FLOAT_TYPES:
+            continue  # shape/index operands (INT32 perms, slice bounds) carry no data to quantize
+        if t.is_constant and t.index not in users:
+            continue
+        missing.append(t.name)
+        role = "constant" if t.is_constant else f"made by {producers.get(t.index, '?')}"
+        details[t.name] = (
+            f"{tensor_type_name(t.tensor_type)}{list(t.shape)} {role}, used by {', '.join(users.get(t.index, [])) or 'nothing'}"
+        )
+    return {
+        "op_counts": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "tensors_without_qparams": missing,
+        "unquantized_details": details,
+        "io_tensors": io_tensors,
+    }
+
+
+def verify_circle(
+    data: bytes,
+    qmodel: Any,
+    module: Any,
+    pixel_values: torch.Tensor,
+    pixel_position_ids: torch.Tensor,
+    mode: str = "quant",
+    reference: torch.Tensor | None = None,
+    forward: torch.Tensor | None = None,
+) -> VerifyResult:
+    """Run the Circle bytes in TICO's reference runtime and compare with forward_export and forward."""
+    from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
+
+    try:
+        runtime = CircleReferenceRuntime(data)
+        quantized = runtime.has_quantized_activations()
+        exec_mode = ExecutionMode.FAKE_QUANTIZE if quantized else ExecutionMode.NATIVE
+        outputs = _run_lean(runtime, [pixel_values.detach().cpu().float().numpy()], exec_mode)
+        del runtime
+    except Exception as exc:
+        raise ExportError(f"the written model does not run in TICO's reference runtime: {_first_line(exc)}") from exc
+    got = torch.from_numpy(np.asarray(outputs[0], dtype=np.float32))
+    with torch.no_grad():
+        ref = reference if reference is not None else module(pixel_values).float().cpu()
+        if forward is not None:
+            fwd = forward
+        else:
+            fwd = qmodel(pixel_values=pixel_values, pixel_position_ids=pixel_position_ids).last_hidden_state.float().cpu()
+    if got.shape != ref.shape:
+        got = got.reshape(ref.shape)
+    diff = (got - ref).abs()
+    max_abs = float(diff.max())
+    interval = float(ref.max() - ref.min()) or 1.0
+    obs = qmodel.observers()[-1] if qmodel.observers() else None
+    step = None
+    if mode == "quant" and obs is not None and obs.enabled and bool(obs.frozen):
+        step = float(obs.scale.max())
+    tol = step if step is not None else 1e-4
+    # A hair over one step still counts: the runtime and torch round the same value independently.
+    within = float((diff <= tol * (1 + 1e-4)).float().mean())
+    vs_forward = float((got - fwd).abs().max()) if fwd.shape == got.shape else math.inf
+    export_vs_forward = float((ref - fwd).abs().max()) if fwd.shape == ref.shape else math.inf
+    name = f"tico reference runtime ({exec_mode.name})"
+    return VerifyResult(
+        max_abs_diff=max_abs,
+        peir=max_abs / interval,
+        within_one_step=within,
+        max_steps=max_abs / tol,
+        runtime=name,
+        vs_runtime_forward=vs_forward,
+        mode=mode,
+        step=step,
+        output_observer=obs.name if obs is not None else None,
+        export_vs_forward=export_vs_forward,
+    )
+
+
+def _run_lean(runtime: Any, inputs: list[np.ndarray], mode: Any) -> list[np.ndarray]:
+    """CircleReferenceRuntime.run, but each constant is dequantized when first used and dropped
+    after its last use (run() holds every dequantized weight for the whole run: +4x the file)."""
+    from tico.circle.runtime.quantization import dequantize_array, fake_quantize_array
+
+    try:
+        program = runtime.program
+        last_use = runtime._last_use
+        execute = runtime._execute_operator
+    except AttributeError:  # another tico version: fall back to the public API
+        return list(runtime.run(inputs, mode=mode).outputs)
+    fake = mode.name == "FAKE_QUANTIZE"
+    values: dict[int, np.ndarray] = {}
+    for position, (index, raw) in enumerate(zip(program.inputs, inputs)):
+        tensor = program.tensor(index)
+        array = runtime._as_readonly_array(raw, tensor, position)
+        runtime._validate_value(array, tensor, mode, path=f"graph input {position}")
+        values[index] = fake_quantize_array(array, tensor) if fake and tensor.is_quantized_integer else array
+    keep = set(program.inputs) | set(program.outputs)
+
+    def constant(index: int) -> None:
+        tensor = program.tensor(index)
+        if index not in values and tensor.constant is not None:
+            value = tensor.constant
+            values[index] = dequantize_array(value, tensor) if fake and tensor.is_quantized_integer else value
+
+    for op in program.operators:
+        for index in op.inputs:
+            if index >= 0:
+                constant(index)
+        execute(op, values, mode)
+        for index in op.inputs:
+            if index >= 0 and index not in keep and last_use.get(index) == op.index:
+                values.pop(index, None)
+    for index in program.outputs:
+        constant(index)
+    return [np.array(values[index], copy=True) for index in program.outputs]
+
+
+# --------------------------------------------------------------------------- conversion
+def _convert(holder, timings, step, cancel, circle_optimize, compile_config) -> bytes:
+    """TICO's convert_exported_module_to_circle with each stage timed and a cancel check between them.
+
+    `holder` is a one-element list with the ExportedProgram (or the program itself); it is
+    emptied so the converter's rewritten copies are the only ones alive.
+    """
+    if not isinstance(holder, list):
+        holder = [holder]
+    import tico.circle.export as cexport
+    import tico.utils.convert as tconv
+    from tico.config import get_default_config
+
+    config = copy.deepcopy(compile_config) if compile_config is not None else get_default_config()
+    if not circle_optimize:
+        config.set("circle_optimize", False)
+    marks: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable, after: str) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            _check_cancel(cancel)
+            t = time.perf_counter()
+            marks.setdefault(name + ":start", t)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+                marks[name + ":end"] = time.perf_counter()
+                step(after)
+
+        return run
+
+    unsupported: list[str] = []
+
+    def check_unsupported(ep: Any) -> None:
+        _check_cancel(cancel)
+        supported = set(tconv.get_support_targets())
+        import operator
+
+        supported.add(operator.getitem)
+        for n in ep.graph.nodes:
+            if n.op == "call_function" and n.target not in supported:
+                unsupported.append(f"{n.name}: {_target_name(n.target)}")
+        if unsupported:
+            raise ExportError(f"TICO has no Circle operator for {len(unsupported)} nodes (first: {unsupported[0]})")
+
+    t0 = time.perf_counter()
+    timings.setdefault("circle optimisation", 0.0)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(
+                _patched(tconv, "traced_run_decompositions", timed("decompositions", tconv.traced_run_decompositions, "decompositions done"))
+            )
+            serialise = timed("serialisation", tconv.build_circle, "serialised")
+
+            def build_circle(*args: Any, **kwargs: Any) -> Any:
+                step("converter passes done")
+                return serialise(*args, **kwargs)
+
+            stack.enter_context(_patched(tconv, "build_circle", build_circle))
+            stack.enter_context(_patched(tconv, "check_unsupported_target", check_unsupported))
+            stack.enter_context(
+                _patched(cexport, "optimize_for_export", timed("circle optimisation", cexport.optimize_for_export, "circle optimised"))
+            )
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # pop() inside the call: the converter's frame holds the only reference, so the
+                # pre-decomposition program can be freed once it has been rewritten.
+                data = tconv.convert_exported_module_to_circle(holder.pop(), config=config)
+    except PTQStudioError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"Circle conversion failed: {_first_line(exc)}") from exc
+    total = time.perf_counter() - t0
+    passes_end = marks.get("serialisation:start", t0 + total)
+    timings["converter passes"] = max(0.0, passes_end - t0 - timings.get("decompositions", 0.0))
+    if not circle_optimize:
+        step("circle optimisation skipped")
+    return bytes(data)
+
+
+# --------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _weight_caches_released(qmodel: Any) -> Iterator[None]:
+    """Drop the wrappers' fake-quantized weight copies while exporting (the export graph quantizes
+    weights with explicit ops), then rebuild them: the converter's peak memory is the run's peak."""
+    released = []
+    if qmodel.ctx.mode is Mode.QUANT:
+        for w in qmodel.quant_modules():
+            if getattr(w, "weight_fq", None) is not None:
+                w.weight_fq = None
+                released.append(w)
+        gc.collect()
+    try:
+        yield
+    finally:
+        for w in released:
+            w.cache_weights()
+
+
+def _check_cancel(cancel: Any) -> None:
+    if cancel is not None and getattr(cancel, "cancelled", False):
+        raise CancelledError("export cancelled; any earlier file was left untouched")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _target_name(target: Any) -> str:
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(target)  # e.g. aten.index.Tensor
+    return getattr(target, "__name__", str(target))
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _check_writable(out: Path) -> None:
+    folder = out.parent
+    if out.is_dir():
+        raise UnwritablePathError(out, "this is a folder; give a file name such as model.circle")
+    if not folder.is_dir():
+        raise UnwritablePathError(out, f"folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UnwritablePathError(out, f"folder {folder} is not writable")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UnwritablePathError(out, "the existing file is read-only")
+
+
+def _write_atomically(out: Path, data: bytes) -> None:
+    """Temp file in the same folder, then os.replace: readers never see a half-written model."""
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 minus umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+        tmp = None
+    except OSError as exc:
+        raise UnwritablePathError(out, exc.strerror or str(exc)) from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _resolve_mode(qmodel: Any, mode: str | None) -> str:
+    current = qmodel.ctx.mode
+    if current is Mode.CALIB:
+        raise ExportError("the model is calibrating: convert it (QUANT) or switch to NO_QUANT before export")
+    if mode is None:
+        return "quant" if current is Mode.QUANT else "float"
+    mode = str(mode).lower()
+    if mode not in ("quant", "float"):
+        raise ExportError(f"unknown export mode {mode!r}: use 'quant' or 'float'")
+    if mode == "quant" and current is not Mode.QUANT and not qmodel.is_calibrated:
+        missing = [o.name for o in qmodel.observers() if not o.has_stats]
+        raise NotCalibratedError(
+            f"cannot export a quantized model: {len(missing)} observers have no statistics "
+            f"(first: {missing[0] if missing else '?'}); calibrate on at least one image first"
+        )
+    return mode
+
+
+@contextlib.contextmanager
+def _model_mode(qmodel: Any, mode: str) -> Iterator[None]:
+    """Run the export in `mode`, then put the model back as it was."""
+    previous = qmodel.ctx.mode
+    if mode == "quant" and previous is not Mode.QUANT:
+        qmodel.freeze()
+    elif mode == "float" and previous is not Mode.NO_QUANT:
+        qmodel.ctx.mode = Mode.NO_QUANT
+    try:
+        yield
+    finally:
+        qmodel.ctx.mode = previous
+
+
+def _example_tensors(qmodel, example, image, max_soft_tokens, preprocessor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values (1, P, D), pixel_position_ids (1, P, 2)) for the export profile, validated."""
+    cfg = qmodel.config
+    dim = 3 * cfg.patch_size * cfg.patch_size
+    if example is None:
+        example = _preprocess(qmodel, image, max_soft_tokens, preprocessor)
+    if isinstance(example, Mapping):
+        if "pixel_position_ids" not in example:
+            raise ExportError("the example batch has no pixel_position_ids: pass the preprocessor's output")
+        positions = torch.as_tensor(example["pixel_position_ids"])
+        pixels = example.get("pixel_values")
+        pixels = None if pixels is None else torch.as_tensor(pixels)
+    elif isinstance(example, torch.Tensor):
+        positions, pixels = example, None
+    else:
+        raise ExportError(f"example must be a preprocessed batch or its pixel_position_ids, not {type(example).__name__}")
+    if positions.dim() == 2:
+        positions = positions.unsqueeze(0)
+    if positions.dim() != 3 or positions.shape[-1] != 2:
+        raise ExportError(f"pixel_position_ids must have shape (1, patches, 2), got {tuple(positions.shape)}")
+    positions = positions[:1].long()
+    if pixels is None:
+        pixels = _synthetic_pixels(positions, dim)
+    if pixels.dim() == 2:
+        pixels = pixels.unsqueeze(0)
+    pixels = pixels[:1].float()
+    if pixels.shape[-1] != dim:
+        raise ExportError(
+            f"the image has patches of {pixels.shape[-1]} values but the model expects {dim} "
+            f"(3 x {cfg.patch_size} x {cfg.patch_size}): preprocess it with this model's config"
+        )
+    if pixels.shape[1] != positions.shape[1]:
+        raise ExportError(
+            f"pixel_values has {pixels.shape[1]} patches but pixel_position_ids {positions.shape[1]}: "
+            "pass the preprocessor's output unchanged"
+        )
+    valid = positions[(positions >= 0).all(dim=-1)]
+    if valid.numel() and int(valid.max()) >= cfg.position_embedding_size:
+        raise ExportError(
+            f"the image is {int(valid.max()) + 1} patches across but the model has only "
+            f"{cfg.position_embedding_size} position embeddings: export with fewer soft tokens"
+        )
+    device = _model_device(qmodel)
+    return pixels.to(device), positions.to(device)
+
+
+def _preprocess(qmodel, image, max_soft_tokens, preprocessor):
+    from core.images import ImagePreprocessor
+
+    if preprocessor is None or (max_soft_tokens and getattr(preprocessor, "max_soft_tokens", max_soft_tokens) != max_soft_tokens):
+        try:
+            preprocessor = ImagePreprocessor(qmodel.config, max_soft_tokens=int(max_soft_tokens or 280))
+        except ValueError as exc:
+            raise ExportError(_first_line(exc).split(": ", 1)[-1]) from exc
+    if image is None:
+        from core.resources import sample_images
+
+        image = sample_images()[0]
+    return preprocessor([image])
+
+
+def _synthetic_pixels(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Deterministic 8-bit-like pixels for a layout given without an image (padding rows zero)."""
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (1, positions.shape[1], dim), generator=gen).float() / 255.0
+    pixels[~(positions >= 0).all(dim=-1)] = 0.0
+    return pixels
+
+
+def _model_device(qmodel) -> torch.device:
+    for p in qmodel.parameters():
+        return p.device
+    return torch.device("cpu")
