@@ -73,6 +73,7 @@ class QuantVisionAttention(QuantModule):
         self.obs_k_rope = self._observer("k_rope")
         self.v_proj = wrap(module.v_proj, f"{n}.v_proj", ctx)
         self.v_norm = wrap(module.v_norm, f"{n}.v_norm", ctx)
+        self.v_norm.set_width(self.head_dim)
         self.obs_scores = self._observer("scores")
         self.obs_probs = self._observer("probs")
         self.obs_context = self._observer("context")

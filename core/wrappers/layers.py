@@ -87,6 +87,11 @@ class QuantRMSNorm(QuantModule):
         self.register_buffer("weight_fq", None, persistent=False)
         self.register_buffer("unit_weight", None, persistent=False)
 
+    def set_width(self, width: int) -> None:
+        """Create the unit scale of a scale-less norm up front (tracing must not create state)."""
+        if not self.with_scale:
+            self.unit_weight = torch.ones(width, dtype=torch.float32)
+
     def _raw_weight(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_scale:
             weight = self.source.weight
