@@ -69,8 +69,14 @@ sysdeps:
 test: venv sysdeps-test
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -q
 
+# Without a display (a bare server, a container) the window opens on a virtual X server instead.
 run: venv sysdeps
-	$(RUN_ENV) $(VENV)/bin/ptq-studio
+	@if [ -z "$${DISPLAY}$${WAYLAND_DISPLAY}" ] && [ -z "$${QT_QPA_PLATFORM}" ] && command -v xvfb-run >/dev/null 2>&1; then \
+		echo "no display found: starting PTQ Studio under xvfb-run (set DISPLAY to see the window)"; \
+		$(RUN_ENV) xvfb-run -a $(VENV)/bin/ptq-studio; \
+	else \
+		$(RUN_ENV) $(VENV)/bin/ptq-studio; \
+	fi
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -22,6 +22,15 @@ def prepare_qt_environment() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Open the main window on the built-in tiny model with the bundled sample images."""
     argv = list(sys.argv if argv is None else argv)
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("QT_QPA_PLATFORM")
+    ):
+        print(
+            "ptq-studio: error: no display found; run `xvfb-run -a ptq-studio`, set QT_QPA_PLATFORM=offscreen,"
+            " or use the headless commands (ptq-studio --help)",
+            file=sys.stderr,
+        )
+        return 2
     prepare_qt_environment()
     from PySide6.QtWidgets import QApplication  # noqa: PLC0415
 
