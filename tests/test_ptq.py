@@ -229,3 +229,24 @@ def test_keep_float_override_and_toggle(tiny, pre280, sample_images):
     assert not by_name["encoder.layers.0.mlp.down_proj.output"].enabled  # the config's override stays
     qmodel.set_keep_float([])
     assert by_name["encoder.layers.1.mlp.down_proj.output"].enabled
+
+
+def test_clipped_linears_are_wrapped_exactly(sample_images):
+    from core.models import build_seeded_model, tiny_config
+
+    model = build_seeded_model(tiny_config(use_clipped_linears=True)).eval()
+    model.config._attn_implementation = "eager"
+    pre = ImagePreprocessor(model.config, max_soft_tokens=70)
+    qmodel = prepare(model)
+    batch = pre(sample_images[:3])
+    with torch.no_grad():
+        assert torch.equal(qmodel(**batch).last_hidden_state, model(**batch).last_hidden_state)
+    calibrate(qmodel, _batches(pre, sample_images[:2]))
+    convert(qmodel)
+    names = {o.name for o in qmodel.observers()}
+    # Finite clamps get observers of their own: each clamp output is a tensor in the graph.
+    assert {"encoder.layers.0.mlp.up_proj.input_clamped", "encoder.layers.0.mlp.up_proj.linear"} <= names
+    one = pre([sample_images[4]])
+    with torch.no_grad():
+        exported = qmodel.as_export_module(one["pixel_position_ids"])(one["pixel_values"])
+        assert torch.equal(exported, qmodel(**one).last_hidden_state)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -64,8 +64,6 @@ class QuantModule(nn.Module):
         if spec is None:
             spec = config.activation if spec_kind == "activation" else config.weight
         if per_channel is False and spec.per_channel:
-            from dataclasses import replace
-
             spec = replace(spec, per_channel=False)
         observer_kind = config.observer if kind == "activation" else "minmax"
         name = f"{self.module_name}.{role}" if self.module_name else role

@@ -43,13 +43,12 @@ class QuantClippableLinear(QuantLinear):
     """Gemma4ClippableLinear: optional input/output clamps, each clamp output observed."""
 
     def __init__(self, module: nn.Module, module_name: str, ctx: QuantContext) -> None:
+        QuantModule.__init__(self, module_name, ctx)  # not QuantLinear's: observers differ
         self.clip_in = self.clip_out = False
         if module.use_clipped_linears:
-            # Infinite bounds are a no-op clamp; leaving it out keeps the exported graph lean.
+            # Infinite bounds make a clamp a no-op, so it gets no observer of its own.
             self.clip_in = bool(math.isfinite(float(module.input_min)) or math.isfinite(float(module.input_max)))
             self.clip_out = bool(math.isfinite(float(module.output_min)) or math.isfinite(float(module.output_max)))
-        nn.Module.__init__(self)
-        QuantModule.__init__(self, module_name, ctx)
         self.source = module
         self.linear = module.linear
         if self.clip_in:
