@@ -10,7 +10,6 @@ from torch import nn
 
 import tico  # noqa: F401  (registers torch.ops.circle_custom.rms_norm, the Circle RMS_NORM op)
 
-from core.quant.mode import Mode
 from core.wrappers.base import QuantContext, QuantModule
 
 
@@ -91,32 +90,27 @@ class QuantRMSNorm(QuantModule):
         if not self.with_scale:
             self.unit_weight = torch.ones(width, dtype=torch.float32)
 
-    def _raw_weight(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_scale:
-            weight = self.source.weight
-            # No-op casts still become to/_assert_tensor_metadata nodes in the exported graph.
-            return weight if weight.dtype == torch.float32 else weight.float()
-        if self.unit_weight is None or self.unit_weight.shape[0] != x.shape[-1]:
-            self.unit_weight = torch.ones(x.shape[-1], dtype=torch.float32, device=x.device)
-        return self.unit_weight
+    def _raw_weight(self) -> torch.Tensor:
+        if not self.with_scale:
+            if self.unit_weight is None:
+                raise RuntimeError(f"{self.module_name}: a norm without scale needs set_width() before use")
+            return self.unit_weight
+        weight = self.source.weight
+        # No-op casts still become to/_assert_tensor_metadata nodes in the exported graph.
+        return weight if weight.dtype == torch.float32 else weight.float()
 
     def collect_weights(self) -> None:
-        if self.with_scale:
-            self.obs_weight.collect(self.source.weight, "weights")
+        self.obs_weight.collect(self._raw_weight(), "weights")
 
     def cache_weights(self) -> None:
-        if self.with_scale and self.obs_weight.enabled:
-            with torch.no_grad():
-                self.weight_fq = self.obs_weight.fake_quant(self.source.weight.float())
+        with torch.no_grad():
+            self.weight_fq = self.obs_weight.fake_quant(self._raw_weight()) if self.obs_weight.enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.ctx.static:
             out = self.source(x)  # runtime NO_QUANT path: the original maths, bit for bit
         else:
-            weight = self._raw_weight(x)
-            if self.mode is Mode.CALIB and not self.with_scale and not self.obs_weight.has_stats:
-                self.obs_weight.collect(weight, "weights")
-            weight = self.fq_weight(weight, self.obs_weight, self.weight_fq if self.with_scale else None)
+            weight = self.fq_weight(self._raw_weight(), self.obs_weight, self.weight_fq)
             out = torch.ops.circle_custom.rms_norm(x if x.dtype == torch.float32 else x.float(), weight, self.eps)
             if out.dtype != x.dtype:
                 out = out.type_as(x)
