@@ -67,7 +67,7 @@ sysdeps:
 	$(call ensure_debs,$(SYSDEPS_RUN))
 
 test: venv sysdeps-test
-	$(TEST_ENV) $(VENV)/bin/python -m pytest -q
+	PY=$(VENV)/bin/python $(TEST_ENV) bash scripts/run_tests.sh
 
 # Without a display (a bare server, a container) the window opens on a virtual X server instead.
 run: venv sysdeps
