@@ -422,6 +422,14 @@ class ObserverRecord:
     observer_kind: str = ""
     num_seen: int = 0
     has_stats: bool = True
+    # Where the extreme sat in its source image's tensor (per-tensor observers; None otherwise):
+    # flat index (C order) and the tensor's shape; *_tied: a later image reached the same value.
+    min_index: int | None = None
+    max_index: int | None = None
+    min_shape: tuple[int, ...] | None = None
+    max_shape: tuple[int, ...] | None = None
+    min_tied: bool = False
+    max_tied: bool = False
 
     @property
     def range_min(self) -> float:
@@ -461,6 +469,12 @@ class ObserverRecord:
             "max": _json_float(self.range_max),
             "min_source": self.min_source,
             "max_source": self.max_source,
+            "min_index": self.min_index,
+            "max_index": self.max_index,
+            "min_shape": list(self.min_shape) if self.min_shape is not None else None,
+            "max_shape": list(self.max_shape) if self.max_shape is not None else None,
+            "min_tied": self.min_tied,
+            "max_tied": self.max_tied,
             "outlier": self.outlier,
             "outlier_ratio": _json_float(self.outlier_ratio),
         }
@@ -634,6 +648,12 @@ def observer_table(qmodel) -> list[ObserverRecord]:
                 observer_kind=str(getattr(obs, "observer_kind", "")),
                 num_seen=int(getattr(obs, "num_seen", 0) or 0),
                 has_stats=has_stats,
+                min_index=getattr(obs, "min_index", None) if has_stats else None,
+                max_index=getattr(obs, "max_index", None) if has_stats else None,
+                min_shape=getattr(obs, "min_shape", None) if has_stats else None,
+                max_shape=getattr(obs, "max_shape", None) if has_stats else None,
+                min_tied=bool(getattr(obs, "min_tied", False)) if has_stats else False,
+                max_tied=bool(getattr(obs, "max_tied", False)) if has_stats else False,
             )
         )
     return records

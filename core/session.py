@@ -9,9 +9,11 @@ Session folder format (``FORMAT_VERSION`` 1)::
       manifest.json          format, format_version, model spec (a checkpoint folder is
                              referenced by absolute path + sha256 of its config and
                              safetensors files, never copied), PTQ config, max_soft_tokens,
-                             image list (path, image id, sha256, status), package versions,
-                             observer provenance (which image set each min / max) and the
-                             sha256 of observers.safetensors
+                             image list (path, image id, sha256, status: ok, used,
+                             excluded or rejected), package versions, observer provenance
+                             (which image set each min / max, and where in its tensor: flat
+                             index, shape and value; absent in older sessions, which still
+                             load) and the sha256 of observers.safetensors
       observers.safetensors  every observer's statistics and frozen qparams (min / max,
                              histograms, scale, zero_point), keyed "<observer name>/<field>"
 
@@ -180,7 +182,9 @@ def _session_error(path: Path, problem: str, fix: str = "quantize again to creat
 
 @dataclass
 class ImageEntry:
-    """One image of the session's set: status "ok" (accepted), "used" (calibrated on), "rejected"."""
+    """One image of the session's set: status "ok" (accepted), "used" (calibrated on),
+    "excluded" (kept in the list but left out of calibration and evaluation until included
+    again) or "rejected"."""
 
     path: str
     image_id: str = ""
@@ -240,6 +244,9 @@ class Session:
         self.last_compare: CompareResult | None = None
         self.last_sensitivity_baseline: ModuleError | None = None
         self._checkpoint_hash: str | None = None
+        # path -> status an image had when it was excluded ("used" if the current statistics
+        # still contain it), so include_images can put it back; in memory only.
+        self._status_before_exclude: dict[str, str] = {}
         self._prepare()
 
     # ---- model -------------------------------------------------------------------------
@@ -268,6 +275,7 @@ class Session:
         for e in self.images:
             if e.status == "used":
                 e.status = "ok"
+        self._status_before_exclude.clear()  # no statistics contain any image any more
 
     # ---- images ------------------------------------------------------------------------
 
@@ -311,8 +319,51 @@ class Session:
         self.images = []
 
     def usable_images(self) -> list[ImageEntry]:
-        """The images that can be fed to the model (not rejected)."""
+        """The images that can be fed to the model (neither rejected nor excluded)."""
         return [e for e in self.images if e.status in ("ok", "used")]
+
+    def _match_images(self, paths_or_ids) -> list[ImageEntry]:
+        """The non-rejected entries named by path or image id; an unknown name raises NoImagesError."""
+        if isinstance(paths_or_ids, (str, os.PathLike)):
+            paths_or_ids = [paths_or_ids]
+        out: list[ImageEntry] = []
+        for item in paths_or_ids:
+            key = str(item)
+            keys = {key, str(Path(key))}
+            try:
+                keys.add(str(Path(key).resolve()))
+            except OSError:
+                pass
+            found = [
+                e for e in self.images
+                if e.status != "rejected"
+                and (e.image_id == key or e.path in keys or _resolved(e.path) in keys)
+            ]
+            if not found:
+                raise _errors().NoImagesError(key, "not an image of this session (or it was rejected)")
+            out.extend(e for e in found if not any(e is o for o in out))
+        return out
+
+    def exclude_images(self, paths_or_ids) -> list[ImageEntry]:
+        """Mark images (by path or image id) "excluded": listed, but left out of calibration and
+        evaluation until include_images. The statistics are unchanged until the next calibrate
+        (recalibrate_without does both). Excluding every usable image raises NoImagesError."""
+        chosen = [e for e in self._match_images(paths_or_ids) if e.status != "excluded"]
+        remaining = [e for e in self.usable_images() if not any(e is c for c in chosen)]
+        if not remaining:
+            raise _errors().NoImagesError(None, "excluding these would leave no image to calibrate on; keep at least one")
+        for e in chosen:
+            self._status_before_exclude[e.path] = e.status
+            e.status = "excluded"
+        return chosen
+
+    def include_images(self, paths_or_ids) -> list[ImageEntry]:
+        """Undo exclude_images: the images become usable again ("used" if the current statistics
+        still contain them, else "ok")."""
+        chosen = [e for e in self._match_images(paths_or_ids) if e.status == "excluded"]
+        for e in chosen:
+            e.status = self._status_before_exclude.pop(e.path, "ok")
+        return chosen
 
     def _batches(self, entries: Sequence[ImageEntry], batch_size: int = 1):
         # Images are decoded batch by batch so memory does not grow with the image count.
@@ -370,16 +421,56 @@ class Session:
                     e.status = "ok"
             for e in entries[:images_done]:
                 e.status = "used"
+            # New statistics contain no excluded image: including one later makes it "ok".
+            self._status_before_exclude.clear()
         else:
             self.state = "prepared"
             self.last_compare = None
             for e in self.images:
                 if e.status == "used":
                     e.status = "ok"
+            self._status_before_exclude.clear()
         self.calibration = SessionCalibration(
             batches_done, images_done, len(entries), cancelled, time.perf_counter() - t0
         )
         return self.calibration
+
+    def recalibrate_without(
+        self, paths_or_ids, progress: Progress | None = None, cancel=None, batch_size: int = 1
+    ) -> SessionCalibration:
+        """Exclude images (by path or image id) and calibrate again on the rest, as one action.
+
+        A cancelled (or failed) run puts everything back: the previous statistics, state and
+        calibration summary, and every image's previous status, so no work is lost.
+        """
+        before_status = [(e, e.status) for e in self.images]
+        before_memory = dict(self._status_before_exclude)
+        before_state, before_calibration, before_compare = self.state, self.calibration, self.last_compare
+        before_stats = _observer_state(self.qmodel)
+        self.exclude_images(paths_or_ids)  # raises (changing nothing) when no image would remain
+
+        def restore() -> None:
+            for e, st in before_status:
+                e.status = st
+            self._status_before_exclude = before_memory
+            if before_state == "calibrated":
+                _load_observer_state(self.qmodel, *before_stats)
+            else:
+                from core.quant.mode import Mode
+
+                for obs in self.qmodel.observers():
+                    obs.reset()
+                self.qmodel.ctx.mode = Mode.NO_QUANT
+            self.state, self.calibration, self.last_compare = before_state, before_calibration, before_compare
+
+        try:
+            res = self.calibrate(progress=progress, cancel=cancel, batch_size=batch_size)
+        except BaseException:
+            restore()
+            raise
+        if res.cancelled:
+            restore()
+        return res
 
     def _require_calibrated(self) -> None:
         if self.state != "calibrated":
@@ -651,6 +742,13 @@ def _recheck_images(images: list[ImageEntry]) -> list[ImageEntry]:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _resolved(path: str) -> str:
+    try:
+        return str(Path(path).resolve())
+    except OSError:
+        return path
 
 
 def _resolve_device(device: str | None) -> str:

@@ -83,6 +83,51 @@ def test_provenance_names_the_image_that_set_each_extreme():
     assert (float(obs.min_val), float(obs.max_val)) == (-5.0, 9.0)
 
 
+def test_observers_record_where_each_extreme_sits():
+    obs = _obs()
+    obs.collect(torch.tensor([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]), "a")
+    x = torch.zeros(1, 4, 3)
+    x[0, 2, 1] = 7.0
+    x[0, 3, 0] = -2.0
+    obs.collect(x, "b")
+    obs.collect(torch.tensor([[0.0, 6.0]]), "c")  # moves neither extreme: location stays b's
+    assert (obs.min_source, obs.max_source) == ("b", "b")
+    assert (obs.max_index, obs.max_shape, obs.max_value) == (2 * 3 + 1, (1, 4, 3), 7.0)
+    assert (obs.min_index, obs.min_shape, obs.min_value) == (3 * 3 + 0, (1, 4, 3), -2.0)
+    assert obs.location("max") == (7, (1, 4, 3)) and not obs.max_tied
+    obs.collect(torch.tensor([7.0, -1.0]), "d")  # exactly the max again: b keeps it, flagged tied
+    assert obs.max_source == "b" and obs.max_index == 7 and obs.max_tied and not obs.min_tied
+    obs.collect(torch.tensor([8.0]), "e")  # a new max clears the tie
+    assert (obs.max_source, obs.max_index, obs.max_shape, obs.max_tied) == ("e", 0, (1,), False)
+
+    again = _obs()
+    again.set_provenance(obs.provenance())
+    assert again.provenance() == obs.provenance()
+    old = _obs()
+    old.set_provenance({"min_source": "a", "max_source": "b"})  # a session saved before locations
+    assert old.location("min") is None and old.max_source == "b" and not old.max_tied
+    obs.reset()
+    assert obs.location("max") is None and obs.provenance()["max_index"] is None
+
+
+def test_location_of_ema_percentile_and_per_channel_observers():
+    ema = _obs(EMAMinMaxObserver, momentum=0.5)
+    ema.collect(torch.tensor([0.0, 9.0, 1.0]), "a")
+    ema.collect(torch.tensor([0.0, 1.0, 4.0]), "b")  # moves the average, not the most extreme value
+    assert ema.max_source == "a" and (ema.max_index, ema.max_value) == (1, 9.0)
+    assert float(ema.max_val) == pytest.approx(6.5)
+    pct = _obs(PercentileObserver, percentile=99.0)
+    x = torch.zeros(1000)
+    x[123] = 50.0
+    pct.collect(x, "img")
+    assert (pct.max_source, pct.max_index, pct.max_value) == ("img", 123, 50.0)
+    per_channel = MinMaxObserver(
+        name="l.weight", module_name="l", role="weight", kind="activation", spec=QuantSpec(per_channel=True), channels=2
+    )
+    per_channel.collect(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "img")
+    assert per_channel.max_source == "img" and per_channel.location("max") is None
+
+
 def test_ema_moves_towards_new_batches():
     obs = _obs(EMAMinMaxObserver, momentum=0.5)
     obs.collect(torch.tensor([0.0, 2.0]), "a")

@@ -173,6 +173,10 @@ def test_manifest_describes_the_session(saved_session, calibrated_session, sampl
     prov = m["observers"]["provenance"]
     assert len(prov) == len(calibrated_session.qmodel.observers())
     assert prov["patch_embedder.input_proj.weight"]["min_source"] == "weights"
+    out = prov["output"]  # per-tensor activations also record where their extremes sat
+    assert out["max_source"] in {e["image_id"] for e in m["images"]}
+    assert len(out["max_shape"]) == 2 and out["max_shape"][1] == calibrated_session.model_info["hidden_size"]  # (tokens, hidden)
+    assert 0 <= out["max_index"] < np.prod(out["max_shape"]) and isinstance(out["max_tied"], bool)
     assert m["observers"]["sha256"] == hashlib.sha256((saved_session / OBSERVERS).read_bytes()).hexdigest()
 
 

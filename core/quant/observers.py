@@ -5,6 +5,18 @@ batch extremes to the subclass's ``_update_stats()``. Statistics live in registe
 buffers so they survive ``state_dict``; the image that set the current min and max is
 kept beside them (``min_source`` / ``max_source``).
 
+Per-tensor observers also record *where* in that image's tensor the extreme sat:
+``min_index`` / ``max_index`` (flat index into the tensor, C order), ``min_shape`` /
+``max_shape`` (the tensor's shape) and ``min_value`` / ``max_value`` (the element's value).
+The argmin / argmax is computed only when the extreme actually moves, so calibration pays
+for it a handful of times per observer, not once per batch. Per-channel observers keep only
+the source (a per-channel range has one extreme per channel, each from its own image).
+
+Ties: comparisons are strict, so when several images reach exactly the same extreme the
+earliest keeps it (source and location); ``min_tied`` / ``max_tied`` then say that a later
+image (another source) matched it, as happens for tensors every image shares (RoPE tables,
+the pooling matrix) or saturated pixels. Rankings skip tied extremes.
+
 Quantization maths (affine, per tensor)::
 
     lo = min(x_min, 0), hi = max(x_max, 0)            # zero must be representable
@@ -72,6 +84,7 @@ class Observer(nn.Module):
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self.min_source: str | None = None
         self.max_source: str | None = None
+        self._clear_locations()
         self._scale_f = 1.0
         self._zp_i = 0
 
@@ -90,10 +103,39 @@ class Observer(nn.Module):
         self.num_seen.zero_()
         self.frozen.fill_(False)
         self.min_source = self.max_source = None
+        self._clear_locations()
         self._reset_extra()
 
     def _reset_extra(self) -> None:
         pass
+
+    def _clear_locations(self) -> None:
+        self.min_index: int | None = None
+        self.max_index: int | None = None
+        self.min_shape: tuple[int, ...] | None = None
+        self.max_shape: tuple[int, ...] | None = None
+        self.min_value: float | None = None
+        self.max_value: float | None = None
+        self.min_tied = False
+        self.max_tied = False
+
+    def _record_location(self, which: str, x: torch.Tensor) -> None:
+        """Store where the extreme of `x` (the tensor that just moved `which`) lies in it."""
+        flat = x.reshape(-1)
+        idx = int(flat.argmin()) if which == "min" else int(flat.argmax())
+        setattr(self, f"{which}_index", idx)
+        setattr(self, f"{which}_shape", tuple(int(d) for d in x.shape))
+        setattr(self, f"{which}_value", float(flat[idx]))
+        setattr(self, f"{which}_tied", False)
+
+    def _clear_location(self, which: str) -> None:
+        for key in ("index", "shape", "value"):
+            setattr(self, f"{which}_{key}", None)
+        setattr(self, f"{which}_tied", False)
+
+    def _note_tie(self, which: str, source: str | None) -> None:
+        if source != getattr(self, f"{which}_source"):
+            setattr(self, f"{which}_tied", True)
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor, source: str | None = None) -> None:
@@ -115,19 +157,35 @@ class Observer(nn.Module):
     def _update_stats(self, x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, source: str | None) -> None:
         raise NotImplementedError
 
-    def _set_extremes(self, mn: torch.Tensor, mx: torch.Tensor, source: str | None) -> None:
-        """Plain running min/max with provenance (shared by the min-max family)."""
+    def _set_extremes(
+        self, mn: torch.Tensor, mx: torch.Tensor, source: str | None, x: torch.Tensor | None = None
+    ) -> None:
+        """Plain running min/max with provenance (shared by the min-max family); `x` gives the location."""
         if self.per_channel:
             torch.minimum(self.min_val, mn, out=self.min_val)
             torch.maximum(self.max_val, mx, out=self.max_val)
             self.min_source = self.max_source = source
             return
-        if float(mn) < float(self.min_val):
+        # Strict comparisons: on a tie the earlier image keeps the extreme.
+        mn_f, mx_f = float(mn), float(mx)
+        if mn_f < float(self.min_val):
             self.min_val.copy_(mn)
             self.min_source = source
-        if float(mx) > float(self.max_val):
+            if x is not None:
+                self._record_location("min", x)
+            else:
+                self._clear_location("min")
+        elif mn_f == float(self.min_val):
+            self._note_tie("min", source)
+        if mx_f > float(self.max_val):
             self.max_val.copy_(mx)
             self.max_source = source
+            if x is not None:
+                self._record_location("max", x)
+            else:
+                self._clear_location("max")
+        elif mx_f == float(self.max_val):
+            self._note_tie("max", source)
 
     def _histogram_values(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1)
@@ -211,14 +269,46 @@ class Observer(nn.Module):
         hi = (q.qmax - zp) * scale
         return (float(lo.min()), float(hi.max()))
 
-    def provenance(self) -> dict[str, str | None]:
-        """Which image set the min and the max (kept outside the state_dict)."""
-        return {"min_source": self.min_source, "max_source": self.max_source}
+    def provenance(self) -> dict[str, Any]:
+        """Which image set the min and the max, and where in its tensor (JSON-ready, outside the state_dict)."""
+        return {
+            "min_source": self.min_source,
+            "max_source": self.max_source,
+            "min_index": self.min_index,
+            "max_index": self.max_index,
+            "min_shape": list(self.min_shape) if self.min_shape is not None else None,
+            "max_shape": list(self.max_shape) if self.max_shape is not None else None,
+            "min_value": self.min_value,
+            "max_value": self.max_value,
+            "min_tied": self.min_tied,
+            "max_tied": self.max_tied,
+        }
 
-    def set_provenance(self, data: dict[str, str | None]) -> None:
-        """Restore what provenance() returned."""
+    def set_provenance(self, data: dict[str, Any]) -> None:
+        """Restore what provenance() returned (older sessions without locations restore None)."""
         self.min_source = data.get("min_source")
         self.max_source = data.get("max_source")
+        self._clear_locations()
+        for which in ("min", "max"):
+            idx = data.get(f"{which}_index")
+            shape = data.get(f"{which}_shape")
+            value = data.get(f"{which}_value")
+            setattr(self, f"{which}_tied", bool(data.get(f"{which}_tied", False)))
+            if idx is None or shape is None:
+                continue
+            setattr(self, f"{which}_index", int(idx))
+            setattr(self, f"{which}_shape", tuple(int(d) for d in shape))
+            setattr(self, f"{which}_value", float(value) if value is not None else None)
+
+    def location(self, which: str) -> tuple[int, tuple[int, ...]] | None:
+        """(flat index, tensor shape) of the recorded min or max, or None when there is none."""
+        if which not in ("min", "max"):
+            raise ValueError(f"which must be 'min' or 'max', not {which!r}")
+        idx = getattr(self, f"{which}_index")
+        shape = getattr(self, f"{which}_shape")
+        if idx is None or shape is None:
+            return None
+        return idx, shape
 
     def extra_repr(self) -> str:
         return f"{self.name}, {self.observer_kind}, {self.spec.dtype}/{self.spec.scheme}"
@@ -230,14 +320,18 @@ class MinMaxObserver(Observer):
     observer_kind = "minmax"
 
     def _update_stats(self, x, mn, mx, source):
-        self._set_extremes(mn, mx, source)
+        self._set_extremes(mn, mx, source, x)
 
 
 class EMAMinMaxObserver(Observer):
     """Moving average of batch minima and maxima: ``r = m * r + (1 - m) * batch``.
 
     ``min_source``/``max_source`` name the image whose batch extreme was the most extreme
-    seen, since an average has no single origin.
+    seen, since an average has no single origin. The recorded location (``min_index`` ...)
+    belongs to that same event: the element holding the most extreme value seen, so source
+    and location always agree (``min_value`` is that element, not the averaged ``min_val``).
+    Every batch moves an average, so "the batch that last moved the range" would just be the
+    last image and say nothing about outliers.
     """
 
     observer_kind = "ema"
@@ -258,16 +352,29 @@ class EMAMinMaxObserver(Observer):
             m = self.momentum
             self.min_val.mul_(m).add_((1 - m) * mn)
             self.max_val.mul_(m).add_((1 - m) * mx)
-        if float(mn.min()) < self._extreme[0]:
-            self._extreme[0] = float(mn.min())
+        lo, hi = float(mn.min()), float(mx.max())
+        if lo < self._extreme[0]:
+            self._extreme[0] = lo
             self.min_source = source
-        if float(mx.max()) > self._extreme[1]:
-            self._extreme[1] = float(mx.max())
+            if not self.per_channel:
+                self._record_location("min", x)
+        elif lo == self._extreme[0] and not self.per_channel:
+            self._note_tie("min", source)
+        if hi > self._extreme[1]:
+            self._extreme[1] = hi
             self.max_source = source
+            if not self.per_channel:
+                self._record_location("max", x)
+        elif hi == self._extreme[1] and not self.per_channel:
+            self._note_tie("max", source)
 
 
 class PercentileObserver(Observer):
-    """Clips the range to the [100 - p, p] percentiles of a histogram of every value seen."""
+    """Clips the range to the [100 - p, p] percentiles of a histogram of every value seen.
+
+    Provenance (source and location) names the raw minimum / maximum seen, which the clipped
+    range is cut from: that element is the outlier the percentile discards.
+    """
 
     observer_kind = "percentile"
     hist_bins = 2048
@@ -280,7 +387,7 @@ class PercentileObserver(Observer):
         return x.reshape(-1)  # the range is read off this histogram, so count every value
 
     def _update_stats(self, x, mn, mx, source):
-        self._set_extremes(mn, mx, source)
+        self._set_extremes(mn, mx, source, x)
 
     def range(self):
         if self.per_channel:
