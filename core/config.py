@@ -89,6 +89,8 @@ class PTQConfig:
     def _parse_override(self, glob: str, value: Any) -> ModuleOverride:
         if isinstance(value, ModuleOverride):
             return value
+        if isinstance(value, QuantSpec):
+            return ModuleOverride(activation=value)
         if value == FLOAT or value is None:
             return ModuleOverride(keep_float=True)
         if isinstance(value, str):
@@ -113,7 +115,9 @@ class PTQConfig:
     def spec_for(self, module_name: str, kind: str) -> QuantSpec | None:
         """The spec of a tensor of `kind` ('activation' or 'weight') in `module_name`; None keeps it float."""
         spec = self.activation if kind == "activation" else self.weight
-        for glob, override in self.overrides.items():  # later globs win
+        # Among dtype overrides the later glob wins; a keep-float glob wins over every dtype
+        # override, wherever it stands (a module the user keeps float never gets quantized back).
+        for glob, override in self.overrides.items():
             if not self.matches(glob, module_name):
                 continue
             if override.keep_float:
