@@ -4,6 +4,12 @@ Pipeline: ``as_export_module`` (one image layout) -> ``torch.export`` -> TICO's 
 (decompositions, FX legalize/quantization passes, serialisation, Circle O1 optimisation) ->
 atomic write -> TICO's Python reference runtime on the example input, compared with
 ``forward_export`` and with the runtime ``forward`` of the same wrapped model.
+
+Name map: every Circle tensor is tied to the module that made it (``ExportResult.tensor_modules``).
+TICO names a tensor made from an FX node ``<module class>::<node name>``; the exporter records, as
+the serializer names them, each tensor's FX node and that node's ``nn_module_stack``, and
+translates the innermost module path (e.g. ``qmodel.encoder.layers.0.self_attn.q_proj``) into our
+wrapper name (``encoder.layers.0.self_attn.q_proj``). core.threeway uses it.
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ STAGES = (
 
 _FLOAT_TYPES = {"FLOAT32", "FLOAT16", "FLOAT64", "BFLOAT16"}
 
+# Module name given to ops of the wrapped model's own forward (standardisation), of the export
+# adapter, and to the graph input: they belong to no submodule.
+ROOT_MODULE = "model"
+
 
 @dataclass
 class VerifyResult:
@@ -78,6 +88,14 @@ class ExportResult:
     patches: int = 0  # valid patches of the profile
     max_patches: int = 0
     unquantized_details: dict[str, str] = field(default_factory=dict)
+    # Circle tensor name -> our module name (dotted wrapper name; ROOT_MODULE for the model's own
+    # ops and the graph input). Every tensor of the file is mapped; see _tensor_module_map.
+    tensor_modules: dict[str, str] = field(default_factory=dict)
+    # tensors_without_qparams with the module that produced them (or, for a constant, uses it).
+    unquantized: list[tuple[str, str]] = field(default_factory=list)
+    # Fingerprint of the export profile's pixel_position_ids (layout_fingerprint): a three-way
+    # check must feed the same image layout.
+    layout: str = ""
 
 
 # --------------------------------------------------------------------------- public API
@@ -145,7 +163,7 @@ def export_circle(
         with _weight_caches_released(qmodel):
             t = time.perf_counter()
             try:
-                with torch.no_grad():
+                with torch.no_grad(), _module_scopes(qmodel):
                     program = torch.export.export(module, (pixel_values,), strict=strict)
             except PTQStudioError:
                 raise
@@ -159,9 +177,11 @@ def export_circle(
             if problems:
                 raise ExportError(f"the static graph has {len(problems)} unsupported nodes (first: {problems[0]})")
 
+            scopes = _module_paths(module)
             holder = [program]
             del program
-            circle_bytes = _convert(holder, timings, step, cancel, circle_optimize, compile_config)
+            origins: dict[str, tuple[str, ...] | None] = {}
+            circle_bytes = _convert(holder, timings, step, cancel, circle_optimize, compile_config, origins)
             gc.collect()
 
             t = time.perf_counter()
@@ -172,6 +192,7 @@ def export_circle(
 
             written = out.read_bytes()
             summary = summarize_circle(written)
+            tensor_modules = _tensor_module_map(written, origins, scopes)
             result = ExportResult(
                 path=out,
                 bytes=len(written),
@@ -187,6 +208,9 @@ def export_circle(
                 patches=profile.num_patches,
                 max_patches=profile.max_patches,
                 unquantized_details=summary["unquantized_details"],
+                tensor_modules=tensor_modules,
+                unquantized=[(t, tensor_modules.get(t, ROOT_MODULE)) for t in summary["tensors_without_qparams"]],
+                layout=layout_fingerprint(position_ids),
             )
             if verify:
                 t = time.perf_counter()
@@ -198,6 +222,18 @@ def export_circle(
                 step("verified")
     result.seconds = time.perf_counter() - start
     return result
+
+
+def layout_fingerprint(pixel_position_ids: Any) -> str:
+    """Short stable id of an image layout (the first image's pixel_position_ids): equal ids, same file input."""
+    import hashlib
+
+    positions = torch.as_tensor(pixel_position_ids).detach().cpu().long()
+    if positions.dim() == 2:
+        positions = positions.unsqueeze(0)
+    positions = positions[:1].contiguous()
+    digest = hashlib.sha1(str(tuple(positions.shape)).encode() + positions.numpy().tobytes()).hexdigest()
+    return f"{positions.shape[1]}:{digest[:16]}"
 
 
 def check_graph(exported_program: Any, convertible: bool = True) -> list[str]:
@@ -405,11 +441,12 @@ def _run_lean(runtime: Any, inputs: list[np.ndarray], mode: Any) -> list[np.ndar
 
 
 # --------------------------------------------------------------------------- conversion
-def _convert(holder, timings, step, cancel, circle_optimize, compile_config) -> bytes:
+def _convert(holder, timings, step, cancel, circle_optimize, compile_config, origins=None) -> bytes:
     """TICO's convert_exported_module_to_circle with each stage timed and a cancel check between them.
 
     `holder` is a one-element list with the ExportedProgram (or the program itself); it is
-    emptied so the converter's rewritten copies are the only ones alive.
+    emptied so the converter's rewritten copies are the only ones alive. `origins`, when given,
+    receives {Circle tensor name: its FX node's nn_module_stack paths (None: no node)}.
     """
     if not isinstance(holder, list):
         holder = [holder]
@@ -461,9 +498,14 @@ def _convert(holder, timings, step, cancel, circle_optimize, compile_config) -> 
 
             def build_circle(*args: Any, **kwargs: Any) -> Any:
                 step("converter passes done")
+                if origins is not None and args:
+                    # Fallback for a serializer without the hook below: FX node name -> module path.
+                    origins.update({f"::{n.name}": _node_module_path(n) for n in args[0].graph.nodes})
                 return serialise(*args, **kwargs)
 
             stack.enter_context(_patched(tconv, "build_circle", build_circle))
+            if origins is not None:
+                _record_tensor_origins(stack, origins)
             stack.enter_context(_patched(tconv, "check_unsupported_target", check_unsupported))
             stack.enter_context(
                 _patched(cexport, "optimize_for_export", timed("circle optimisation", cexport.optimize_for_export, "circle optimised"))
@@ -485,6 +527,144 @@ def _convert(holder, timings, step, cancel, circle_optimize, compile_config) -> 
     if not circle_optimize:
         step("circle optimisation skipped")
     return bytes(data)
+
+
+# --------------------------------------------------------------------------- name map
+@contextlib.contextmanager
+def _module_scopes(qmodel: Any) -> Iterator[None]:
+    """Route the static-path entry points that the parent calls as plain methods
+    (``patch_embedder.forward_static``, ``encoder.run_layers``, ``pooler.forward_static``) through
+    ``nn.Module.__call__`` while tracing, so torch.export records the submodule in each node's
+    ``nn_module_stack``. The graph is unchanged: only the recorded scope differs."""
+    patched: list[tuple[Any, str]] = []
+    try:
+        for wrapper in qmodel.quant_modules():
+            if wrapper is qmodel:
+                continue
+            for method in ("forward_static", "run_layers"):
+                if method in wrapper.__dict__ or not callable(getattr(type(wrapper), method, None)):
+                    continue
+                wrapper.__dict__[method] = _scoped_call(wrapper, getattr(wrapper, method))
+                patched.append((wrapper, method))
+        yield
+    finally:
+        for wrapper, method in patched:
+            wrapper.__dict__.pop(method, None)
+
+
+def _scoped_call(wrapper: torch.nn.Module, method: Callable) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if "forward" in wrapper.__dict__:  # already inside this module's scope (re-entrant call)
+            return method(*args, **kwargs)
+        # An instance attribute `forward` shadows the class's for this one call only.
+        wrapper.__dict__["forward"] = method
+        try:
+            return wrapper(*args, **kwargs)
+        finally:
+            wrapper.__dict__.pop("forward", None)
+
+    return call
+
+
+def _module_paths(module: torch.nn.Module) -> dict[str, str]:
+    """Every attribute path in the export module -> our name of the innermost wrapper holding it."""
+    from core.wrappers.base import QuantModule
+
+    paths: dict[str, str] = {}
+    for path, sub in module.named_modules():  # parents come before their children
+        if isinstance(sub, QuantModule):
+            paths[path] = sub.module_name or ROOT_MODULE
+        else:
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            paths[path] = paths.get(parent, ROOT_MODULE) if path else ROOT_MODULE
+    return paths
+
+
+def _node_module_path(node: Any) -> tuple[str, ...] | None:
+    """The module paths of an FX node's ``nn_module_stack``, outermost first ("" = the export module)."""
+    stack = node.meta.get("nn_module_stack") if hasattr(node, "meta") else None
+    if not stack:
+        return None
+    return tuple(str(entry[0]) for entry in stack.values() if isinstance(entry, (tuple, list)) and entry)
+
+
+def _record_tensor_origins(stack: contextlib.ExitStack, origins: dict[str, tuple[str, ...] | None]) -> None:
+    """Record, as TICO's serializer gives Circle tensors their final names, each one's FX node scope."""
+    try:
+        import tico.serialize.circle_serializer as serializer
+    except ImportError:
+        return
+    finalise = getattr(serializer, "finalise_tensor_names", None)
+    if finalise is None:
+        return
+
+    def record(graph: Any) -> Any:
+        sources = getattr(graph, "name_to_node", {}) or {}
+        before = [(t, sources.get(t.name)) for t in graph.tensors]
+        result = finalise(graph)
+        for tensor, node in before:
+            name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+            origins[name] = _node_module_path(node) if node is not None else None
+        return result
+
+    stack.enter_context(_patched(serializer, "finalise_tensor_names", record))
+
+
+def _our_module(stack: tuple[str, ...] | None, scopes: Mapping[str, str]) -> str | None:
+    """An ``nn_module_stack`` -> the innermost wrapper's module name (ROOT_MODULE for the root).
+
+    Entries are absolute attribute paths, except below a module entered through a plain method
+    (see _module_scopes), where torch records them relative to that module: each entry is taken
+    as it is when the export module has that path, else relative to the nearest enclosing entry.
+    """
+    if stack is None:
+        return None
+    resolved: list[str] = []
+    for entry in stack:
+        if not entry and resolved:  # only the outermost entry may be the export module itself
+            continue
+        for base in [None, *reversed(resolved)]:
+            path = entry if base is None else (f"{base}.{entry}" if base and entry else base or entry)
+            if path in scopes:
+                resolved.append(path)
+                break
+    return scopes.get(resolved[-1], ROOT_MODULE) if resolved else ROOT_MODULE
+
+
+def _tensor_module_map(data: bytes, origins: Mapping[str, tuple[str, ...] | None], scopes: Mapping[str, str]) -> dict[str, str]:
+    """Circle tensor name -> our module name, for every tensor of the file.
+
+    A tensor made from an FX node takes the innermost module of that node's ``nn_module_stack``
+    (TICO names such tensors ``<module class>::<node name>``). A tensor without a node (a constant
+    the serializer created) takes the module of the first operator that reads it; one nobody
+    reads, that of its producer; the graph input belongs to ROOT_MODULE.
+    """
+    from tico.circle.runtime.program import CircleProgram
+
+    program = CircleProgram.from_bytes(data)
+    modules: dict[int, str] = {}
+    for t in program.tensors:
+        if t.name in origins:
+            path = origins[t.name]
+        else:  # no serializer hook: the FX node name follows "::"
+            path = origins.get("::" + t.name.rsplit("::", 1)[-1]) if "::" in t.name else None
+        name = _our_module(path, scopes)
+        if name is not None:
+            modules[t.index] = name
+    for index in program.inputs:
+        modules.setdefault(index, ROOT_MODULE)
+    for op in program.operators:  # constants without a node: their first reader
+        owner = next((modules[o] for o in op.outputs if o in modules), None)
+        if owner is None:
+            continue
+        for index in op.inputs:
+            if index >= 0:
+                modules.setdefault(index, owner)
+    for op in program.operators:  # outputs of an op with no known scope: the module of its inputs
+        owner = next((modules[i] for i in op.inputs if i >= 0 and i in modules), ROOT_MODULE)
+        for index in op.outputs:
+            modules.setdefault(index, owner)
+    return {t.name: modules.get(t.index, ROOT_MODULE) for t in program.tensors}
 
 
 # --------------------------------------------------------------------------- helpers

@@ -10,7 +10,7 @@ import torch
 
 from core.cancel import CancelToken
 from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError, UnwritablePathError
-from core.export import ExportResult, check_graph, export_circle
+from core.export import ROOT_MODULE, ExportResult, check_graph, export_circle, layout_fingerprint
 from core.images import ImagePreprocessor
 from core.models import load_model, tiny_config
 from core.ptq import calibrate, convert, prepare
@@ -100,6 +100,21 @@ def test_quant_export_is_fully_quantized_and_verified(quant_export, tiny_quant):
     assert v.max_steps <= 3.0, v
     assert v.export_vs_forward <= 1e-6
     assert v.vs_runtime_forward == pytest.approx(v.max_abs_diff, abs=1e-5)
+
+
+def test_quant_export_maps_every_tensor_to_its_module(quant_export, tiny_quant):
+    r = quant_export
+    names = {n for n, _ in tiny_quant.wrappers()} | {ROOT_MODULE}
+    assert r.tensor_modules and set(r.tensor_modules.values()) <= names
+    owners = set(r.tensor_modules.values())
+    for module in ("patch_embedder", "encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.down_proj", "pooler"):
+        assert module in owners, module
+    assert r.unquantized == []  # tensors_without_qparams with their modules: none here
+    assert r.layout == layout_fingerprint(_batch(tiny_quant.config, SQUARE, 70)["pixel_position_ids"])
+    assert r.layout != layout_fingerprint(_batch(tiny_quant.config, WIDE, 70)["pixel_position_ids"])
+    # The scopes routed through nn.Module.__call__ while tracing are gone again.
+    for _, wrapper in tiny_quant.wrappers():
+        assert not {"forward", "forward_static", "run_layers"} & set(wrapper.__dict__)
 
 
 def test_quant_export_reports_stages_and_progress(quant_export):

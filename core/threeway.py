@@ -1,0 +1,629 @@
+"""Three-way check of an exported Circle model: torch FP vs torch fake-quant vs the Circle file.
+
+For one image, every wrapper's output is taken three ways:
+
+- **FP**: the static path in QUANT mode with every observer kept float (what ``core.inspect``
+  calls the FP reference: same wrappers, same graph, no fake-quant);
+- **FQ**: the same path with the observers as they were at export (fake-quantized);
+- **Circle**: the value of the matching tensor when TICO's Python reference runtime runs the
+  written file in FAKE_QUANTIZE mode (quantized tensors are held dequantized, so the values
+  compare directly with torch's).
+
+Circle tensors are tied to our modules by the export's name map (``ExportResult.tensor_modules``,
+built from each FX node's ``nn_module_stack``). **Pairing rule**: a module's output tensor is the
+*last* Circle tensor, in operator order, produced inside that module's scope (the module itself
+or any module below it) whose shape equals the torch output's shape, or equals it once size-1
+dimensions are dropped. Containers therefore pair with the output of their last child (the
+attention block with its o_proj output, a layer with its residual add), as in
+``core.inspect.module_output_observers``. The model's final output pairs with the graph output.
+
+Metrics (``a`` is the reference, ``b`` the other side, over every value of the tensor):
+PEIR = max|a - b| / (max a - min a); max_abs = max|a - b|; for fq_vs_circle on a quantized
+tensor, steps = |a - b| / scale of the Circle tensor, ``within_one_step`` = share of values with
+at most one step (a hair over counts: both sides round the same value independently), and
+``max_steps`` the largest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import CancelledError, ExportError, NotCalibratedError
+from core.export import ROOT_MODULE, ExportResult, layout_fingerprint
+
+Progress = Callable[[int, int, str], None]
+
+__all__ = [
+    "Diff",
+    "ThreeWayRow",
+    "ThreeWayResult",
+    "three_way_check",
+    "three_way_session",
+    "ROOT_MODULE",
+]
+
+
+# --------------------------------------------------------------------------- results
+def _json(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass
+class Diff:
+    """Difference of two versions of one tensor (the first is the reference)."""
+
+    peir: float
+    max_abs: float
+    within_one_step: float | None = None  # quantized Circle tensors only
+    max_steps: float | None = None  # quantized Circle tensors only
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (inf/nan become null)."""
+        return {
+            "peir": _json(self.peir),
+            "max_abs": _json(self.max_abs),
+            "within_one_step": _json(self.within_one_step),
+            "max_steps": _json(self.max_steps),
+        }
+
+
+@dataclass
+class ThreeWayRow:
+    """One module output, three ways: torch FP, torch fake-quant (FQ), Circle."""
+
+    tensor: str  # Circle tensor name
+    module: str  # our module name (ROOT_MODULE: the model's final output)
+    shape: tuple[int, ...]  # Circle shape
+    dtype: str  # Circle tensor type, e.g. UINT8, FLOAT32
+    scale: float | None  # Circle qparams (None: the tensor has none)
+    zero_point: int | None
+    fp_vs_fq: Diff  # the quantization error of the torch model
+    fq_vs_circle: Diff  # what the file adds on top of the fake-quant model (should be ~1 step)
+    fp_vs_circle: Diff  # the total error of the file against float
+    observer: str | None = None  # the torch observer whose output was compared
+    operator: int = -1  # index of the Circle operator producing the tensor (-1: graph input)
+    quantized: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "tensor": self.tensor,
+            "module": self.module,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "scale": _json(self.scale),
+            "zero_point": self.zero_point,
+            "quantized": self.quantized,
+            "observer": self.observer,
+            "operator": self.operator,
+            "fp_vs_fq": self.fp_vs_fq.to_dict(),
+            "fq_vs_circle": self.fq_vs_circle.to_dict(),
+            "fp_vs_circle": self.fp_vs_circle.to_dict(),
+        }
+
+
+@dataclass
+class ThreeWayResult:
+    """Rows in forward (Circle operator) order; the last row is the model's final output."""
+
+    path: Path
+    rows: list[ThreeWayRow]
+    runtime: str
+    intermediates_available: bool
+    note: str
+    unmatched: list[tuple[str, str]] = field(default_factory=list)  # (module, why no Circle tensor)
+    unquantized: list[tuple[str, str]] = field(default_factory=list)  # (Circle tensor, module)
+    image: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def output(self) -> ThreeWayRow | None:
+        """The final-output row."""
+        return self.rows[-1] if self.rows else None
+
+    def row(self, module: str) -> ThreeWayRow | None:
+        """The row of `module` (None when it has none)."""
+        return next((r for r in self.rows if r.module == module), None)
+
+    def worst(self, n: int = 10) -> list[ThreeWayRow]:
+        """The n rows where the Circle file departs most from the fake-quant model (in steps, else PEIR)."""
+
+        def key(r: ThreeWayRow) -> float:
+            d = r.fq_vs_circle
+            return -(d.max_steps if d.max_steps is not None else d.peir)
+
+        return sorted(self.rows, key=key)[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "path": str(self.path),
+            "image": self.image,
+            "runtime": self.runtime,
+            "intermediates_available": self.intermediates_available,
+            "note": self.note,
+            "rows": [r.to_dict() for r in self.rows],
+            "unmatched": [list(u) for u in self.unmatched],
+            "unquantized": [list(u) for u in self.unquantized],
+            "seconds": self.seconds,
+        }
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable lines: the note, one line per row, the unmatched modules and float tensors."""
+        lines = [f"three-way check of {self.path.name} ({self.runtime})", self.note]
+        width = max([len(r.module) for r in self.rows] + [6])
+        lines.append(
+            f"{'module':<{width}}  {'fp-vs-fq peir':>13}  {'fq-vs-circle peir':>17}  {'<=1 step':>8}  "
+            f"{'max steps':>9}  {'fp-vs-circle peir':>17}  tensor"
+        )
+        for r in self.rows:
+            d = r.fq_vs_circle
+            within = f"{100 * d.within_one_step:7.2f}%" if d.within_one_step is not None else f"{'float':>8}"
+            steps = f"{d.max_steps:9.2f}" if d.max_steps is not None else f"{'-':>9}"
+            lines.append(
+                f"{r.module:<{width}}  {r.fp_vs_fq.peir:13.3e}  {d.peir:17.3e}  {within}  {steps}  "
+                f"{r.fp_vs_circle.peir:17.3e}  {r.tensor}"
+            )
+        for module, why in self.unmatched:
+            lines.append(f"not compared: {module}: {why}")
+        if self.unquantized:
+            lines.append(f"tensors without qparams: {len(self.unquantized)}")
+            lines.extend(f"  {t} (module {m})" for t, m in self.unquantized)
+        return lines
+
+
+# --------------------------------------------------------------------------- public API
+def three_way_check(
+    qmodel: Any,
+    export: ExportResult | str | os.PathLike[str],
+    batch: Mapping[str, Any],
+    progress: Progress | None = None,
+    cancel: Any = None,
+    *,
+    tensor_modules: Mapping[str, str] | None = None,
+    modules: Sequence[str] | None = None,
+) -> ThreeWayResult:
+    """Compare torch FP, torch fake-quant and the exported Circle file, module by module, on one image.
+
+    `export` is the ExportResult of `export_circle` (its name map and layout are used) or a path
+    to a .circle file, then with `tensor_modules` (Circle tensor -> module name, e.g. a saved
+    ``ExportResult.tensor_modules``); without a name map only the final output is compared.
+    `batch` is a preprocessed batch of one: the image layout the file was exported for.
+    `modules` (dotted globs, a glob also names its children) limits the rows to those modules
+    (the final output is always compared): every compared tensor is held three times in memory.
+    """
+    t0 = time.perf_counter()
+    total, done = 4, 0
+
+    def step(message: str) -> None:
+        nonlocal done
+        if cancel is not None and getattr(cancel, "cancelled", False):
+            raise CancelledError("three-way check cancelled; run it again to get results")
+        done += 1
+        if progress is not None:
+            progress(done, total, message)
+
+    path, data, names, layout, unquantized = _resolve_export(export, tensor_modules)
+    from tico.circle.runtime.program import CircleProgram
+
+    try:
+        program = CircleProgram.from_bytes(data)
+    except Exception as exc:
+        raise ExportError(f"{path}: not a readable Circle model ({_first_line(exc)}); export the model again") from exc
+    pixel_values, position_ids, image = _batch_of_one(batch)
+    if layout and layout != layout_fingerprint(position_ids):
+        raise ExportError(
+            f"{path.name} was exported for another image layout than this batch: pass the image it was exported with"
+        )
+    expected = tuple(program.tensor(program.inputs[0]).shape) if program.inputs else ()
+    if expected and tuple(pixel_values.shape) != expected:
+        raise ExportError(
+            f"{path.name} takes pixel values of shape {list(expected)}, the batch has {list(pixel_values.shape)}: "
+            "preprocess the image with the max_soft_tokens the model was exported with"
+        )
+    quantized_file = any(t.is_quantized_integer and not t.is_constant for t in program.tensors)
+    if names is not None and not unquantized:
+        unquantized = _unquantized(data, names)
+
+    # ---- torch: FP and fake-quant outputs of every wrapper, from the same static path
+    step("torch passes")
+    from core.export import _model_mode
+
+    with _model_mode(qmodel, _export_mode(qmodel, quantized_file)):
+        targets = _output_targets(qmodel, modules)
+        fp, fq, fp_out, fq_out = _torch_outputs(qmodel, targets, pixel_values, position_ids)
+
+    # ---- pairing: module -> Circle tensor index
+    step("pairing tensors")
+    producer = {o: op.index for op in program.operators for o in op.outputs if o >= 0}
+    order = sorted(producer, key=lambda i: producer[i])
+    pairs: list[tuple[str, str, int]] = []  # (module, observer, tensor index)
+    unmatched: list[tuple[str, str]] = []
+    if names is not None:
+        module_of = {t.index: names.get(t.name) for t in program.tensors}
+        for module, observer in targets:
+            value = fp.get(observer)
+            if value is None:
+                unmatched.append((module, "its output was not produced on the static path"))
+                continue
+            index = _pair(module, tuple(value.shape), order, module_of, program)
+            if index is None:
+                unmatched.append((module, f"no Circle tensor of shape {list(value.shape)} inside its scope"))
+                continue
+            pairs.append((module, observer, index))
+    final_index = program.outputs[0]
+
+    # ---- Circle: every wanted tensor from one run of the reference runtime
+    step("running the Circle model")
+    wanted = {index for _, _, index in pairs} | {final_index}
+    values, runtime_name, intermediates = _run_circle(data, pixel_values, wanted)
+
+    step("comparing")
+    rows: list[ThreeWayRow] = []
+    for module, observer, index in pairs:
+        if index not in values:
+            unmatched.append((module, "the runtime did not expose its tensor"))
+            continue
+        rows.append(_row(module, observer, program.tensor(index), producer.get(index, -1), fp[observer], fq[observer], values[index]))
+    rows.sort(key=lambda r: r.operator)  # forward order; ties keep the wrapper order
+    final = program.tensor(final_index)
+    rows.append(_row(ROOT_MODULE, None, final, producer.get(final_index, -1), fp_out, fq_out, values[final_index]))
+
+    if not intermediates:
+        note = (
+            "the runtime returned the graph output only: intermediate tensors are not compared, "
+            "only the final output is"
+        )
+    elif names is None:
+        note = "no name map was given (pass an ExportResult or tensor_modules): only the final output is compared"
+    else:
+        note = (
+            f"every Circle tensor is exposed: {runtime_name} was run operator by operator and each module output "
+            f"was taken from the last tensor of matching shape inside that module's scope ({len(rows) - 1} modules"
+            + (f", {len(unmatched)} without a tensor" if unmatched else "")
+            + ")"
+        )
+    return ThreeWayResult(
+        path=path,
+        rows=rows,
+        runtime=runtime_name,
+        intermediates_available=intermediates,
+        note=note,
+        unmatched=unmatched,
+        unquantized=list(unquantized or []),
+        image=image,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def three_way_session(
+    session: Any,
+    export: ExportResult | str | os.PathLike[str],
+    image: Any = None,
+    progress: Progress | None = None,
+    cancel: Any = None,
+    *,
+    tensor_modules: Mapping[str, str] | None = None,
+    modules: Sequence[str] | None = None,
+) -> ThreeWayResult:
+    """three_way_check on a Session: its wrapped model and preprocessor, and by default the image
+    Session.export uses (the first usable image). A quantized file needs a calibrated session
+    (NotCalibratedError otherwise)."""
+    if image is None:
+        usable = session.usable_images()
+        if usable:
+            image = usable[0].path
+        else:
+            from core.resources import sample_images
+
+            image = sample_images()[0]  # what export_circle falls back to
+    patches = _exported_patches(export)
+    pre = session.preprocessor
+    k2 = int(session.qmodel.config.pooling_kernel_size) ** 2
+    if patches and patches != int(pre.max_soft_tokens) * k2:
+        from core.images import ImagePreprocessor
+
+        pre = ImagePreprocessor(session.qmodel.config, max_soft_tokens=patches // k2)
+    batch = dict(pre([image]))
+    batch["image_ids"] = [Path(str(image)).name]
+    return three_way_check(
+        session.qmodel, export, batch, progress=progress, cancel=cancel, tensor_modules=tensor_modules, modules=modules
+    )
+
+
+# --------------------------------------------------------------------------- torch side
+def _output_targets(qmodel: Any, globs: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """(module name, observer name) of every wrapper output (matching `globs`), in wrapper order."""
+    from fnmatch import fnmatchcase
+
+    from core.inspect import module_output_observers
+
+    def wanted(name: str) -> bool:
+        return globs is None or any(fnmatchcase(name, g) or fnmatchcase(name, g + ".*") for g in globs)
+
+    return [(name, obs.name) for name, _, obs in module_output_observers(qmodel) if wanted(name)]
+
+
+class _Outputs:
+    """Keeps the first value each chosen observer sees, by intercepting every wrapper's ``fq``
+    (the static path calls some wrappers' methods directly, so forward hooks would miss them)."""
+
+    def __init__(self, qmodel: Any, names: set[str]):
+        self.qmodel = qmodel
+        self.names = names
+        self.store: dict[str, torch.Tensor] = {}
+        self._patched: list[Any] = []
+
+    def __enter__(self) -> "_Outputs":
+        for mod in self.qmodel.quant_modules():
+            if "fq" in mod.__dict__:
+                continue
+            mod.fq = self._wrap(mod.fq)
+            self._patched.append(mod)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for mod in self._patched:
+            mod.__dict__.pop("fq", None)
+        self._patched.clear()
+
+    def _wrap(self, orig: Callable) -> Callable:
+        def fq(x: torch.Tensor, obs: Any) -> torch.Tensor:
+            y = orig(x, obs)
+            if obs.name in self.names and obs.name not in self.store:
+                self.store[obs.name] = y.detach().float().cpu().clone()
+            return y
+
+        return fq
+
+
+def _set_enabled(qmodel: Any, flags: Sequence[bool]) -> None:
+    """Set every observer's enabled flag and refresh the cached fake-quantized weights."""
+    from core.quant.mode import Mode
+
+    changed = False
+    for obs, flag in zip(qmodel.observers(), flags):
+        changed |= obs.enabled != flag
+        obs.enabled = flag
+    if changed and qmodel.ctx.mode is Mode.QUANT:
+        for wrapper in qmodel.quant_modules():
+            wrapper.cache_weights()
+
+
+def _torch_outputs(qmodel, targets, pixel_values, position_ids):
+    """FP and fake-quant values of every target observer plus both final outputs."""
+    names = {obs for _, obs in targets}
+    saved = [bool(o.enabled) for o in qmodel.observers()]
+    inputs = {"pixel_values": pixel_values, "pixel_position_ids": position_ids}
+    try:
+        with torch.no_grad():
+            _set_enabled(qmodel, [False] * len(saved))
+            with _Outputs(qmodel, names) as cap:
+                fp_out = qmodel(**inputs, static=True).last_hidden_state.detach().float().cpu()
+            fp = cap.store
+            _set_enabled(qmodel, saved)
+            with _Outputs(qmodel, names) as cap:
+                fq_out = qmodel(**inputs, static=True).last_hidden_state.detach().float().cpu()
+            fq = cap.store
+    finally:
+        _set_enabled(qmodel, saved)
+    return fp, fq, fp_out, fq_out
+
+
+def _export_mode(qmodel: Any, quantized_file: bool) -> str:
+    from core.quant.mode import Mode
+
+    if qmodel.ctx.mode is Mode.CALIB:
+        raise ExportError("the model is calibrating: convert it (QUANT) before the three-way check")
+    if not quantized_file:
+        return "float"
+    if qmodel.ctx.mode is not Mode.QUANT and not qmodel.is_calibrated:
+        raise NotCalibratedError("the Circle file is quantized but the model is not calibrated: calibrate it first")
+    return "quant"
+
+
+# --------------------------------------------------------------------------- circle side
+def _resolve_export(export, tensor_modules):
+    """(path, bytes, name map or None, export layout fingerprint or None, unquantized list)."""
+    positions = None
+    unquantized: list[tuple[str, str]] = []
+    if isinstance(export, ExportResult):
+        path = Path(export.path)
+        names = dict(tensor_modules or export.tensor_modules or {}) or None
+        positions = export.layout or None
+        unquantized = list(export.unquantized)
+    elif isinstance(export, (str, os.PathLike)):
+        path = Path(export).expanduser()
+        names = dict(tensor_modules) if tensor_modules else None
+    else:
+        raise ExportError(f"expected an ExportResult or a .circle path, not {type(export).__name__}")
+    if not path.is_file():
+        raise ExportError(f"{path}: no such Circle file; export the model first (or give the right path)")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot read the Circle file ({exc.strerror or exc}); check its permissions") from exc
+    return path, data, names, positions, unquantized
+
+
+def _exported_patches(export) -> int | None:
+    """The number of input patches the file takes (its profile's max_patches)."""
+    if isinstance(export, ExportResult):
+        return int(export.max_patches) or None
+    path = Path(export).expanduser()
+    if not path.is_file():
+        return None
+    try:
+        from tico.circle.runtime.program import CircleProgram
+
+        program = CircleProgram.from_bytes(path.read_bytes())
+        shape = program.tensor(program.inputs[0]).shape
+        return int(shape[1]) if len(shape) == 3 else None
+    except Exception:
+        return None  # three_way_check reports the unreadable file
+
+
+def _unquantized(data: bytes, names: Mapping[str, str]) -> list[tuple[str, str]]:
+    from core.export import summarize_circle
+
+    return [(t, names.get(t, ROOT_MODULE)) for t in summarize_circle(data)["tensors_without_qparams"]]
+
+
+def _batch_of_one(batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    if not isinstance(batch, Mapping) or "pixel_values" not in batch or "pixel_position_ids" not in batch:
+        raise ExportError("the three-way check needs a preprocessed batch (pixel_values and pixel_position_ids)")
+    pixels = torch.as_tensor(batch["pixel_values"])[:1].float().cpu()
+    positions = torch.as_tensor(batch["pixel_position_ids"])[:1].long().cpu()
+    ids = batch.get("image_ids") or [None]
+    return pixels, positions, ids[0]
+
+
+def _pair(module, shape, order, module_of, program) -> int | None:
+    """The last produced tensor inside `module`'s scope whose shape matches `shape` (see module doc)."""
+    squeezed = tuple(d for d in shape if d != 1)
+    prefix = module + "."
+    for index in reversed(order):
+        owner = module_of.get(index)
+        if owner is None or not (owner == module or owner.startswith(prefix)):
+            continue
+        got = tuple(program.tensor(index).shape)
+        if got == shape or tuple(d for d in got if d != 1) == squeezed:
+            return index
+    return None
+
+
+def _run_circle(data: bytes, pixel_values: torch.Tensor, wanted: set[int]) -> tuple[dict[int, np.ndarray], str, bool]:
+    """Run the file once and keep the `wanted` tensors; (values, runtime name, intermediates exposed)."""
+    from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
+
+    try:
+        runtime = CircleReferenceRuntime(data)
+        mode = ExecutionMode.FAKE_QUANTIZE if runtime.has_quantized_activations() else ExecutionMode.NATIVE
+        name = f"tico reference runtime ({mode.name})"
+        inputs = [pixel_values.numpy()]
+        try:
+            return _run_keeping(runtime, inputs, mode, wanted), name, True
+        except AttributeError:
+            pass
+        try:  # the public API: trace=True keeps every tensor (constants included)
+            result = runtime.run(inputs, mode=mode, trace=True)
+            if result.tensor_values is not None:
+                return {i: np.asarray(result.tensor_values[i]) for i in wanted if i in result.tensor_values}, name, True
+        except TypeError:  # a runtime without trace=: the outputs only
+            result = runtime.run(inputs, mode=mode)
+        outputs = dict(zip(runtime.program.outputs, result.outputs))
+        return {i: np.asarray(v) for i, v in outputs.items()}, name, False
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"the Circle model does not run in TICO's reference runtime: {_first_line(exc)}") from exc
+
+
+def _run_keeping(runtime: Any, inputs: list[np.ndarray], mode: Any, wanted: set[int]) -> dict[int, np.ndarray]:
+    """The runtime's operator loop (its own _execute_operator per operator, as run() does), keeping
+    the wanted tensors and dropping every other value after its last use, constants included."""
+    from tico.circle.runtime.quantization import dequantize_array, fake_quantize_array
+
+    program = runtime.program
+    last_use = runtime._last_use
+    execute = runtime._execute_operator
+    fake = mode.name == "FAKE_QUANTIZE"
+    values: dict[int, np.ndarray] = {}
+    for position, (index, raw) in enumerate(zip(program.inputs, inputs)):
+        tensor = program.tensor(index)
+        array = runtime._as_readonly_array(raw, tensor, position)
+        runtime._validate_value(array, tensor, mode, path=f"graph input {position}")
+        values[index] = fake_quantize_array(array, tensor) if fake and tensor.is_quantized_integer else array
+    keep = set(program.inputs) | set(program.outputs) | set(wanted)
+    kept: dict[int, np.ndarray] = {i: np.array(values[i], copy=True) for i in values if i in wanted}
+    for op in program.operators:
+        for index in op.inputs:
+            if index >= 0 and index not in values:
+                tensor = program.tensor(index)
+                if tensor.constant is not None:
+                    c = tensor.constant
+                    values[index] = dequantize_array(c, tensor) if fake and tensor.is_quantized_integer else c
+        execute(op, values, mode)
+        for index in op.outputs:
+            if index in wanted:
+                kept[index] = np.array(values[index], copy=True)
+        for index in op.inputs:
+            if index >= 0 and index not in keep and last_use.get(index) == op.index:
+                values.pop(index, None)
+    for index in wanted:
+        if index not in kept:
+            tensor = program.tensor(index)
+            if index in values:
+                kept[index] = np.array(values[index], copy=True)
+            elif tensor.constant is not None:
+                c = tensor.constant
+                kept[index] = dequantize_array(c, tensor) if fake and tensor.is_quantized_integer else np.array(c)
+    return kept
+
+
+# --------------------------------------------------------------------------- metrics
+def _row(module, observer, tensor, operator, fp, fq, circle) -> ThreeWayRow:
+    from tico.circle.runtime.program import tensor_type_name
+
+    c = torch.from_numpy(np.asarray(circle, dtype=np.float32).copy())
+    fp = fp.float()
+    fq = fq.float()
+    if c.numel() == fq.numel() and c.shape != fq.shape:
+        c = c.reshape(fq.shape)
+    quantized = bool(tensor.is_quantized)
+    scale = zero_point = None
+    if quantized:
+        q = tensor.quantization
+        scales = np.asarray(q.scale, dtype=np.float64).reshape(-1)
+        zps = np.asarray(q.zero_point).reshape(-1) if q.zero_point is not None else np.zeros(1, np.int64)
+        scale = float(scales.max()) if scales.size else None
+        zero_point = int(zps[0]) if zps.size else None
+    return ThreeWayRow(
+        tensor=tensor.name,
+        module=module,
+        shape=tuple(int(d) for d in tensor.shape),
+        dtype=tensor_type_name(tensor.tensor_type),
+        scale=scale,
+        zero_point=zero_point,
+        fp_vs_fq=_diff(fp, fq),
+        fq_vs_circle=_diff(fq, c, scale),
+        fp_vs_circle=_diff(fp, c),
+        observer=observer,
+        operator=int(operator),
+        quantized=quantized,
+    )
+
+
+def _diff(ref: torch.Tensor, other: torch.Tensor, scale: float | None = None) -> Diff:
+    a = ref.reshape(-1).double()
+    b = other.reshape(-1).double()
+    if a.numel() != b.numel():
+        return Diff(peir=math.inf, max_abs=math.inf)
+    if a.numel() == 0:
+        return Diff(0.0, 0.0, 1.0 if scale else None, 0.0 if scale else None)
+    d = (a - b).abs()
+    err = float(d.max())
+    span = float(a.max() - a.min())
+    peir = err / span if span > 0 else (0.0 if err == 0 else math.inf)
+    within = steps = None
+    if scale:
+        within = float((d <= scale * (1 + 1e-4)).double().mean())
+        steps = err / scale
+    return Diff(peir=peir, max_abs=err, within_one_step=within, max_steps=steps)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
