@@ -38,4 +38,19 @@ def __getattr__(name: str):
         from core.export import export_circle
 
         return export_circle
+    lazy = {
+        "image_error_maps": "core.diagnostics",
+        "locate_divergence": "core.diagnostics",
+        "locate_extreme": "core.provenance",
+        "rank_images": "core.provenance",
+        "three_way_check": "core.threeway",
+        "three_way_session": "core.threeway",
+        "compare_ab": "core.abtest",
+        "calibrate_b": "core.abtest",
+        "ABComparison": "core.abtest",
+    }
+    if name in lazy:
+        import importlib
+
+        return getattr(importlib.import_module(lazy[name]), name)
     raise AttributeError(f"module 'core' has no attribute {name!r}")

@@ -102,3 +102,7 @@ class CancelledError(PTQStudioError):
 
     def __init__(self, message: str = "cancelled by the user; completed work was kept, run it again to continue") -> None:
         super().__init__(message)
+
+
+class NoLocationError(PTQStudioError):
+    """An observer's extreme has no image location (weights, per-channel ranges, older sessions)."""

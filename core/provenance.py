@@ -25,16 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import BadImageError, ConfigError, NoImagesError, NotCalibratedError, PTQStudioError
+from core.errors import BadImageError, ConfigError, NoImagesError, NoLocationError, NotCalibratedError
 from core.grid import PatchLayout, patch_layout
 
 __all__ = ["ExtremeLocation", "ImageRank", "NoLocationError", "locate_extreme", "rank_images", "row_axis"]
 
 WEIGHT_SOURCE = "weights"
-
-
-class NoLocationError(PTQStudioError):
-    """An observer's extreme has no image location (weights, per-channel ranges, older sessions)."""
 
 
 @dataclass

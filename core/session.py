@@ -530,6 +530,38 @@ class Session:
             preprocessor=self.preprocessor if mst == self.max_soft_tokens else None,
         )
 
+    # ---- diagnostics (thin entry points; the work lives in the modules named) -----------
+
+    def image_error_maps(self, image, progress: Progress | None = None, cancel=None):
+        """Per-patch FP-vs-quant error of every module on one image (core.diagnostics)."""
+        from core.diagnostics import image_error_maps
+
+        return image_error_maps(self, image, progress=progress, cancel=cancel)
+
+    def locate_divergence(self, images=None, unit: str = "layer", progress: Progress | None = None, cancel=None):
+        """The unit where the error jumps most, local vs inherited error (core.diagnostics)."""
+        from core.diagnostics import locate_divergence
+
+        return locate_divergence(self, images=images, unit=unit, progress=progress, cancel=cancel)
+
+    def locate_extreme(self, observer_name: str, which: str = "max"):
+        """The image and patch where an observer's min or max occurred (core.provenance)."""
+        from core.provenance import locate_extreme
+
+        return locate_extreme(self, observer_name, which)
+
+    def rank_images(self):
+        """Calibration images by how many observer extremes they set (core.provenance)."""
+        from core.provenance import rank_images
+
+        return rank_images(self)
+
+    def three_way(self, export, image=None, progress: Progress | None = None, cancel=None):
+        """Torch FP vs torch fake-quant vs the Circle file, per module (core.threeway)."""
+        from core.threeway import three_way_session
+
+        return three_way_session(self, export, image=image, progress=progress, cancel=cancel)
+
     # ---- persistence -------------------------------------------------------------------
 
     def manifest(self) -> dict[str, Any]:
