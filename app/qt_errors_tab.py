@@ -1,4 +1,5 @@
-"""Errors tab: per-module FP-vs-quant error, depth chart, scatter, keep-float, sensitivity."""
+"""Errors tab: first divergence, per-module FP-vs-quant error, depth chart, patch heatmap, scatter,
+keep-float, sensitivity."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
+    QFrame,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QLineEdit,
     QPushButton,
     QSplitter,
+    QTabWidget,
     QTableWidget,
     QTableWidgetItem,
     QTableView,
@@ -32,6 +35,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float
+from app.qt_heatmap import QtPatchHeatmap
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -190,6 +194,220 @@ class ModuleErrorModel(QAbstractTableModel):
         raise KeyError(name)
 
 
+def _short_unit(name: str, unit: str) -> str:
+    """A tick label for a unit: a layer without "encoder.", a module by its last part."""
+    if unit == "module":
+        return name.rsplit(".", 1)[-1]
+    return name[len("encoder."):] if name.startswith("encoder.") else name
+
+
+class QtClickableLabel(QLabel):
+    """A label that says when it is clicked (the banner's text is its own button)."""
+
+    sigClicked = Signal()
+
+    def mouseReleaseEvent(self, event) -> None:  # noqa: N802 - Qt override
+        if event.button() == Qt.LeftButton:
+            self.sigClicked.emit()
+        super().mouseReleaseEvent(event)
+
+
+class QtDivergenceBanner(QFrame):
+    """The first thing in the tab: the first unit where the quantized model parts from the float one."""
+
+    sigShow = Signal(str)  # the located unit's name
+    sigLocate = Signal(str)  # "layer" or "module"
+    sigCancel = Signal()
+
+    _STYLE = (
+        "QFrame#divergenceBanner { background: %s; border: 1px solid %s; border-left: 5px solid %s;"
+        " border-radius: 3px; }"
+    )
+    _COLORS = {
+        "idle": ("#f4f5f7", "#d0d4da", "#9aa1ab"),
+        "found": ("#fff4e5", "#f0c36d", "#d9480f"),
+        "error": ("#fdecea", "#f5b7b1", "#b00020"),
+    }
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("divergenceBanner")
+        self.result = None
+        self.located: str | None = None
+        self.busy = False
+        self.text_label = QtClickableLabel("First divergence: evaluate to locate it")
+        self.text_label.setObjectName("divergenceText")
+        self.text_label.setWordWrap(True)
+        self.text_label.setStyleSheet("font-size: 13px; font-weight: 600; background: transparent; border: none;")
+        self.show_button = QPushButton("Show")
+        self.show_button.setObjectName("divergenceShowButton")
+        self.show_button.setToolTip("Select this unit in the table and show its patch heatmap")
+        self.show_button.setEnabled(False)
+        self.unit_combo = QComboBox()
+        self.unit_combo.setObjectName("divergenceUnit")
+        self.unit_combo.addItem("per layer", "layer")
+        self.unit_combo.addItem("per module", "module")
+        self.unit_combo.setToolTip("Compare whole encoder layers, or every module")
+        self.locate_button = QPushButton("Locate divergence")
+        self.locate_button.setObjectName("locateDivergenceButton")
+        self.locate_button.setToolTip(
+            "Feed each unit the float model's input and measure the error it adds on its own (local SQNR)"
+        )
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(10, 5, 6, 5)
+        layout.addWidget(self.text_label, 1)
+        layout.addWidget(self.show_button)
+        layout.addWidget(self.unit_combo)
+        layout.addWidget(self.locate_button)
+        self._set_look("idle")
+        self.text_label.sigClicked.connect(self._on_clicked)
+        self.show_button.clicked.connect(self._on_clicked)
+        self.locate_button.clicked.connect(self._on_locate_button)
+
+    def unit(self) -> str:
+        """The unit the next locate uses: "layer" or "module"."""
+        return str(self.unit_combo.currentData())
+
+    def _set_look(self, state: str) -> None:
+        self.setStyleSheet(self._STYLE % self._COLORS[state])
+        self.text_label.setCursor(Qt.PointingHandCursor if state == "found" else Qt.ArrowCursor)
+
+    def set_result(self, result) -> None:
+        """Show a core DivergenceResult's summary line."""
+        self.result = result
+        self.located = result.located.name if result.located is not None else None
+        text = result.summary_line()
+        self.text_label.setText(text)
+        self.text_label.setToolTip(text + ("\nClick to select it in the table and show its heatmap." if self.located else ""))
+        self.show_button.setEnabled(self.located is not None)
+        self._set_look("found" if self.located else "idle")
+
+    def set_busy(self, unit: str) -> None:
+        """Say that the locator runs; its button cancels it meanwhile."""
+        self.busy = True
+        self.locate_button.setText("Cancel")
+        self.show_button.setEnabled(False)
+        self.text_label.setText(f"First divergence: locating (per {unit})…")
+        self._set_look("idle")
+
+    def set_progress(self, done: int, total: int, message: str = "") -> None:
+        """The locator's progress, in the banner's own words."""
+        if self.busy:
+            count = f" {done}/{total}" if total else ""
+            self.text_label.setText(f"First divergence: locating{count}… {message}".rstrip())
+
+    def set_done(self) -> None:
+        """The locator finished (well or not)."""
+        self.busy = False
+        self.locate_button.setText("Locate divergence")
+
+    def set_error(self, text: str) -> None:
+        """Say why the locator failed."""
+        self.result = None
+        self.located = None
+        self.text_label.setText(f"First divergence: {text}")
+        self.show_button.setEnabled(False)
+        self._set_look("error")
+
+    def clear(self) -> None:
+        """Back to "not located"."""
+        self.result = None
+        self.located = None
+        self.text_label.setText("First divergence: evaluate to locate it")
+        self.text_label.setToolTip("")
+        self.show_button.setEnabled(False)
+        self.set_done()
+        self._set_look("idle")
+
+    def _on_locate_button(self) -> None:
+        if self.busy:
+            self.sigCancel.emit()
+        else:
+            self.sigLocate.emit(self.unit())
+
+    def _on_clicked(self) -> None:
+        if self.located:
+            self.sigShow.emit(self.located)
+
+
+class QtDivergenceChart(pg.PlotWidget):
+    """Input, output and local SQNR of every unit; the located unit marked."""
+
+    LEGEND_HTML = (
+        "Per unit SQNR: <span style='color:#808080'>- - input</span> · "
+        "<span style='color:#1f77b4'>● output</span> · "
+        "<span style='color:#e6550d'>■ local (the unit alone on float input)</span> · "
+        "<span style='color:#d9480f'>| first divergence</span>"
+    )
+
+    sigUnitClicked = Signal(str)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("divergencePlot")
+        self.setBackground("w")
+        self.showGrid(x=False, y=True, alpha=0.25)
+        self.setLabel("left", "SQNR dB")
+        self.entries: list = []
+        # The legend lives in the title above (LEGEND_HTML): inside the plot it hides the curves.
+        self.input_curve = self.plot([], [], pen=pg.mkPen("#9e9e9e", width=1.5, style=Qt.DashLine))
+        self.output_curve = self.plot(
+            [], [], pen=pg.mkPen("#1f77b4", width=1.5), symbol="o", symbolSize=6, symbolBrush="#1f77b4", symbolPen=None
+        )
+        self.local_curve = self.plot(
+            [], [], pen=pg.mkPen("#e6550d", width=1.5), symbol="s", symbolSize=6, symbolBrush="#e6550d", symbolPen=None
+        )
+        self.marker = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen("#d9480f", width=2))
+        self.marker.setVisible(False)
+        self.addItem(self.marker)
+        self.scene().sigMouseClicked.connect(self._on_clicked)
+
+    def set_result(self, result) -> None:
+        """Draw a DivergenceResult (None clears)."""
+        self.entries = list(result.entries) if result is not None else []
+        n = len(self.entries)
+        x = np.arange(n, dtype=float)
+
+        def col(attr: str) -> np.ndarray:
+            return np.array([float(getattr(e, attr)) for e in self.entries], dtype=float)
+
+        # Infinite SQNR (an exact unit) cannot be drawn; leave a gap instead.
+        def finite(v: np.ndarray) -> np.ndarray:
+            return np.where(np.isfinite(v), v, np.nan)
+
+        if n:
+            self.input_curve.setData(x, finite(col("input_sqnr_db")), connect="finite")
+            self.output_curve.setData(x, finite(col("output_sqnr_db")), connect="finite")
+            self.local_curve.setData(x, finite(col("local_sqnr_db")), connect="finite")
+        else:
+            for curve in (self.input_curve, self.output_curve, self.local_curve):
+                curve.setData([], [])
+        unit = getattr(result, "unit", "layer")
+        step = max(1, int(np.ceil(n / (10 if unit == "layer" else 8))))
+        self.getAxis("bottom").setTicks([[(i, _short_unit(e.name, unit)) for i, e in enumerate(self.entries) if i % step == 0]])
+        located = getattr(result, "located", None) if result is not None else None
+        names = [e.name for e in self.entries]
+        if located is not None and located.name in names:
+            self.marker.setValue(names.index(located.name))
+            self.marker.setVisible(True)
+        else:
+            self.marker.setVisible(False)
+        self.setLabel("bottom", f"{unit} (forward order; click to select)" if result is not None else "unit")
+        self.enableAutoRange()
+        if n:
+            # Half a unit of room each side, so the first and last tick labels are not cut.
+            self.setXRange(-0.5, n - 0.5, padding=0)
+
+    def _on_clicked(self, event) -> None:
+        if not self.entries:
+            return
+        vb = self.getPlotItem().vb
+        if not vb.sceneBoundingRect().contains(event.scenePos()):
+            return
+        x = int(np.clip(round(vb.mapSceneToView(event.scenePos()).x()), 0, len(self.entries) - 1))
+        self.sigUnitClicked.emit(self.entries[x].name)
+
+
 class QtErrorsTab(QWidget):
     """Find the module that hurts, look at its values, keep it in float, check again."""
 
@@ -205,6 +423,13 @@ class QtErrorsTab(QWidget):
         self._image_task = None
         self._prepared: dict[int, tuple[list, list]] = {}  # id(result) -> table texts made by the worker
         self.per_image: dict[str, object] = {}  # image id -> CompareResult on that image alone
+        self.divergence = None  # core DivergenceResult of the last locate
+        self._div_task = None
+        # image id -> (ImageErrorMaps, {module: Heatmap}), computed by the worker once per evaluation
+        self.maps_cache: dict[str, tuple[object, dict[str, object]]] = {}
+        self._maps_tasks: dict[str, object] = {}
+        self._generation = 0  # bumped by every evaluation and clear: late results of older ones are dropped
+        self._wanted_module: str | None = None  # shown in the heatmap once its image's maps arrive
 
         self.model = ModuleErrorModel(self)
         self.model.sigKeepFloatChanged.connect(self._on_keep_changed)
@@ -293,6 +518,18 @@ class QtErrorsTab(QWidget):
         self.scatter_title.setStyleSheet("font-weight: 600;")
         self.scatter_title.setWordWrap(True)
 
+        # first divergence and its per-unit chart
+        self.banner = QtDivergenceBanner()
+        self.banner.sigShow.connect(self.show_unit)
+        self.banner.sigLocate.connect(self.locate_divergence)
+        self.banner.sigCancel.connect(self.cancel_diagnostics)
+        self.divergence_plot = QtDivergenceChart()
+        self.divergence_plot.sigUnitClicked.connect(self.show_unit)
+
+        # patch heatmap
+        self.heatmap = QtPatchHeatmap()
+        self.heatmap.sigImageChosen.connect(self._on_heatmap_image)
+
         # sensitivity results
         self.sensitivity_table = QTableWidget(0, 4)
         self.sensitivity_table.setObjectName("sensitivityTable")
@@ -302,6 +539,7 @@ class QtErrorsTab(QWidget):
         self.sensitivity_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.sensitivity_table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.sensitivity_table.itemSelectionChanged.connect(self._on_sensitivity_selected)
+        self.sensitivity_table.setVisible(False)  # the heatmap gets the height until a sweep has run
 
         self.message = QtMessageLine()
         self.message.show_message("Calibrate, then Evaluate to compare float and quantized outputs.")
@@ -314,8 +552,8 @@ class QtErrorsTab(QWidget):
         bar.addWidget(self.sensitivity_button)
         bar.addWidget(self.progress)
 
-        chart_box = QWidget()
-        cl = QVBoxLayout(chart_box)
+        depth_box = QWidget()
+        cl = QVBoxLayout(depth_box)
         cl.setContentsMargins(0, 0, 0, 0)
         chart_row = QHBoxLayout()
         chart_row.addWidget(QLabel("Error along depth — worst modules in red"))
@@ -323,6 +561,23 @@ class QtErrorsTab(QWidget):
         chart_row.addWidget(self.metric_combo)
         cl.addLayout(chart_row)
         cl.addWidget(self.depth_plot, 1)
+
+        divergence_box = QWidget()
+        dl = QVBoxLayout(divergence_box)
+        dl.setContentsMargins(0, 0, 0, 0)
+        div_title = QLabel(QtDivergenceChart.LEGEND_HTML)
+        div_title.setToolTip(
+            "input/output: SQNR where the unit reads and writes in the fully quantized run (error inherited and passed on); "
+            "local: the unit quantized alone on the float model's input (the error it adds itself)"
+        )
+        div_title.setMinimumHeight(self.metric_combo.sizeHint().height())
+        dl.addWidget(div_title)
+        dl.addWidget(self.divergence_plot, 1)
+
+        chart_box = QSplitter(Qt.Horizontal)
+        chart_box.addWidget(depth_box)
+        chart_box.addWidget(divergence_box)
+        chart_box.setSizes([640, 480])
 
         table_box = QWidget()
         tl = QVBoxLayout(table_box)
@@ -339,10 +594,17 @@ class QtErrorsTab(QWidget):
         sl.addLayout(srow)
         sl.addWidget(self.scatter_widget, 1)
 
+        self.detail_tabs = QTabWidget()
+        self.detail_tabs.setObjectName("errorsDetailTabs")
+        self.detail_tabs.setDocumentMode(True)
+        self.detail_tabs.addTab(self.heatmap, "Patch heatmap")
+        self.detail_tabs.addTab(scatter_box, "Scatter")
+
         right = QSplitter(Qt.Vertical)
-        right.addWidget(scatter_box)
+        right.addWidget(self.detail_tabs)
         right.addWidget(self.sensitivity_table)
-        right.setSizes([360, 140])
+        right.setSizes([420, 140])
+        self._detail_splitter = right
 
         lower = QSplitter(Qt.Horizontal)
         lower.addWidget(table_box)
@@ -352,9 +614,10 @@ class QtErrorsTab(QWidget):
         self.splitter = QSplitter(Qt.Vertical)
         self.splitter.addWidget(chart_box)
         self.splitter.addWidget(lower)
-        self.splitter.setSizes([220, 460])
+        self.splitter.setSizes([200, 500])
 
         layout = QVBoxLayout(self)
+        layout.addWidget(self.banner)
         layout.addLayout(bar)
         layout.addWidget(self.splitter, 1)
         layout.addWidget(self.message)
@@ -398,6 +661,13 @@ class QtErrorsTab(QWidget):
         for task in (self._eval_task, self._sens_task):
             if task is not None:
                 task.token.cancel()
+        self.cancel_diagnostics()
+
+    def cancel_diagnostics(self) -> None:
+        """Cancel the divergence locator and the heatmaps being computed."""
+        for task in [self._div_task, *self._maps_tasks.values()]:
+            if task is not None:
+                task.token.cancel()
 
     def _on_evaluated(self, result) -> None:
         self._eval_task = None
@@ -405,6 +675,8 @@ class QtErrorsTab(QWidget):
         self.evaluate_button.setText("Re-evaluate")
         self.progress.end("evaluated")
         self.set_result(result)
+        # Queued before the signal, so whoever waits for the runner to go idle sees them too.
+        self._start_diagnostics()
         self.sigEvaluated.emit(result)
 
     def _on_eval_error(self, exc: BaseException) -> None:
@@ -417,6 +689,16 @@ class QtErrorsTab(QWidget):
         """Forget results (after the settings change)."""
         self.result = None
         self.previous_end_to_end = None
+        self._generation += 1
+        self.cancel_diagnostics()
+        self._div_task = None
+        self._maps_tasks = {}
+        self.maps_cache = {}
+        self._wanted_module = None
+        self.divergence = None
+        self.banner.clear()
+        self.divergence_plot.set_result(None)
+        self.heatmap.clear()
         self.model.set_modules([], ())
         self.to_settings_button.setEnabled(False)
         self.evaluate_button.setText("Evaluate")
@@ -534,11 +816,13 @@ class QtErrorsTab(QWidget):
                     )
                     self.table.scrollTo(proxy_index)
                 self._update_scatter()
+                self._follow_in_heatmap(name)
                 return
 
     def _on_current_row(self, current, _previous) -> None:
         if current.isValid():
             self._update_scatter()
+            self._follow_in_heatmap(self.selected_module())
 
     def _update_scatter(self) -> None:
         name = self.selected_module()
@@ -610,6 +894,136 @@ class QtErrorsTab(QWidget):
 
         self._image_task = self._host.submit("evaluate image", work, on_done=done, on_error=failed)
 
+    # -- first divergence and patch heatmap ------------------------------------------------
+    def _start_diagnostics(self) -> None:
+        """After an evaluation: locate the first divergence and map the chosen image's errors."""
+        self._generation += 1
+        self.cancel_diagnostics()
+        self._div_task = None
+        self._maps_tasks = {}
+        self.maps_cache = {}
+        image_ids = [str(i) for i in getattr(self.result, "images", []) or []]
+        self.heatmap.set_images(image_ids, self.heatmap.current_image())
+        self.locate_divergence(self.banner.unit())
+        self.request_maps(self.heatmap.current_image())
+
+    def locate_divergence(self, unit: str = "layer") -> None:
+        """Run core.diagnostics.locate_divergence on the evaluated images, in the worker."""
+        session = self._host.session
+        if session is None or self.result is None:
+            self.banner.set_error("evaluate first, then locate")
+            return
+        if self._div_task is not None:
+            self._div_task.token.cancel()
+        unit = unit if unit in ("layer", "module") else "layer"
+        index = self.banner.unit_combo.findData(unit)
+        if index >= 0 and index != self.banner.unit_combo.currentIndex():
+            self.banner.unit_combo.setCurrentIndex(index)
+        generation = self._generation
+        self.banner.set_busy(unit)
+
+        def work(progress, cancel):
+            from core.diagnostics import locate_divergence  # noqa: PLC0415 - torch stays off the UI start
+
+            return locate_divergence(session, unit=unit, progress=progress, cancel=cancel)
+
+        def current(task) -> bool:
+            return generation == self._generation and task is self._div_task
+
+        def done(result) -> None:
+            if not current(task):
+                return
+            self._div_task = None
+            self.banner.set_done()
+            self.divergence = result
+            self.banner.set_result(result)
+            self.divergence_plot.set_result(result)
+
+        def failed(exc: BaseException) -> None:
+            if not current(task):
+                return
+            self._div_task = None
+            self.banner.set_done()
+            from core.errors import CancelledError  # noqa: PLC0415
+
+            if isinstance(exc, CancelledError):
+                self.banner.set_error("locating was cancelled — press Locate divergence to run it again")
+            else:
+                self.banner.set_error(error_text(exc))
+                self.message.show_message(error_text(exc), "error")
+
+        task = self._host.submit(
+            "locating divergence", work, on_done=done, on_error=failed, on_progress=self.banner.set_progress
+        )
+        self._div_task = task
+
+    def show_unit(self, name: str) -> None:
+        """Select a unit in the table and show its patch heatmap (the banner's click)."""
+        self.detail_tabs.setCurrentWidget(self.heatmap)
+        if self.heatmap.heatmaps:
+            if not self.heatmap.show_module(name):
+                self.message.show_message(
+                    f"{name} has no per-patch map (its rows are neither patches nor soft tokens); "
+                    f"the heatmap shows {self.heatmap.module_combo.currentText()}."
+                )
+        else:
+            self._wanted_module = name  # applied when the maps arrive
+        self.select_module(name)
+
+    def _follow_in_heatmap(self, name: str | None) -> None:
+        """The heatmap follows the table's module when that module has a map."""
+        if name is not None and self.heatmap.has_heatmap(name):
+            self.heatmap.show_module(name)
+
+    def _on_heatmap_image(self, image_id: str) -> None:
+        self.request_maps(image_id)
+
+    def request_maps(self, image_id: str | None) -> None:
+        """Show an image's error maps: from the cache, or computed once in the worker."""
+        if image_id is None:
+            return
+        if image_id in self.maps_cache:
+            self._show_maps(image_id)
+            return
+        self.heatmap.show_pending(image_id)
+        if image_id in self._maps_tasks:
+            return
+        session = self._host.session
+        path = self._host.calibration_tab.path_for(image_id)
+        if session is None or path is None:
+            self.heatmap.title.setText(f"{image_id} is no longer in the image set.")
+            return
+        generation = self._generation
+
+        def work(progress, cancel):
+            from core.diagnostics import image_error_maps  # noqa: PLC0415
+
+            maps = image_error_maps(session, path, progress=progress, cancel=cancel)
+            # Every module's grid is made here too, so switching modules never computes on the UI thread.
+            return maps, {name: maps.heatmap(name) for name in maps.modules()}
+
+        def done(payload) -> None:
+            if generation != self._generation:
+                return
+            self._maps_tasks.pop(image_id, None)
+            self.maps_cache[image_id] = payload
+            if self.heatmap.current_image() == image_id:
+                self._show_maps(image_id)
+
+        def failed(exc: BaseException) -> None:
+            if generation != self._generation:
+                return
+            self._maps_tasks.pop(image_id, None)
+            self.heatmap.title.setText(f"No heatmap for {image_id}: {error_text(exc)}")
+
+        self._maps_tasks[image_id] = self._host.submit("patch errors", work, on_done=done, on_error=failed)
+
+    def _show_maps(self, image_id: str) -> None:
+        _maps, heatmaps = self.maps_cache[image_id]
+        wanted, self._wanted_module = self._wanted_module, None
+        module = wanted if wanted in heatmaps else None
+        self.heatmap.set_heatmaps(image_id, heatmaps, module)
+
     # -- sensitivity --------------------------------------------------------------------
     def run_sensitivity(self) -> None:
         """Run the keep-one-in-float sweep in the worker, with progress."""
@@ -640,6 +1054,12 @@ class QtErrorsTab(QWidget):
                     item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
                 self.sensitivity_table.setItem(row, col, item)
         self.sensitivity_table.resizeColumnsToContents()
+        if not self.sensitivity_table.isVisible():
+            self.sensitivity_table.setVisible(True)
+            # Header and a few rows: the heatmap or scatter above keeps most of the height.
+            total = sum(self._detail_splitter.sizes())
+            table = min(130, total // 3)
+            self._detail_splitter.setSizes([total - table, table])
         if entries:
             best = entries[0]
             self.message.show_message(
