@@ -17,8 +17,13 @@ export QTWEBENGINE_CHROMIUM_FLAGS=${QTWEBENGINE_CHROMIUM_FLAGS:---no-sandbox}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 for attempt in 1 2; do
-    "$PY" -m pytest -q -o timeout=300 tests/app "$@" 2>&1 | tee "$log"
-    rc=${PIPESTATUS[0]}
+    # Not a pipe into tee: a helper process that outlives a stopped pytest (QtWebEngine's
+    # zygote) would hold the pipe open and stall the run. tail follows the file until pytest ends.
+    "$PY" -m pytest -q -o timeout=300 tests/app "$@" >"$log" 2>&1 &
+    pid=$!
+    tail -n +1 -f --pid="$pid" "$log"
+    wait "$pid"
+    rc=$?
     if [ "$rc" -eq 0 ] || ! grep -q "+ Timeout +" "$log"; then
         exit "$rc"
     fi
