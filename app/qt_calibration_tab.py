@@ -54,7 +54,12 @@ STATUS_ROLE = Qt.UserRole + 2
 REASON_ROLE = Qt.UserRole + 3
 ID_ROLE = Qt.UserRole + 4
 
-STATUS_COLORS = {"ok": QColor("#2e7dd7"), "used": QColor("#1b9e4b"), "rejected": QColor("#d32f2f")}
+STATUS_COLORS = {
+    "ok": QColor("#2e7dd7"),
+    "used": QColor("#1b9e4b"),
+    "rejected": QColor("#d32f2f"),
+    "excluded": QColor("#7b7b7b"),
+}
 IMAGE_FILTER = "Images (*.jpg *.jpeg *.png *.bmp *.webp *.gif *.tif *.tiff);;All files (*)"
 
 
@@ -417,6 +422,8 @@ class QtCalibrationTab(QWidget):
             painter.drawImage(x, y, thumb)
             if status == "rejected":
                 painter.fillRect(0, 0, THUMB, THUMB, QColor(211, 47, 47, 90))
+            elif status == "excluded":  # left out of calibration by the user: greyed out
+                painter.fillRect(0, 0, THUMB, THUMB, QColor(255, 255, 255, 150))
         else:
             painter.fillRect(2, 2, THUMB - 4, THUMB - 4, QColor(0, 0, 0, 20))
             painter.setPen(QColor("#888"))
@@ -426,7 +433,7 @@ class QtCalibrationTab(QWidget):
         painter.setBrush(color)
         painter.drawEllipse(THUMB - 22, 4, 18, 18)
         painter.setPen(Qt.white)
-        glyph = {"ok": "•", "used": "✓", "rejected": "✕"}.get(status, "?")
+        glyph = {"ok": "•", "used": "✓", "rejected": "✕", "excluded": "–"}.get(status, "?")
         painter.drawText(THUMB - 22, 4, 18, 18, Qt.AlignCenter, glyph)
         painter.end()
         item.setIcon(QIcon(canvas))
@@ -434,7 +441,7 @@ class QtCalibrationTab(QWidget):
         if reason:
             tip += f"\nreason: {reason}"
         item.setToolTip(tip)
-        item.setForeground(color if status == "rejected" else QColor())
+        item.setForeground(color if status in ("rejected", "excluded") else QColor())
 
     def _on_current_image(self, current, _previous) -> None:
         self._show_preview(self.model.itemFromIndex(current) if current.isValid() else None)
@@ -476,7 +483,11 @@ class QtCalibrationTab(QWidget):
         n_ok = sum(s in ("ok", "used") for s in statuses)
         n_used = statuses.count("used")
         n_bad = statuses.count("rejected")
-        self.count_label.setText(f"{len(statuses)} images · {n_ok} usable · {n_used} used · {n_bad} rejected")
+        n_excluded = statuses.count("excluded")
+        self.count_label.setText(
+            f"{len(statuses)} images · {n_ok} usable · {n_used} used · {n_bad} rejected"
+            + (f" · {n_excluded} excluded" if n_excluded else "")
+        )
         self._host.refresh_status()
 
     # -- calibration ----------------------------------------------------------------------

@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QHeaderView,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -15,6 +19,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
+    QListWidgetItem,
     QPushButton,
     QSplitter,
     QTableWidget,
@@ -24,6 +29,9 @@ from PySide6.QtWidgets import (
 )
 
 from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_bytes, fmt_float
+
+SORT_ROLE = Qt.UserRole + 40
+BAD_BG = QColor(255, 193, 7, 80)
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -92,6 +100,8 @@ class QtExportTab(QWidget):
         self.float_box = QGroupBox("Tensors without quantization parameters (expected: none)")
         QVBoxLayout(self.float_box).addWidget(self.float_list)
 
+        self._build_threeway()
+
         path_row = QHBoxLayout()
         path_row.addWidget(QLabel("Output:"))
         path_row.addWidget(self.path_edit, 1)
@@ -110,12 +120,16 @@ class QtExportTab(QWidget):
         body.addWidget(left)
         body.addWidget(ops_box)
         body.setSizes([620, 420])
+        self.body_splitter = QSplitter(Qt.Vertical)
+        self.body_splitter.addWidget(body)
+        self.body_splitter.addWidget(self.threeway_box)
+        self.body_splitter.setSizes([420, 330])
 
         layout = QVBoxLayout(self)
         layout.addLayout(path_row)
         layout.addLayout(action_row)
         layout.addWidget(self.message)
-        layout.addWidget(body, 1)
+        layout.addWidget(self.body_splitter, 1)
 
         self.browse_button.clicked.connect(self.choose_path)
         self.export_button.clicked.connect(self.export)
@@ -189,13 +203,24 @@ class QtExportTab(QWidget):
         self.ops_table.resizeColumnsToContents()
         self.float_list.clear()
         if result.tensors_without_qparams:
-            self.float_list.addItems([str(t) for t in result.tensors_without_qparams])
+            modules = dict(getattr(result, "unquantized", None) or [])
+            for tensor in result.tensors_without_qparams:
+                module = modules.get(tensor) or getattr(result, "tensor_modules", {}).get(tensor, "")
+                item = QListWidgetItem(f"{tensor}    ← {module}" if module else str(tensor))
+                item.setData(Qt.UserRole, (str(tensor), str(module)))
+                detail = getattr(result, "unquantized_details", {}).get(tensor, "")
+                item.setToolTip(f"tensor: {tensor}\nmodule: {module or '?'}" + (f"\n{detail}" if detail else ""))
+                self.float_list.addItem(item)
         else:
             self.float_list.addItem("none ✓")
         self.float_box.setTitle(
             f"Tensors without quantization parameters: {len(result.tensors_without_qparams)} (expected: none)"
         )
         self.netron_button.setEnabled(True)
+        self.threeway_button.setEnabled(True)
+        self.threeway_table.setRowCount(0)
+        self.threeway_note.setText("Press “Run three-way check” to compare float, fake-quant and Circle tensor by tensor.")
+        self.threeway_note.setStyleSheet("color: palette(dark);")
         self.message.show_message(f"Exported {result.path} ({fmt_bytes(int(result.bytes))}).", "ok")
         self.sigExported.emit(result)
 
@@ -210,3 +235,192 @@ class QtExportTab(QWidget):
     def _on_open_netron(self) -> None:
         if self.result is not None:
             self.sigOpenInNetron.emit(str(self.result.path))
+
+    # -- three-way check ------------------------------------------------------------------------
+    # The verdict columns come first: the Circle tensor names are long and go last.
+    THREEWAY_COLUMNS = (
+        "#", "Module", "FP vs fake-quant PEIR", "Fake-quant vs Circle PEIR", "Within one step", "Max steps",
+        "FP vs Circle PEIR", "dtype", "Scale", "Zero point", "Shape", "Tensor",
+    )
+    NUMERIC_COLUMNS = frozenset({0, 2, 3, 4, 5, 6, 8, 9})
+
+    def _build_threeway(self) -> None:
+        self._threeway_task = None
+        self.threeway = None
+        self.threeway_button = QPushButton("Run three-way check")
+        self.threeway_button.setObjectName("threeWayButton")
+        self.threeway_button.setToolTip(
+            "Run float, fake-quant torch and the Circle file on the same image and compare every tensor"
+        )
+        self.threeway_button.setEnabled(False)
+        self.threeway_progress = QtTaskProgress(cancel_name="threeWayCancelButton")
+        self.threeway_note = QLabel("Export first; then compare float, fake-quant and Circle tensor by tensor.")
+        self.threeway_note.setObjectName("threeWayNote")
+        self.threeway_note.setWordWrap(True)
+        self.threeway_note.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.threeway_note.setStyleSheet("color: palette(dark);")
+        self.threeway_table = QTableWidget(0, len(self.THREEWAY_COLUMNS))
+        self.threeway_table.setObjectName("threeWayTable")
+        self.threeway_table.setHorizontalHeaderLabels(list(self.THREEWAY_COLUMNS))
+        self.threeway_table.verticalHeader().setVisible(False)
+        self.threeway_table.verticalHeader().setDefaultSectionSize(22)
+        self.threeway_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.threeway_table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.threeway_table.setAlternatingRowColors(True)
+        self.threeway_table.horizontalHeader().setSectionResizeMode(QHeaderView.Interactive)
+        self.threeway_table.horizontalHeader().setStretchLastSection(True)
+        self.threeway_box = QGroupBox("Three-way check: float vs fake-quant torch vs Circle, per tensor")
+        tl = QVBoxLayout(self.threeway_box)
+        row = QHBoxLayout()
+        row.addWidget(self.threeway_button)
+        row.addWidget(self.threeway_progress, 1)
+        tl.addLayout(row)
+        tl.addWidget(self.threeway_note)
+        tl.addWidget(self.threeway_table, 1)
+        self.threeway_button.clicked.connect(self.run_threeway)
+        self.threeway_progress.cancel_button.clicked.connect(self.cancel_threeway)
+
+    def run_threeway(self) -> None:
+        """Compare float, fake-quant and the exported Circle file tensor by tensor (in the worker)."""
+        session = self._host.session
+        result = self.result
+        if session is None or result is None or self._threeway_task is not None:
+            return
+        self.threeway_button.setEnabled(False)
+        self.threeway_progress.begin(0, "steps", "three-way check…")
+        self.threeway_note.setText(f"Running {Path(str(result.path)).name} beside the float and fake-quant models…")
+
+        def work(progress, cancel):
+            from core.threeway import three_way_session  # noqa: PLC0415 - the core is imported lazily
+
+            return three_way_session(session, result, progress=progress, cancel=cancel)
+
+        self._threeway_task = self._host.submit(
+            "three-way check",
+            work,
+            on_done=self._on_threeway,
+            on_error=self._on_threeway_error,
+            on_progress=self.threeway_progress.update_progress,
+        )
+
+    def cancel_threeway(self) -> None:
+        """Stop the three-way check; the table keeps its earlier rows."""
+        if self._threeway_task is not None:
+            self._threeway_task.token.cancel()
+            self.threeway_progress.bar.setFormat("cancelling…")
+            self.threeway_progress.cancel_button.setEnabled(False)
+
+    def _on_threeway(self, three) -> None:
+        self._threeway_task = None
+        self.threeway_button.setEnabled(True)
+        self.threeway = three
+        rows = list(three.rows)
+        self.threeway_progress.end(f"{len(rows)} tensors compared")
+        note = str(getattr(three, "note", "") or "")
+        unmatched = list(getattr(three, "unmatched", []) or [])
+        self.threeway_note.setToolTip(
+            "\n".join(f"{module}: {why}" for module, why in unmatched[:40]) if unmatched else ""
+        )
+        if getattr(three, "intermediates_available", True):
+            image = getattr(three, "image", None)
+            self.threeway_note.setText((f"On {image}: " if image else "") + (note or f"{len(rows)} tensors compared."))
+            self.threeway_note.setStyleSheet("color: palette(text);")
+        else:
+            # Plain words: the runtime could not give the inner tensors, so only some rows have a Circle column.
+            self.threeway_note.setText(f"⚠ Circle intermediates are not available: {note}")
+            self.threeway_note.setStyleSheet("color: #b26a00; font-weight: 600;")
+        table = self.threeway_table
+        table.setSortingEnabled(False)
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            fq_circle = _peir(row.fq_vs_circle)
+            within = _field(row, "within_one_step")
+            steps = _field(row, "max_steps", "steps")
+            fp_circle = _peir(row.fp_vs_circle)
+            cells = [
+                (str(r), float(r)),
+                (str(row.module), str(row.module)),
+                (fmt_float(_peir(row.fp_vs_fq)), _num(_peir(row.fp_vs_fq))),
+                (fmt_float(fq_circle) if fq_circle is not None else "n/a", _num(fq_circle)),
+                (f"{100 * float(within):.2f}%" if within is not None else "n/a", _num(within)),
+                (fmt_float(steps, 3) if steps is not None else "n/a", _num(steps)),
+                (fmt_float(fp_circle) if fp_circle is not None else "n/a", _num(fp_circle)),
+                (str(row.dtype), str(row.dtype)),
+                (fmt_float(row.scale), _num(row.scale)),
+                (fmt_float(row.zero_point, 6), _num(row.zero_point)),
+                ("×".join(str(int(d)) for d in row.shape) if row.shape is not None else "", str(row.shape)),
+                (str(row.tensor), str(row.tensor)),
+            ]
+            off = within is not None and float(within) < 0.99
+            tip = f"{row.module}\nCircle tensor: {row.tensor}"
+            for c, (text, key) in enumerate(cells):
+                item = _KeyItem(text)
+                item.setData(SORT_ROLE, key)
+                item.setToolTip(tip)
+                if c in self.NUMERIC_COLUMNS:
+                    item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
+                if off and c in (4, 5):
+                    item.setBackground(BAD_BG)
+                table.setItem(r, c, item)
+        table.setSortingEnabled(True)
+        table.sortItems(0, Qt.AscendingOrder)  # forward (Circle operator) order, as the core gives them
+        table.resizeColumnsToContents()
+        table.setColumnWidth(1, min(table.columnWidth(1), 300))
+
+    def _on_threeway_error(self, exc: BaseException) -> None:
+        self._threeway_task = None
+        self.threeway_button.setEnabled(self.result is not None)
+        from core.errors import CancelledError  # noqa: PLC0415
+
+        if isinstance(exc, CancelledError):
+            self.threeway_progress.end("cancelled")
+            self.threeway_note.setText("Three-way check cancelled.")
+            return
+        self.threeway_progress.end("failed")
+        self.threeway_note.setText(error_text(exc))
+        self.threeway_note.setStyleSheet("color: #b00020; font-weight: 600;")
+        self._host.show_error(exc)
+
+
+class _KeyItem(QTableWidgetItem):
+    """Sorts by SORT_ROLE (numbers as numbers, missing values last)."""
+
+    def __lt__(self, other: QTableWidgetItem) -> bool:
+        a, b = self.data(SORT_ROLE), other.data(SORT_ROLE)
+        if isinstance(a, float) or isinstance(b, float):
+            a = float("inf") if a is None or a != a else float(a)
+            b = float("inf") if b is None or b != b else float(b)
+            return a < b
+        return str(a) < str(b)
+
+
+def _peir(value):
+    """A PEIR from a comparison field: a number, or an object with .peir (None when absent)."""
+    if value is None:
+        return None
+    peir = getattr(value, "peir", value)
+    try:
+        return float(peir)
+    except (TypeError, ValueError):
+        return None
+
+
+def _field(row, *names):
+    """A per-row number that may sit on the row or on its fake-quant-vs-Circle comparison."""
+    for holder in (row, getattr(row, "fq_vs_circle", None)):
+        for name in names:
+            value = getattr(holder, name, None)
+            if value is not None:
+                try:
+                    return float(value)
+                except (TypeError, ValueError):
+                    continue
+    return None
+
+
+def _num(value) -> float:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return float("nan")
+    return float(arr.max()) if arr.size else float("nan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.qt_ab_tab import QtABTab
 from app.qt_calibration_tab import QtCalibrationTab
 from app.qt_common import error_text, fmt_bytes
 from app.qt_errors_tab import QtErrorsTab
@@ -120,6 +122,7 @@ class QtModelPanel(QWidget):
             ("images", "Images"),
             ("calibration", "Calibration"),
             ("end_to_end", "End-to-end"),
+            ("overrides", "A/B overrides"),
             ("export", "Last export"),
         ):
             label = QLabel("—")
@@ -127,6 +130,8 @@ class QtModelPanel(QWidget):
             label.setTextInteractionFlags(Qt.TextSelectableByMouse)
             self.summary[key] = label
             summary.addRow(title + ":", label)
+        self.summary_form = summary
+        summary.setRowVisible(self.summary["overrides"], False)  # shown once an A/B merge adds some
 
         layout = QVBoxLayout(self)
         layout.addWidget(model_box)
@@ -184,6 +189,9 @@ class QtMainWindow(QMainWindow):
         self._deferred: list[Callable[[], None]] = []
         self._applied: dict[str, Any] = {}
         self._current_task = ""
+        # Per-module overrides that came from an A/B comparison ("Apply merged config"); the
+        # panel cannot show them, so they are kept here and added to every config it builds.
+        self.extra_overrides: dict[str, Any] = {}
         self.runner = SessionRunner(self)
         self.runner.sigBusyChanged.connect(self._on_busy_changed)
         self.runner.sigTaskStarted.connect(self._on_task_started)
@@ -192,6 +200,7 @@ class QtMainWindow(QMainWindow):
         self.calibration_tab = QtCalibrationTab(self)
         self.ranges_tab = QtRangesTab(self)
         self.errors_tab = QtErrorsTab(self)
+        self.ab_tab = QtABTab(self)
         self.export_tab = QtExportTab(self)
         self.netron_tab = QtNetronTab(self)
         self.tabs = QTabWidget()
@@ -200,6 +209,7 @@ class QtMainWindow(QMainWindow):
         self.tabs.addTab(self.calibration_tab, "Calibration")
         self.tabs.addTab(self.ranges_tab, "Ranges")
         self.tabs.addTab(self.errors_tab, "Errors")
+        self.tabs.addTab(self.ab_tab, "A/B")
         self.tabs.addTab(self.export_tab, "Export")
         self.tabs.addTab(self.netron_tab, "Netron")
         self.setCentralWidget(self.tabs)
@@ -389,6 +399,8 @@ class QtMainWindow(QMainWindow):
             weight=QuantSpec(dtype=settings["weight"], per_channel=True),
             observer=settings["observer"],
         )
+        if self.extra_overrides:
+            config = replace(config, overrides={**dict(config.overrides), **self.extra_overrides})
         if settings["keep_float"]:
             config = config.with_keep_float(settings["keep_float"])
         return config
@@ -422,6 +434,7 @@ class QtMainWindow(QMainWindow):
         self.calibration_tab.show_entries(entries)
         self.ranges_tab.clear()
         self.errors_tab.clear()
+        self._on_config_changed()
         if getattr(session, "state", "") == "calibrated":
             self.ranges_tab.refresh()
         self._on_settings_edited()
@@ -505,6 +518,7 @@ class QtMainWindow(QMainWindow):
             self.calibration_tab.show_entries(entries)
             self.ranges_tab.clear()
             self.errors_tab.clear()
+            self._on_config_changed()
             self._on_settings_edited()
             self.statusBar().showMessage("Settings applied; calibrate again.", 8000)
             self.refresh_status()
@@ -548,6 +562,55 @@ class QtMainWindow(QMainWindow):
         if getattr(self.session, "state", "") == "calibrated":
             self.ranges_tab.refresh()
             self.errors_tab.evaluate()
+            self.ab_tab.clear()  # A's statistics changed: the comparison no longer holds
+
+    def after_recalibration(self, result, entries: list) -> None:
+        """Show a recalibration started outside the Calibration tab (exclude / include an image)."""
+        self.calibration_tab.show_entries(entries)
+        if result.cancelled:
+            # The core put the earlier statistics and statuses back: nothing else to redraw.
+            self.refresh_status()
+            return
+        self._on_calibrated(result)
+
+    def _on_config_changed(self) -> None:
+        self.ab_tab.clear()
+        self.ab_tab.show_config_a(getattr(self.session, "config", None))
+        n = len(self.extra_overrides)
+        label = self.model_panel.summary["overrides"]
+        label.setText(f"{n} per-module override(s)" if n else "—")
+        label.setToolTip("\n".join(self.extra_overrides))
+        self.model_panel.summary_form.setRowVisible(label, bool(n))
+
+    def apply_config_and_calibrate(self, config) -> None:
+        """Make config the session's (e.g. A/B's merged config), then calibrate on the same images."""
+        session = self.session
+        if session is None:
+            return
+        extra = {glob: o for glob, o in dict(config.overrides).items() if not getattr(o, "keep_float", False)}
+
+        def work():
+            session.set_config(config)
+            return [e for e in session.images]
+
+        def done(entries):
+            self.extra_overrides = extra
+            self._apply_config_to_panel(config)
+            self._applied = dict(self.model_panel.settings())
+            self._reset_summary()
+            self.calibration_tab.show_entries(entries)
+            self.ranges_tab.clear()
+            self.errors_tab.clear()
+            self._on_config_changed()
+            self._on_settings_edited()
+            self.tabs.setCurrentWidget(self.calibration_tab)
+            self.calibration_tab.calibrate()
+
+        def failed(exc):
+            self.show_error(exc)
+            self.ab_tab.message.show_message(error_text(exc), "error")
+
+        self.submit("applying merged config", work, takes_progress=False, on_done=done, on_error=failed)
 
     def _export_from_menu(self) -> None:
         self.tabs.setCurrentWidget(self.export_tab)
@@ -582,6 +645,8 @@ class QtMainWindow(QMainWindow):
             settings["model_spec"] = str(getattr(session, "model_spec", settings["model_spec"]))
             settings["max_soft_tokens"] = int(getattr(session, "max_soft_tokens", settings["max_soft_tokens"]))
             self._applied = {}
+            overrides = dict(getattr(cfg, "overrides", None) or {})
+            self.extra_overrides = {g: o for g, o in overrides.items() if not getattr(o, "keep_float", False)}
             self.model_panel.set_model_spec(settings["model_spec"])
             if settings["max_soft_tokens"] in SOFT_TOKENS:
                 self.model_panel.tokens_combo.setCurrentIndex(SOFT_TOKENS.index(settings["max_soft_tokens"]))
@@ -604,7 +669,11 @@ class QtMainWindow(QMainWindow):
             if value is not None and combo.findText(str(value)) >= 0:
                 combo.setCurrentIndex(combo.findText(str(value)))
         overrides = getattr(cfg, "overrides", None) or {}
-        globs = [g for g, spec in overrides.items() if spec == "float" or getattr(spec, "dtype", None) == "float"]
+        globs = [
+            g
+            for g, spec in overrides.items()
+            if spec == "float" or getattr(spec, "keep_float", False) or getattr(spec, "dtype", None) == "float"
+        ]
         panel.keep_float_edit.setPlainText("\n".join(globs))
 
     def choose_session_to_save(self) -> None:

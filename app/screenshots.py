@@ -66,13 +66,40 @@ def main(argv: list[str] | None = None) -> int:
     _spin(lambda: False, 0.5)
     window.grab().save(str(out / "ranges.png"))
 
+    # provenance: a mid-depth MLP activation, the image that set its max and the patch outlined
+    prov = next((i for i, r in enumerate(ranges.records) if r.kind == "activation" and "layers.1.mlp" in r.name), 0)
+    ranges.select_observer(prov)
+    _spin(lambda: ranges.location is not None and idle(), 120)
+    ranges.table_tabs.setCurrentIndex(1)  # the image ranking beside the source image
+    _spin(lambda: False, 0.5)
+    window.grab().save(str(out / "provenance.png"))
+    ranges.table_tabs.setCurrentIndex(0)
+
     errors = window.errors_tab
     window.tabs.setCurrentWidget(errors)
     errors.table.sortByColumn(3, errors.table.horizontalHeader().sortIndicatorOrder())
     errors.select_module(errors.proxy.data(errors.proxy.index(0, 1)))
     errors.run_sensitivity()
     _spin(lambda: errors.sensitivity_table.rowCount() > 0 and idle(), 1800)
+    errors.detail_tabs.setCurrentIndex(1)  # the scatter
     window.grab().save(str(out / "errors.png"))
+
+    # the first-divergence banner, clicked: its unit selected and its patch heatmap shown
+    if errors.banner.located:
+        errors.show_unit(errors.banner.located)
+    errors.detail_tabs.setCurrentWidget(errors.heatmap)
+    _spin(lambda: idle() and errors.heatmap.heatmap is not None, 600)
+    _spin(lambda: False, 0.5)
+    window.grab().save(str(out / "heatmap.png"))
+
+    ab = window.ab_tab
+    window.tabs.setCurrentWidget(ab)
+    ab.activation_combo.setCurrentText("int16")
+    ab.run_compare()
+    _spin(lambda: ab.result is not None and idle(), 1800)
+    ab.table.selectRow(0)
+    _spin(lambda: False, 0.5)
+    window.grab().save(str(out / "ab.png"))
 
     export = window.export_tab
     window.tabs.setCurrentWidget(export)
@@ -80,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     export.export()
     _spin(lambda: idle() and export._task is None, 1800)
     window.grab().save(str(out / "export.png"))
+    if export.result is not None:
+        export.run_threeway()
+        _spin(lambda: idle() and export._threeway_task is None, 1800)
+        export.body_splitter.setSizes([260, 520])
+        _spin(lambda: False, 0.5)
+        window.grab().save(str(out / "threeway.png"))
 
     if export.result is not None:
         window.open_in_netron(str(export.result.path))
