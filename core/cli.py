@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-float", nargs="+", default=[], metavar="GLOB", help="what-if: keep these in float")
     r.add_argument("--top", type=int, default=15, metavar="N", help="rows of the worst-modules table")
     r.add_argument("--histograms", action="store_true", help="include histograms in --json")
+    r.add_argument(
+        "--divergence", default="layer", choices=("layer", "module", "off"),
+        help="locate the first divergence per encoder layer (default) or per module, or skip it",
+    )
     common(r)
 
     e = sub.add_parser("export", help="export a session to a verified integer Circle model")
@@ -321,7 +325,9 @@ def cmd_quantize(args, progress) -> tuple[dict, str]:
     return doc, text
 
 
-def report_document(session, compare_result, plots: list[str] | None = None, histograms: bool = False) -> dict:
+def report_document(
+    session, compare_result, plots: list[str] | None = None, histograms: bool = False, divergence=None
+) -> dict:
     """The JSON report of a session (shared by the CLI and the tests)."""
     records = session.observer_table()
     return {
@@ -330,10 +336,30 @@ def report_document(session, compare_result, plots: list[str] | None = None, his
         "model_spec": session.model_spec,
         "config": session.config.to_dict(),
         "max_soft_tokens": session.max_soft_tokens,
+        "divergence": divergence.to_dict() if divergence is not None else None,
         "observers": [r.to_dict(histogram=histograms) for r in records],
         "errors": compare_result.to_dict(),
         "plots": plots or [],
     }
+
+
+class _HeatmapWriter:
+    """Writes heatmap_<image stem>.png of the final output for each image it is handed."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.used: set[str] = set()
+        self.written: list[dict] = []
+
+    def __call__(self, maps) -> None:
+        from core.diagnostics import MODEL
+        from core.plots import heatmap_file_name, write_heatmap
+
+        if MODEL not in maps.rows:
+            return
+        hm = maps.heatmap(MODEL)
+        png = write_heatmap(self.folder / heatmap_file_name(maps.path or maps.image_id, self.used), hm)
+        self.written.append({"image_id": maps.image_id, "path": maps.path, "png": str(png), **hm.to_dict()})
 
 
 def _load(path, device):
@@ -364,11 +390,29 @@ def cmd_report(args, progress) -> tuple[dict, str]:
     res = session.evaluate(images=images, progress=progress, keep_float=args.keep_float)
     progress.close()
     plots = []
+    heatmaps = _HeatmapWriter(args.plots) if args.plots else None
+    divergence = None
+    if args.divergence != "off":
+        from core.diagnostics import locate_divergence
+
+        # The search runs the float and quantized passes the final-output heatmaps need.
+        divergence = locate_divergence(
+            session, images=images, unit=args.divergence, progress=progress, keep_float=args.keep_float, on_image=heatmaps
+        )
+        progress.close()
+    elif heatmaps is not None:
+        from core.diagnostics import image_error_maps
+
+        for entry in session._entries_for(images):
+            heatmaps(image_error_maps(session, entry, progress=progress))
+        progress.close()
     if args.plots:
         from core.plots import write_report_plots
 
         plots = [str(p) for p in write_report_plots(args.plots, session.observer_table(), res)]
-    doc = report_document(session, res, plots, histograms=args.histograms)
+        plots += [h["png"] for h in heatmaps.written]
+    doc = report_document(session, res, plots, histograms=args.histograms, divergence=divergence)
+    doc["heatmaps"] = heatmaps.written if heatmaps is not None else []
     doc["session"] = str(args.session)
     doc["images"] = _images_dict([], rejected) | {"evaluated": res.images}
     doc["seconds"] = time.perf_counter() - t0
@@ -386,6 +430,7 @@ def cmd_report(args, progress) -> tuple[dict, str]:
             None,
             [
                 _rejected_text(rejected),
+                divergence.summary_line() if divergence is not None else "",
                 f"Observers ({len(records)})",
                 _table(obs_rows, ["observer", "kind", "dtype", "min", "max", "scale", "zp", "max set by", ""]),
                 "",

@@ -6,6 +6,9 @@
                end-to-end SQNR as a dashed line.
 - scatter.png  FP vs quantized value samples of the worst modules (lowest SQNR), with the
                y = x diagonal.
+- heatmap_<image stem>.png  one per evaluated image: the resized image the model saw with the
+               final output's per-soft-token relative error (core.diagnostics) as a
+               semi-transparent overlay, a colour bar with its min / max, the peak outlined.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,15 @@ GREEN = (60, 150, 90)
 ORANGE = (230, 140, 40)
 KIND_COLOURS = [BLUE, ORANGE, GREEN, (140, 90, 170), (90, 160, 170), (170, 120, 80), (200, 90, 150), WEIGHT]
 
-__all__ = ["write_report_plots", "range_chart", "error_chart", "scatter_chart"]
+__all__ = [
+    "write_report_plots",
+    "range_chart",
+    "error_chart",
+    "scatter_chart",
+    "heatmap_chart",
+    "write_heatmap",
+    "heatmap_file_name",
+]
 
 
 def _font(size: int = 12):
@@ -268,3 +279,122 @@ def write_report_plots(folder, records, result) -> list[Path]:
         ]
     except OSError as e:
         raise UnwritablePathError(f"{folder}: cannot write plots ({e.strerror or e}); choose another --plots folder") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Error heatmap over the image
+# ---------------------------------------------------------------------------------------------
+
+# Inferno-like anchors: dark = small error, bright yellow = large; readable over photos.
+_HEAT = np.array(
+    [(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21), (250, 193, 39), (252, 255, 164)],
+    dtype=np.float64,
+)
+HEAT_ALPHA = 0.55
+PEAK = (0, 230, 255)
+
+
+def _colormap(t: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB along the heat anchors (linear interpolation)."""
+    t = np.clip(np.nan_to_num(t, nan=0.0), 0.0, 1.0) * (len(_HEAT) - 1)
+    i = np.minimum(np.floor(t).astype(int), len(_HEAT) - 2)
+    f = (t - i)[..., None]
+    return np.rint(_HEAT[i] * (1 - f) + _HEAT[i + 1] * f).astype(np.uint8)
+
+
+def _heat_scale(values: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray], float, float, bool]:
+    """(normaliser to [0, 1], min, max, log?): log10 when the finite values span over 20x."""
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return (lambda x: np.zeros_like(x, dtype=np.float64)), 0.0, 0.0, False
+    lo, hi = float(v.min()), float(v.max())
+    if lo > 0 and hi / lo > 20:
+        a, b = math.log10(lo), math.log10(hi)
+        return (lambda x: (np.log10(np.maximum(x, lo)) - a) / (b - a)), lo, hi, True
+    if hi - lo <= 0:
+        return (lambda x: np.full(np.shape(x), 0.5)), lo, hi, False
+    return (lambda x: (x - lo) / (hi - lo)), lo, hi, False
+
+
+def heatmap_chart(heatmap, title: str | None = None, target: int = 640) -> Image.Image:
+    """The image with a per-patch error overlay, colour bar (min / max) and the peak outlined."""
+    font, small = _font(13), _font(11)
+    base = Image.fromarray(np.asarray(heatmap.image, dtype=np.uint8), "RGB")
+    h, w = base.height, base.width
+    zoom = max(1.0, target / max(h, w))
+    W, H = int(round(w * zoom)), int(round(h * zoom))
+    base = base.resize((W, H), Image.BILINEAR)
+    grid = np.asarray(heatmap.grid, dtype=np.float64)
+    norm, lo, hi, logscale = _heat_scale(grid)
+    rgb = _colormap(norm(grid))
+    alpha = np.where(np.isnan(grid), 0, int(255 * HEAT_ALPHA)).astype(np.uint8)
+    overlay = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    # One grid cell per patch: nearest-neighbour keeps patch edges sharp.
+    p = heatmap.layout.patch_size
+    overlay = overlay.resize((int(round(grid.shape[1] * p * zoom)), int(round(grid.shape[0] * p * zoom))), Image.NEAREST)
+    shown = base.convert("RGBA")
+    shown.alpha_composite(overlay.crop((0, 0, W, H)))
+    left, top, bar_w, right_pad = 12, 74, 18, 110
+    canvas = Image.new("RGB", (max(left + W + 20 + bar_w + right_pad, 720), max(top + H + 40, 260)), BG)
+    canvas.paste(shown.convert("RGB"), (left, top))
+    d = ImageDraw.Draw(canvas)
+    # Peak: the patches behind the peak row (a soft token's block), outlined.
+    l, t, r, b = (v * zoom for v in heatmap.peak_box())
+    for k in range(3):
+        d.rectangle([left + l - k, top + t - k, left + r + k - 1, top + b + k - 1], outline=PEAK if k < 2 else (0, 0, 0))
+    unit = "soft token" if heatmap.level == "token" else "patch"
+    title = title or f"Quantization error per {unit}: image {heatmap.image_id}"
+    d.text((10, 8), _clip_text(d, title, font, canvas.width - 20), fill=FG, font=font)
+    d.text((10, 28), _clip_text(d, f"module {heatmap.module}", font, canvas.width - 20, left=True), fill=FG, font=font)
+    sq = None if heatmap.row_sqnr_db is None else float(heatmap.row_sqnr_db[heatmap.peak_row])
+    peak = float(heatmap.row_error[heatmap.peak_row]) if heatmap.row_error.size else float("nan")
+    sub = (
+        f"relative error = row noise power / mean signal power; peak {unit} {heatmap.peak_row} at patch "
+        f"({heatmap.peak_xy[0]}, {heatmap.peak_xy[1]}): {_fmt_err(peak)}"
+        + (f" ({sq:.1f} dB SQNR)" if sq is not None and math.isfinite(sq) else "")
+    )
+    d.text((10, 50), _clip_text(d, sub, small, canvas.width - 20), fill=FG, font=small)
+    # Colour bar: max at the top, min at the bottom.
+    bx = left + W + 20
+    bar_h = max(120, H - 20)
+    ramp = _colormap(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
+    canvas.paste(Image.fromarray(ramp, "RGB"), (bx, top))
+    d.rectangle([bx - 1, top - 1, bx + bar_w, top + bar_h], outline=FG)
+    d.text((bx + bar_w + 6, top - 2), "max " + _fmt_err(hi), fill=FG, font=small)
+    d.text((bx + bar_w + 6, top + bar_h - 12), "min " + _fmt_err(lo), fill=FG, font=small)
+    d.text((bx + bar_w + 6, top + bar_h // 2 - 6), "log scale" if logscale else "linear", fill=FG, font=small)
+    foot = f"peak outlined; {heatmap.layout.num_patches} patches, {heatmap.layout.num_tokens} soft tokens"
+    d.text((left, top + H + 8), foot, fill=FG, font=small)
+    return canvas
+
+
+def _fmt_err(v: float) -> str:
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:.3g}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+
+
+def heatmap_file_name(path_or_id, used: set[str] | None = None) -> str:
+    """heatmap_<image stem>.png, made unique against `used` (which it updates)."""
+    stem = Path(str(path_or_id).split("#")[0]).stem or "image"
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+    name = f"heatmap_{stem}.png"
+    if used is not None:
+        k = 2
+        while name in used:
+            name = f"heatmap_{stem}_{k}.png"
+            k += 1
+        used.add(name)
+    return name
+
+
+def write_heatmap(path, heatmap, title: str | None = None) -> Path:
+    """Write one heatmap PNG atomically; returns its path."""
+    from core.errors import UnwritablePathError
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _save_png(heatmap_chart(heatmap, title), path)
+    except OSError as e:
+        raise UnwritablePathError(path, f"heatmap not written: {e.strerror or e}") from None

@@ -105,10 +105,24 @@ def test_report_json_and_plots(quantized, workdir, sample_images):
     e2e = errors["end_to_end"]
     assert 10 < e2e["sqnr_db"] < 60 and 0 < e2e["peir"] < 0.5 and e2e["cosine"] > 0.95
     assert all(0 <= m["clipped_fraction"] < 0.05 and m["num_samples"] > 0 for m in errors["modules"])
-    assert [Path(p).name for p in doc["plots"]] == ["ranges.png", "errors.png", "scatter.png"]
+    stems = [p.stem for p in sample_images[4:6]]
+    assert [Path(p).name for p in doc["plots"]] == ["ranges.png", "errors.png", "scatter.png"] + [
+        f"heatmap_{s}.png" for s in stems
+    ]
     for p in doc["plots"]:
         with Image.open(p) as im:
-            assert im.format == "PNG" and im.width >= 400 and im.height >= 300
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 250
+    # one heatmap per evaluated image, of the final output (one value per soft token)
+    heat = doc["heatmaps"]
+    assert [Path(h["path"]).name for h in heat] == [p.name for p in sample_images[4:6]]
+    assert all(h["module"] == "model" and h["level"] == "token" and h["rows"] > 0 for h in heat)
+    assert all(0 < h["min_error"] <= h["mean_error"] <= h["max_error"] for h in heat)
+    # the first-divergence search: one entry per layer unit, the located one among them
+    div = doc["divergence"]
+    names = [e["name"] for e in div["entries"]]
+    assert div["unit"] == "layer" and names == ["patch_embedder", "encoder.layers.0", "encoder.layers.1", "pooler", "model"]
+    assert div["located"]["name"] in names and div["summary"].startswith("first divergence: ")
+    assert div["entries"][-1]["output_sqnr_db"] == pytest.approx(e2e["sqnr_db"], abs=1e-3)
 
 
 def test_report_human_readable(quantized):
@@ -117,6 +131,23 @@ def test_report_human_readable(quantized):
     assert proc.returncode == 0, proc.stderr
     assert "End to end: PEIR" in proc.stdout and "encoder.layers.0.self_attn.probs" in proc.stdout
     assert proc.stderr == ""  # stderr is not a terminal here: no progress bar
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("first divergence: ") and " dB" in first  # before every table
+
+
+def test_report_divergence_per_module_and_off(quantized, sample_images, workdir):
+    out, _ = quantized
+    proc = run_cli("report", out, "--images", sample_images[4], "--divergence", "module", "--json")
+    assert proc.returncode == 0, proc.stderr
+    div = json.loads(proc.stdout)["divergence"]
+    assert div["unit"] == "module" and div["entries"][0]["name"] == "patch_embedder.input_proj"
+    assert len(div["entries"]) > 20
+    plots = workdir / "plots_off"
+    proc = run_cli("report", out, "--images", sample_images[4], "--divergence", "off", "--json", "--plots", plots)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["divergence"] is None
+    assert (plots / f"heatmap_{sample_images[4].stem}.png").is_file()  # heatmaps without the search
 
 
 def test_sensitivity_json(quantized, sample_images):
