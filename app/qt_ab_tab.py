@@ -565,11 +565,15 @@ class QtABTab(QWidget):
         overrides = self.winning_overrides()
 
         result = self.result
+        # ONE finds layers by Circle tensor name: take them from this session's last export.
+        exported = getattr(getattr(self._host, "export_tab", None), "result", None)
+        tensor_modules = dict(getattr(exported, "tensor_modules", None) or {})
 
         def work():
-            from core.config_export import write_one_quant_config  # noqa: PLC0415
+            from core.config_export import one_name_map, write_one_quant_config  # noqa: PLC0415
 
-            write_one_quant_config(path, overrides, base=result.config_a, modules=result.module_names)
+            name_map = one_name_map(tensor_modules, result.module_names) if tensor_modules else None
+            write_one_quant_config(path, overrides, name_map, base=result.config_a, modules=result.module_names)
             return path
 
         self._host.submit("export JSON", work, takes_progress=False, on_done=self._on_written, on_error=self._on_write_error)

@@ -1,4 +1,5 @@
-"""`ptq-studio` command line: quantize, report, export, sensitivity (no argument opens the GUI).
+"""`ptq-studio` command line: quantize, report, export, sensitivity, and the diagnostics commands
+images, locate, recalibrate, ab (core.cli_diag). No argument opens the GUI.
 
 Exit codes: 0 success; 2 user error (bad arguments, no usable image, unreadable session,
 unwritable output), one line on stderr; 1 internal failure (short message; --debug shows the
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("session", metavar="SESSION")
     e.add_argument("--out", required=True, metavar="FILE.circle")
     e.add_argument("--max-soft-tokens", type=int, default=None, metavar="N")
+    e.add_argument(
+        "--three-way", action="store_true",
+        help="also compare torch float, torch fake-quant and the Circle file per module",
+    )
     common(e)
 
     s = sub.add_parser("sensitivity", help="keep one layer / module kind in float at a time, rank them")
@@ -82,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", nargs="+", required=True, metavar="PATH")
     s.add_argument("--unit", default="layer", choices=("layer", "kind"), help="what to keep in float (default layer)")
     common(s)
+
+    from core.cli_diag import add_parsers
+
+    add_parsers(sub, common)
     return p
 
 
@@ -464,6 +473,11 @@ def cmd_export(args, progress) -> tuple[dict, str]:
     res = session.export(out, max_soft_tokens=args.max_soft_tokens, progress=progress)
     progress.close()
     doc = {"command": "export", "session": str(args.session), **_export_dict(res)}
+    three = None
+    if getattr(args, "three_way", False):
+        three = session.three_way(res, progress=progress)
+        progress.close()
+        doc["three_way"] = _clean_json(three.to_dict())
     v = doc.get("verify") or {}
     text = "\n".join(
         [
@@ -473,6 +487,8 @@ def cmd_export(args, progress) -> tuple[dict, str]:
             f"verify ({v.get('runtime', '?')}): max abs diff {_fmt(v.get('max_abs_diff'))}, PEIR {_fmt(v.get('peir'))}, "
             f"{100 * float(v.get('within_one_step') or 0):.2f}% of outputs within one step, "
             f"at most {_fmt(v.get('max_steps'))} steps",
+            *([f"unquantized: {t} (module {m})" for t, m in (res.unquantized or [])][:20]),
+            *(three.summary_lines() if three is not None else []),
         ]
     )
     return doc, text
@@ -528,6 +544,12 @@ def cmd_sensitivity(args, progress) -> tuple[dict, str]:
 COMMANDS = {"quantize": cmd_quantize, "report": cmd_report, "export": cmd_export, "sensitivity": cmd_sensitivity}
 
 
+def _commands() -> dict:
+    from core.cli_diag import COMMANDS as DIAG
+
+    return {**DIAG, **COMMANDS}
+
+
 def _clean_json(x):
     """JSON-safe copy: inf/nan -> null, numpy/torch/Path -> plain types."""
     if isinstance(x, dict):
@@ -575,7 +597,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {_version()}")
         return 0
     if not args.command:
-        print(f"{PROG}: choose a command: quantize, report, export, sensitivity (see {PROG} --help)", file=sys.stderr)
+        print(
+            f"{PROG}: choose a command: quantize, report, export, sensitivity, images, locate, recalibrate, ab "
+            f"(see {PROG} --help)",
+            file=sys.stderr,
+        )
         return 2
     channels = _Channels()
     progress = None
@@ -584,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with channels, torch.no_grad():
             progress = _Progress(channels.err)
-            doc, text = COMMANDS[args.command](args, progress)
+            doc, text = _commands()[args.command](args, progress)
             progress.close()
         sys.stderr.write(channels.held())
         if args.json:

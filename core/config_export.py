@@ -446,6 +446,19 @@ def validate_one_quant_config(doc: Mapping[str, Any]) -> None:
             raise ConfigError(f"layers[{i}].granularity must be one of {ONE_GRANULARITIES}")
 
 
+def one_name_map(tensor_modules: Mapping[str, str], modules: Sequence[str]) -> dict[str, list[str]]:
+    """ONE layer names per module from an export's ``tensor_modules`` (Circle tensor -> module).
+
+    Each module gets the Circle tensors produced inside its own scope (its children list their
+    own), so a glob that covers a module and its children covers all of their tensors. Every
+    module in ``modules`` gets an entry, empty when the export has no tensor of its own for it.
+    """
+    out: dict[str, list[str]] = {m: [] for m in modules}
+    for tensor, module in tensor_modules.items():
+        out.setdefault(module, []).append(str(tensor))
+    return out
+
+
 def write_one_quant_config(path: str | os.PathLike, config_or_overrides, name_map=None, **kwargs: Any) -> Path:
     """Write to_one_quant_config(...) as JSON atomically; returns the path."""
     doc = to_one_quant_config(config_or_overrides, name_map, **kwargs)

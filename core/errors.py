@@ -106,3 +106,15 @@ class CancelledError(PTQStudioError):
 
 class NoLocationError(PTQStudioError):
     """An observer's extreme has no image location (weights, per-channel ranges, older sessions)."""
+
+
+class UnknownImageError(NoImagesError):
+    """A path or image id that names no usable image of the session."""
+
+    def __init__(self, key: str) -> None:
+        self.path = Path(str(key))
+        PTQStudioError.__init__(
+            self,
+            f"{key}: not an image of this session (or it was rejected); "
+            "list the session's images with 'ptq-studio images SESSION' or in the Calibration tab",
+        )

@@ -40,6 +40,8 @@ __all__ = [
     "heatmap_chart",
     "write_heatmap",
     "heatmap_file_name",
+    "extreme_location_chart",
+    "write_extreme_location",
 ]
 
 
@@ -398,3 +400,36 @@ def write_heatmap(path, heatmap, title: str | None = None) -> Path:
         return _save_png(heatmap_chart(heatmap, title), path)
     except OSError as e:
         raise UnwritablePathError(path, f"heatmap not written: {e.strerror or e}") from None
+
+
+def extreme_location_chart(loc, target: int = 640) -> Image.Image:
+    """The image that set an observer's min or max, with the patch(es) where it occurred outlined."""
+    font, small = _font(13), _font(11)
+    base = Image.fromarray(np.asarray(loc.image, dtype=np.uint8), "RGB")
+    zoom = max(1.0, target / max(base.height, base.width))
+    W, H = int(round(base.width * zoom)), int(round(base.height * zoom))
+    left, top = 12, 56
+    canvas = Image.new("RGB", (max(left + W + 12, 520), top + H + 36), BG)
+    canvas.paste(base.resize((W, H), Image.BILINEAR), (left, top))
+    d = ImageDraw.Draw(canvas)
+    for box in loc.boxes:
+        l, t, r, b = (v * zoom for v in box)
+        for k in range(3):
+            d.rectangle([left + l - k, top + t - k, left + r + k - 1, top + b + k - 1], outline=PEAK if k < 2 else (0, 0, 0))
+    title = f"{loc.observer}: {loc.which} {_fmt_err(float(loc.value))} set by {loc.image_id}"
+    d.text((10, 8), _clip_text(d, title, font, canvas.width - 20), fill=FG, font=font)
+    where = f"row {loc.row} ({loc.level}), {len(loc.boxes)} patch(es) outlined" if loc.level else "no patch-level row"
+    d.text((10, 30), _clip_text(d, where, small, canvas.width - 20), fill=FG, font=small)
+    return canvas
+
+
+def write_extreme_location(path, loc) -> Path:
+    """Write extreme_location_chart atomically; returns its path."""
+    from core.errors import UnwritablePathError
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _save_png(extreme_location_chart(loc), path)
+    except OSError as e:
+        raise UnwritablePathError(path, f"image not written: {e.strerror or e}") from None

@@ -340,7 +340,7 @@ class Session:
                 and (e.image_id == key or e.path in keys or _resolved(e.path) in keys)
             ]
             if not found:
-                raise _errors().NoImagesError(key, "not an image of this session (or it was rejected)")
+                raise _errors().UnknownImageError(key)
             out.extend(e for e in found if not any(e is o for o in out))
         return out
 

@@ -1,0 +1,261 @@
+"""`ptq-studio` diagnostics commands: images (provenance ranking), locate, recalibrate, ab.
+
+Each command returns (json document, human text) like the ones in core.cli, which registers them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("uint8", "int8", "int16", "uint4", "int4")
+OBSERVERS = ("minmax", "ema", "percentile")
+
+
+def add_parsers(sub, common) -> None:
+    """Register the diagnostics subcommands on core.cli's subparsers."""
+    i = sub.add_parser("images", help="calibration images ranked by how many observer extremes they set")
+    i.add_argument("session", metavar="SESSION")
+    i.add_argument("--top", type=int, default=0, metavar="N", help="show only the first N images")
+    common(i)
+
+    loc = sub.add_parser("locate", help="the image and patch where an observer's min or max occurred")
+    loc.add_argument("session", metavar="SESSION")
+    loc.add_argument("observer", metavar="OBSERVER", help="observer name, e.g. encoder.layers.0.mlp.act")
+    loc.add_argument("--which", default="max", choices=("max", "min"))
+    loc.add_argument("--png", metavar="FILE.png", help="write the image with the patch outlined")
+    common(loc)
+
+    rc = sub.add_parser("recalibrate", help="exclude images and calibrate again on the rest (saves the session)")
+    rc.add_argument("session", metavar="SESSION")
+    rc.add_argument("--exclude", nargs="+", required=True, metavar="IMAGE", help="image paths or image ids")
+    rc.add_argument("--out", metavar="SESSION", help="save into this folder instead of SESSION")
+    common(rc)
+
+    ab = sub.add_parser("ab", help="calibrate a second configuration B beside the session's A and compare them")
+    ab.add_argument("session", metavar="SESSION")
+    ab.add_argument("--b-activation", choices=DTYPES, help="B's activation dtype (default: A's)")
+    ab.add_argument("--b-weight", choices=DTYPES, help="B's weight dtype (default: A's)")
+    ab.add_argument("--b-observer", choices=OBSERVERS, help="B's observer (default: A's)")
+    ab.add_argument(
+        "--b-override", nargs="+", default=[], metavar="GLOB=DTYPE",
+        help="B's per-module overrides, e.g. 'encoder.layers.*.self_attn=int16' or 'pooler=float'",
+    )
+    ab.add_argument("--images", nargs="+", metavar="PATH", help="evaluate on these images (default: calibration set)")
+    ab.add_argument("--margin", type=float, default=0.5, metavar="DB", help="B must win by more than this (dB)")
+    ab.add_argument("--tico-yaml", metavar="FILE.yaml", help="write the winning overrides as a TICO PTQConfig")
+    ab.add_argument("--one-json", metavar="FILE.json", help="write them as a ONE one-quantize --quant_config")
+    ab.add_argument(
+        "--one-names", default="modules", choices=("modules", "circle"),
+        help="layer names in --one-json: our module names (default), or the Circle tensor names "
+        "of an export of the session (exports it to a temporary file first: slow for e2b)",
+    )
+    common(ab)
+
+
+def _load(path, device):
+    from core.cli import _load as load
+
+    return load(path, device)
+
+
+def cmd_images(args, progress) -> tuple[dict, str]:
+    """Rank the calibration images by the observer extremes they set."""
+    from core.cli import _table
+
+    session = _load(args.session, args.device)
+    ranks = session.rank_images()
+    shown = ranks[: args.top] if args.top and args.top > 0 else ranks
+    doc = {
+        "command": "images",
+        "session": str(args.session),
+        "ranking": [
+            {
+                "image_id": r.image_id,
+                "path": r.path,
+                "status": getattr(r, "status", ""),
+                "extremes": r.extremes,
+                "min_count": r.min_count,
+                "max_count": r.max_count,
+                "observers": list(r.observers),
+            }
+            for r in ranks
+        ],
+    }
+    text = _table(
+        [[r.image_id, r.extremes, r.min_count, r.max_count, getattr(r, "status", "")] for r in shown],
+        ["image", "extremes set", "mins", "maxes", "status"],
+    )
+    return doc, text
+
+
+def cmd_locate(args, progress) -> tuple[dict, str]:
+    """Where an observer's extreme occurred: image, row, patches, pixel boxes."""
+    session = _load(args.session, args.device)
+    loc = session.locate_extreme(args.observer, args.which)
+    png = None
+    if args.png:
+        from core.plots import write_extreme_location
+
+        png = str(write_extreme_location(args.png, loc))
+    boxes = [list(map(int, b)) for b in loc.boxes]
+    doc = {
+        "command": "locate",
+        "session": str(args.session),
+        "observer": loc.observer,
+        "which": loc.which,
+        "value": loc.value,
+        "image_id": loc.image_id,
+        "path": loc.path,
+        "row": loc.row,
+        "level": loc.level,
+        "patches": [int(p) for p in loc.patches],
+        "boxes": boxes,
+        "tied": bool(getattr(loc, "tied", False)),
+        "png": png,
+    }
+    where = f"row {loc.row} ({loc.level})" if loc.level else "no patch-level row"
+    text = "\n".join(
+        filter(
+            None,
+            [
+                f"{loc.observer} {loc.which} = {loc.value:.6g}, set by {loc.image_id} ({loc.path})",
+                f"at {where}; patches {', '.join(map(str, doc['patches'][:12]))}"
+                + (" ..." if len(doc["patches"]) > 12 else ""),
+                f"pixel box(es) in the resized image: {', '.join(str(tuple(b)) for b in boxes[:4])}" if boxes else "",
+                "(another image reached exactly the same value)" if doc["tied"] else "",
+                f"wrote {png}" if png else "",
+            ],
+        )
+    )
+    return doc, text
+
+
+def cmd_recalibrate(args, progress) -> tuple[dict, str]:
+    """Exclude images and calibrate again; the session is saved only when that succeeded."""
+    session = _load(args.session, args.device)
+    before = {r.name: (r.min, r.max) for r in session.observer_table()}
+    cal = session.recalibrate_without(args.exclude, progress=progress)
+    progress.close()
+    if cal.cancelled:
+        from core.errors import CancelledError
+
+        raise CancelledError("recalibration cancelled; the session on disk is unchanged")
+    out = Path(args.out) if args.out else Path(args.session)
+    saved = session.save(out)
+    changed = []
+    for r in session.observer_table():
+        old = before.get(r.name)
+        if old is None:
+            continue
+        if _differs(old[0], r.min) or _differs(old[1], r.max):
+            changed.append(r.name)
+    excluded = [e.path for e in session.images if e.status == "excluded"]
+    doc = {
+        "command": "recalibrate",
+        "session": str(saved),
+        "excluded": excluded,
+        "calibration": {"images_done": cal.images_done, "total_images": cal.total_images, "seconds": cal.seconds},
+        "ranges_changed": changed,
+    }
+    text = (
+        f"excluded {len(excluded)} image(s); calibrated on {cal.images_done} in {cal.seconds:.1f} s; "
+        f"{len(changed)} observer range(s) changed; session saved to {saved}"
+    )
+    return doc, text
+
+
+def _differs(a, b) -> bool:
+    import numpy as np
+
+    if a is None or b is None:
+        return a is not b
+    return not np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=0, atol=0)
+
+
+def _config_b(session, args):
+    from dataclasses import replace
+
+    from core.config import QuantSpec
+    from core.errors import ConfigError
+
+    a = session.config
+    cfg = a
+    if args.b_activation:
+        cfg = replace(cfg, activation=QuantSpec(dtype=args.b_activation, scheme=a.activation.scheme))
+    if args.b_weight:
+        cfg = replace(cfg, weight=QuantSpec(dtype=args.b_weight, scheme=a.weight.scheme, per_channel=a.weight.per_channel))
+    if args.b_observer:
+        cfg = replace(cfg, observer=args.b_observer)
+    if args.b_override:
+        overrides: dict[str, Any] = dict(cfg.overrides)
+        for item in args.b_override:
+            glob, sep, value = item.partition("=")
+            if not sep or not glob.strip() or not value.strip():
+                raise ConfigError(f"--b-override {item!r}: write GLOB=DTYPE, e.g. encoder.layers.*=int16 or pooler=float")
+            overrides[glob.strip()] = value.strip()
+        cfg = replace(cfg, overrides=overrides)
+    if cfg == a:
+        raise ConfigError("config B equals the session's config A: give --b-activation, --b-weight, --b-observer or --b-override")
+    return cfg
+
+
+def cmd_ab(args, progress) -> tuple[dict, str]:
+    """Calibrate B on A's calibration images, compare both per module, write the winners."""
+    from core.abtest import ABComparison
+    from core.cli import _no_images_error, _rejected_text
+
+    t0 = time.perf_counter()
+    session = _load(args.session, args.device)
+    config_b = _config_b(session, args)
+    images = None
+    rejected = []
+    if args.images:
+        probe = session.probe_images(args.images)
+        if not probe.accepted:
+            raise _no_images_error(probe.rejected)
+        images, rejected = [e.path for e in probe.accepted], probe.rejected
+    ab = ABComparison(session, config_b)
+    ab.calibrate_b(progress=progress)
+    progress.close()
+    result = ab.compare(images=images, progress=progress)
+    progress.close()
+    written = {}
+    overrides = result.winning_overrides(args.margin)
+    if args.tico_yaml:
+        from core.config_export import write_tico_ptq_yaml
+
+        written["tico_yaml"] = str(write_tico_ptq_yaml(args.tico_yaml, overrides, base=result.config_a, modules=result.module_names))
+    if args.one_json:
+        from core.config_export import write_one_quant_config
+
+        name_map = _circle_name_map(session, result.module_names, progress) if args.one_names == "circle" else None
+        written["one_json"] = str(
+            write_one_quant_config(args.one_json, overrides, name_map, base=result.config_a, modules=result.module_names)
+        )
+    doc = {
+        "command": "ab",
+        "session": str(args.session),
+        **result.to_dict(args.margin),
+        "written": written,
+        "seconds": time.perf_counter() - t0,
+    }
+    lines = [_rejected_text(rejected), *ab.summary_lines(args.margin)]
+    lines += [f"wrote {v}" for v in written.values()]
+    ab.release()
+    return doc, "\n".join(filter(None, lines))
+
+
+def _circle_name_map(session, modules, progress) -> dict[str, list[str]]:
+    import tempfile
+
+    from core.config_export import one_name_map
+
+    with tempfile.TemporaryDirectory(prefix="ptq-names-") as tmp:
+        res = session.export(Path(tmp) / "names.circle", progress=progress)
+        progress.close()
+    return one_name_map(res.tensor_modules, modules)
+
+
+COMMANDS = {"images": cmd_images, "locate": cmd_locate, "recalibrate": cmd_recalibrate, "ab": cmd_ab}
