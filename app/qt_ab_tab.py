@@ -355,10 +355,7 @@ class QtABTab(QWidget):
 
     def cancel(self) -> None:
         """Stop B's calibration or the comparison; A is never touched."""
-        if self._task is not None:
-            self._task.token.cancel()
-            self.progress.bar.setFormat("cancelling…")
-            self.progress.cancel_button.setEnabled(False)
+        self.progress.cancel_task(self._task)
 
     def _on_compared(self, result) -> None:
         self._task = None

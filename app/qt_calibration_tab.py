@@ -520,10 +520,7 @@ class QtCalibrationTab(QWidget):
 
     def cancel(self) -> None:
         """Stop calibration after the current batch; completed batches are kept."""
-        if self._task is not None:
-            self._task.token.cancel()
-            self.progress.bar.setFormat("cancelling after the current image…")
-            self.cancel_button.setEnabled(False)
+        self.progress.cancel_task(self._task, "cancelling after the current image…")
 
     @property
     def running(self) -> bool:

@@ -134,6 +134,14 @@ class QtTaskProgress(QWidget):
         # QProgressBar treats % as a placeholder, so escape it.
         self.bar.setFormat((count + eta + tail).replace("%", "%%"))
 
+    def cancel_task(self, task, text: str = "cancelling…") -> None:
+        """Ask a runner task to stop at its next check and show that it was asked."""
+        if task is None:
+            return
+        task.token.cancel()
+        self.bar.setFormat(text)
+        self.cancel_button.setEnabled(False)
+
     def end(self, text: str) -> None:
         """Stop; keep the bar where it was and say why."""
         self.cancel_button.setEnabled(False)

@@ -305,10 +305,7 @@ class QtExportTab(QWidget):
 
     def cancel_threeway(self) -> None:
         """Stop the three-way check; the table keeps its earlier rows."""
-        if self._threeway_task is not None:
-            self._threeway_task.token.cancel()
-            self.threeway_progress.bar.setFormat("cancelling…")
-            self.threeway_progress.cancel_button.setEnabled(False)
+        self.threeway_progress.cancel_task(self._threeway_task)
 
     def _on_threeway(self, three) -> None:
         self._threeway_task = None

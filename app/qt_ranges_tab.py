@@ -783,10 +783,7 @@ class QtRangesTab(QWidget):
 
     def cancel_recalibration(self) -> None:
         """Stop the recalibration; the core restores the earlier statistics and statuses."""
-        if self._recal_task is not None:
-            self._recal_task.token.cancel()
-            self.recal_progress.bar.setFormat("cancelling…")
-            self.recal_progress.cancel_button.setEnabled(False)
+        self.recal_progress.cancel_task(self._recal_task)
 
     @property
     def recalibrating(self) -> bool:

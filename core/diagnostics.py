@@ -55,6 +55,7 @@ import torch
 from core.grid import PatchLayout, patch_layout
 from core.inspect import (
     ALL_FLOAT,
+    FqTap,
     _cancelled,
     _enter_quant,
     _final_output,
@@ -254,42 +255,6 @@ def _row_stats(fp: torch.Tensor, q: torch.Tensor) -> tuple[np.ndarray, np.ndarra
     return rel.astype(np.float64), sq.astype(np.float64), total_ff, total_dd
 
 
-class _FqTap:
-    """Intercepts every wrapper's ``fq`` (as ``core.inspect._Capture`` does) and calls ``hook``.
-
-    The static path calls ``forward_static`` of the patch embedder, encoder and pooler directly,
-    so module hooks miss them; every observed tensor passes through ``QuantModule.fq``.
-    """
-
-    def __init__(self, qmodel, hook: Callable[[Any, torch.Tensor], None]):
-        self.qmodel = qmodel
-        self.hook = hook
-        self._patched: list = []
-
-    def __enter__(self):
-        for mod in self.qmodel.quant_modules():
-            if "fq" in mod.__dict__:
-                continue
-            mod.fq = self._wrap(mod.fq)
-            self._patched.append(mod)
-        return self
-
-    def __exit__(self, *exc):
-        for mod in self._patched:
-            mod.__dict__.pop("fq", None)
-        self._patched.clear()
-
-    def _wrap(self, orig):
-        hook = self.hook
-
-        def fq(x, obs):
-            y = orig(x, obs)
-            hook(obs, y)
-            return y
-
-        return fq
-
-
 def _single_image_batches(batches: Iterable[Mapping]):
     """Split every batch into batches of one image (memory stays bounded by one image)."""
     for batch in batches:
@@ -358,7 +323,7 @@ def image_error_maps_batch(
         if _cancelled(cancel):
             _raise_cancelled("Error heatmap")
         _enter_quant(qmodel, Mode)
-        with torch.no_grad(), _FqTap(qmodel, hook):
+        with torch.no_grad(), FqTap(qmodel, hook):
             phase[0] = "fp"
             qmodel.set_keep_float(ALL_FLOAT)
             fp_out = _final_output(qmodel(**inputs, static=True)).detach()

@@ -747,30 +747,24 @@ def module_output_observers(qmodel) -> list[tuple[str, str, Any]]:
     return out
 
 
-class _Capture:
-    """Records the tensors that chosen observers see, by intercepting each wrapper's ``fq``.
+class FqTap:
+    """Calls ``hook(observer, output)`` for every tensor a wrapper fake-quantizes (or would).
 
     Forward hooks cannot be used: the static path (the one QUANT runs) calls ``forward_static``
     of the patch embedder, encoder and pooler directly. Every observed tensor goes through
-    ``QuantModule.fq`` on both passes, so that is where FP and quantized values are paired.
-    FP pass: the wanted tensors of one image are kept; QUANT pass: each one is paired with its
-    FP twin as soon as it is produced, folded into the accumulator and released.
+    ``QuantModule.fq`` on both the float and the quantized pass, so that is where it is tapped.
     """
 
-    def __init__(self, qmodel, accs: dict[str, "ErrorAccumulator"]):
+    def __init__(self, qmodel, hook: Callable[[Any, torch.Tensor], None]):
         self.qmodel = qmodel
-        self.accs = accs
-        self.phase = "off"
-        self.store: dict[tuple[str, int], torch.Tensor] = {}
-        self.calls: dict[str, int] = {}
+        self.hook = hook
         self._patched: list = []
 
     def __enter__(self):
         for mod in self.qmodel.quant_modules():
             if "fq" in mod.__dict__:
                 continue
-            orig = mod.fq
-            mod.fq = self._wrap(orig)
+            mod.fq = self._wrap(mod.fq)
             self._patched.append(mod)
         return self
 
@@ -778,6 +772,34 @@ class _Capture:
         for mod in self._patched:
             mod.__dict__.pop("fq", None)
         self._patched.clear()
+
+    def _wrap(self, orig):
+        hook = self.hook
+
+        def fq(x, obs):
+            y = orig(x, obs)
+            hook(obs, y)
+            return y
+
+        return fq
+
+
+class _Capture(FqTap):
+    """Pairs the tensors chosen observers see on the float and the quantized pass.
+
+    FP pass: the wanted tensors of one image are kept; QUANT pass: each one is paired with its
+    FP twin as soon as it is produced, folded into the accumulator and released.
+    """
+
+    def __init__(self, qmodel, accs: dict[str, "ErrorAccumulator"]):
+        super().__init__(qmodel, self._on_fq)
+        self.accs = accs
+        self.phase = "off"
+        self.store: dict[tuple[str, int], torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
         self.store.clear()
 
     def start(self, phase: str) -> None:
@@ -785,26 +807,21 @@ class _Capture:
         self.phase = phase
         self.calls = {}
 
-    def _wrap(self, orig):
-        accs = self.accs
-
-        def fq(x, obs):
-            y = orig(x, obs)
-            if self.phase != "off":
-                name = obs.name
-                acc = accs.get(name)
-                if acc is not None:
-                    i = self.calls.get(name, 0)
-                    self.calls[name] = i + 1
-                    if self.phase == "fp":
-                        self.store[(name, i)] = y.detach()
-                    else:
-                        fp = self.store.pop((name, i), None)
-                        if fp is not None and fp.shape == y.shape:
-                            acc.update(fp, y.detach())
-            return y
-
-        return fq
+    def _on_fq(self, obs, y: torch.Tensor) -> None:
+        if self.phase == "off":
+            return
+        name = obs.name
+        acc = self.accs.get(name)
+        if acc is None:
+            return
+        i = self.calls.get(name, 0)
+        self.calls[name] = i + 1
+        if self.phase == "fp":
+            self.store[(name, i)] = y.detach()
+        else:
+            fp = self.store.pop((name, i), None)
+            if fp is not None and fp.shape == y.shape:
+                acc.update(fp, y.detach())
 
 
 def clip_bounds(obs) -> tuple[float, float] | None:

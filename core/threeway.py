@@ -39,6 +39,7 @@ import torch
 
 from core.errors import CancelledError, ExportError, NotCalibratedError
 from core.export import ROOT_MODULE, ExportResult, layout_fingerprint
+from core.inspect import FqTap
 
 Progress = Callable[[int, int, str], None]
 
@@ -356,37 +357,17 @@ def _output_targets(qmodel: Any, globs: Sequence[str] | None = None) -> list[tup
     return [(name, obs.name) for name, _, obs in module_output_observers(qmodel) if wanted(name)]
 
 
-class _Outputs:
-    """Keeps the first value each chosen observer sees, by intercepting every wrapper's ``fq``
-    (the static path calls some wrappers' methods directly, so forward hooks would miss them)."""
+class _Outputs(FqTap):
+    """Keeps the first value each chosen observer sees (see core.inspect.FqTap)."""
 
     def __init__(self, qmodel: Any, names: set[str]):
-        self.qmodel = qmodel
+        super().__init__(qmodel, self._keep)
         self.names = names
         self.store: dict[str, torch.Tensor] = {}
-        self._patched: list[Any] = []
 
-    def __enter__(self) -> "_Outputs":
-        for mod in self.qmodel.quant_modules():
-            if "fq" in mod.__dict__:
-                continue
-            mod.fq = self._wrap(mod.fq)
-            self._patched.append(mod)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for mod in self._patched:
-            mod.__dict__.pop("fq", None)
-        self._patched.clear()
-
-    def _wrap(self, orig: Callable) -> Callable:
-        def fq(x: torch.Tensor, obs: Any) -> torch.Tensor:
-            y = orig(x, obs)
-            if obs.name in self.names and obs.name not in self.store:
-                self.store[obs.name] = y.detach().float().cpu().clone()
-            return y
-
-        return fq
+    def _keep(self, obs: Any, y: torch.Tensor) -> None:
+        if obs.name in self.names and obs.name not in self.store:
+            self.store[obs.name] = y.detach().float().cpu().clone()
 
 
 def _set_enabled(qmodel: Any, flags: Sequence[bool]) -> None:
