@@ -921,11 +921,13 @@ class QtErrorsTab(QWidget):
             self.banner.unit_combo.setCurrentIndex(index)
         generation = self._generation
         self.banner.set_busy(unit)
+        # The what-if of the last evaluation (modules ticked to stay float) applies here too.
+        keep = list(getattr(self.result, "keep_float", None) or [])
 
         def work(progress, cancel):
             from core.diagnostics import locate_divergence  # noqa: PLC0415 - torch stays off the UI start
 
-            return locate_divergence(session, unit=unit, progress=progress, cancel=cancel)
+            return locate_divergence(session, unit=unit, progress=progress, cancel=cancel, keep_float=keep or None)
 
         def current(task) -> bool:
             return generation == self._generation and task is self._div_task
