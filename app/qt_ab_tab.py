@@ -12,7 +12,6 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -22,7 +21,6 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QSplitter,
-    QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
@@ -30,7 +28,7 @@ from PySide6.QtWidgets import (
 
 from core.errors import ConfigError, PTQStudioError
 
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float
+from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, results_table
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -247,16 +245,7 @@ class QtABTab(QWidget):
         self.delta_plot.addItem(pg.InfiniteLine(pos=0, angle=0, movable=False, pen=pg.mkPen("#888")))
         self.delta_plot.setMaximumHeight(170)
 
-        self.table = QTableWidget(0, len(self.COLUMNS))
-        self.table.setObjectName("abTable")
-        self.table.setHorizontalHeaderLabels(list(self.COLUMNS))
-        self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(22)
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.table.setAlternatingRowColors(True)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table = results_table(self.COLUMNS, "abTable")
         self.table.currentCellChanged.connect(self._on_current_cell)
         self.message = QtMessageLine()
         self.message.show_message("A is the session's config; B is calibrated on the same images without touching A.")

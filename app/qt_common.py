@@ -7,7 +7,15 @@ import time
 
 import numpy as np
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QWidget,
+)
 
 from core.errors import PTQStudioError
 
@@ -148,3 +156,18 @@ class QtTaskProgress(QWidget):
         if self.bar.maximum() == 0:
             self.bar.setRange(0, 1)
         self.bar.setFormat(text.replace("%", "%%"))
+
+
+def results_table(columns, name: str, row_numbers: bool = False) -> QTableWidget:
+    """A read-only table of result rows: whole-row single selection, compact rows, last column stretched."""
+    table = QTableWidget(0, len(columns))
+    table.setObjectName(name)
+    table.setHorizontalHeaderLabels(list(columns))
+    table.verticalHeader().setVisible(row_numbers)
+    table.verticalHeader().setDefaultSectionSize(22)
+    table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+    table.setSelectionBehavior(QAbstractItemView.SelectRows)
+    table.setSelectionMode(QAbstractItemView.SingleSelection)
+    table.setAlternatingRowColors(True)
+    table.horizontalHeader().setStretchLastSection(True)
+    return table

@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_bytes, fmt_float
+from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_bytes, fmt_float, results_table
 
 SORT_ROLE = Qt.UserRole + 40
 BAD_BG = QColor(255, 193, 7, 80)
@@ -259,14 +259,8 @@ class QtExportTab(QWidget):
         self.threeway_note.setWordWrap(True)
         self.threeway_note.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.threeway_note.setStyleSheet("color: palette(dark);")
-        self.threeway_table = QTableWidget(0, len(self.THREEWAY_COLUMNS))
-        self.threeway_table.setObjectName("threeWayTable")
-        self.threeway_table.setHorizontalHeaderLabels(list(self.THREEWAY_COLUMNS))
-        self.threeway_table.verticalHeader().setVisible(False)
-        self.threeway_table.verticalHeader().setDefaultSectionSize(22)
-        self.threeway_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.threeway_table.setSelectionBehavior(QAbstractItemView.SelectRows)
-        self.threeway_table.setAlternatingRowColors(True)
+        self.threeway_table = results_table(self.THREEWAY_COLUMNS, "threeWayTable")
+        self.threeway_table.setSelectionMode(QAbstractItemView.ExtendedSelection)
         self.threeway_table.horizontalHeader().setSectionResizeMode(QHeaderView.Interactive)
         self.threeway_table.horizontalHeader().setStretchLastSection(True)
         self.threeway_box = QGroupBox("Three-way check: float vs fake-quant torch vs Circle, per tensor")

@@ -30,7 +30,6 @@ from PySide6.QtWidgets import (
     QRadioButton,
     QSplitter,
     QTableView,
-    QTableWidget,
     QTableWidgetItem,
     QTabWidget,
     QVBoxLayout,
@@ -40,7 +39,7 @@ from PySide6.QtWidgets import (
 from core.errors import PTQStudioError
 from core.quant.dtypes import get_dtype
 
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, scalar
+from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, results_table, scalar
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -826,17 +825,9 @@ class QtRangesTab(QWidget):
 
     def _build_ranking(self) -> None:
         self.ranks: list = []
-        self.ranking_table = QTableWidget(0, len(self.RANK_COLUMNS))
-        self.ranking_table.setObjectName("imageRankingTable")
-        self.ranking_table.setHorizontalHeaderLabels(list(self.RANK_COLUMNS))
-        self.ranking_table.verticalHeader().setVisible(True)  # the rank, as under the bars
-        self.ranking_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.ranking_table.setSelectionBehavior(QAbstractItemView.SelectRows)
-        self.ranking_table.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.ranking_table.setAlternatingRowColors(True)
-        self.ranking_table.horizontalHeader().setStretchLastSection(True)
+        # Row numbers are the ranks, as under the bars.
+        self.ranking_table = results_table(self.RANK_COLUMNS, "imageRankingTable", row_numbers=True)
         self.ranking_table.setWordWrap(False)
-        self.ranking_table.verticalHeader().setDefaultSectionSize(22)
         self.ranking_summary = QLabel("Images ranked by how many observer extremes (min or max) they set.")
         self.ranking_summary.setWordWrap(True)
         self.ranking_summary.setStyleSheet("color: palette(dark);")

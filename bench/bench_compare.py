@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -102,8 +103,8 @@ def phase_fp(args) -> dict:
     }
 
 
-def phase_compare(args) -> dict:
-    """Load the saved session and compare FP vs quantized on the same images."""
+def _timed_on_session(args, call) -> tuple[Any, dict]:
+    """Load the saved session, run call(session, image paths) and measure it."""
     import torch
 
     from core.session import Session
@@ -112,14 +113,18 @@ def phase_compare(args) -> dict:
     paths = _images(args.images)
     rss_loaded = _rss()
     t0 = time.perf_counter()
-    res = s.evaluate(images=paths)
+    res = call(s, paths)
     if args.device != "cpu":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    return res, {"seconds": seconds, "peak_rss": _peak_rss(), "rss_loaded": rss_loaded}
+
+
+def phase_compare(args) -> dict:
+    """Load the saved session and compare FP vs quantized on the same images."""
+    res, figures = _timed_on_session(args, lambda s, paths: s.evaluate(images=paths))
     return {
-        "seconds": seconds,
-        "peak_rss": _peak_rss(),
-        "rss_loaded": rss_loaded,
+        **figures,
         "modules": len(res.modules),
         "images": len(res.images),
         "end_to_end_sqnr_db": res.end_to_end.sqnr_db,
@@ -129,23 +134,9 @@ def phase_compare(args) -> dict:
 
 def phase_locate(args) -> dict:
     """Load the saved session and run the first-divergence locator on the same images."""
-    import torch
-
-    from core.diagnostics import locate_divergence
-    from core.session import Session
-
-    s = Session.load(args.session, device=args.device)
-    paths = _images(args.images)
-    rss_loaded = _rss()
-    t0 = time.perf_counter()
-    res = locate_divergence(s, images=paths, unit=args.unit)
-    if args.device != "cpu":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    res, figures = _timed_on_session(args, lambda s, paths: s.locate_divergence(images=paths, unit=args.unit))
     return {
-        "seconds": seconds,
-        "peak_rss": _peak_rss(),
-        "rss_loaded": rss_loaded,
+        **figures,
         "unit": args.unit,
         "units": len(res.entries),
         "images": len(res.images),

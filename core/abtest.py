@@ -43,15 +43,14 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-
-import torch
 
 from core.config import FLOAT, ModuleOverride, PTQConfig, QuantSpec
 from core.errors import CancelledError, ConfigError, NoImagesError, NotCalibratedError
 from core.inspect import CompareResult, ModuleError, compare
+from core.session import _to_device
 
 Progress = Callable[[int, int, str], None]
 
@@ -286,7 +285,7 @@ def compare_ab(
             f"config B was built from model {ab_state.model_spec!r}, the session now holds "
             f"{session.model_spec!r}: run calibrate_b again"
         )
-    entries = _evaluation_entries(session, images)
+    entries = session._entries_for(images)
     n = len(entries)
     t0 = time.perf_counter()
 
@@ -621,24 +620,6 @@ def _global_differences(a: PTQConfig, b: PTQConfig) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _evaluation_entries(session, images) -> list:
-    if images is None:
-        entries = list(session.usable_images())
-    else:
-        entries = list(session.probe_images(images).accepted)
-    if not entries:
-        raise NoImagesError(None, "none of the given images can be used for the A/B comparison")
-    return entries
-
-
-def _to_device(batches: Iterable[Mapping[str, Any]], device: str) -> Iterator[Mapping[str, Any]]:
-    for b in batches:
-        if device == "cpu":
-            yield b
-        else:
-            yield {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
 
 
 def _delta(a: float, b: float) -> float:

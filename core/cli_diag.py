@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.cli import _load, _no_images_error, _rejected_text, _table
+
 DTYPES = ("uint8", "int8", "int16", "uint4", "int4")
 OBSERVERS = ("minmax", "ema", "percentile")
 
@@ -54,16 +56,8 @@ def add_parsers(sub, common) -> None:
     common(ab)
 
 
-def _load(path, device):
-    from core.cli import _load as load
-
-    return load(path, device)
-
-
 def cmd_images(args, progress) -> tuple[dict, str]:
     """Rank the calibration images by the observer extremes they set."""
-    from core.cli import _table
-
     session = _load(args.session, args.device)
     ranks = session.rank_images()
     shown = ranks[: args.top] if args.top and args.top > 0 else ranks
@@ -171,7 +165,7 @@ def _differs(a, b) -> bool:
 
     if a is None or b is None:
         return a is not b
-    return not np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=0, atol=0)
+    return not np.array_equal(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
 
 
 def _config_b(session, args):
@@ -204,7 +198,6 @@ def _config_b(session, args):
 def cmd_ab(args, progress) -> tuple[dict, str]:
     """Calibrate B on A's calibration images, compare both per module, write the winners."""
     from core.abtest import ABComparison
-    from core.cli import _no_images_error, _rejected_text
 
     t0 = time.perf_counter()
     session = _load(args.session, args.device)

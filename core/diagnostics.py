@@ -162,6 +162,18 @@ class ImageErrorMaps:
     sqnr_db: dict[str, float] = field(default_factory=dict, repr=False)  # whole-tensor SQNR per module
     seconds: float = 0.0
 
+    def _add(self, name: str, rel: np.ndarray, sq: np.ndarray, ff: float, dd: float, level: str) -> None:
+        self.rows[name], self.row_sqnr_db[name], self.levels[name] = rel, sq, level
+        self.sqnr_db[name] = _sqnr(ff, dd)
+        self.module_order.append(name)
+
+    def _add_final(self, fp: torch.Tensor, q: torch.Tensor) -> None:
+        """The final output's map ("model"), when its rows are patches or soft tokens."""
+        out_fp, out_q = _rows_view(fp), _rows_view(q)
+        level = self.layout.level_of(int(out_fp.shape[0]))
+        if level is not None:
+            self._add(MODEL, *_row_stats(out_fp, out_q), level)
+
     def modules(self) -> list[str]:
         """Module names with a map, forward order, "model" last."""
         return list(self.module_order)
@@ -342,32 +354,14 @@ def image_error_maps_batch(
         qmodel.set_keep_float([])
     maps = ImageErrorMaps(image_id=image_id, path=None if path is None else str(path), layout=layout, image=image)
     for name, _kind, obs in outputs:
-        s = stats.get(obs.name)
-        if s is None:
-            continue
-        rel, sq, ff, dd, level = s
-        maps.rows[name], maps.row_sqnr_db[name], maps.levels[name] = rel, sq, level
-        maps.sqnr_db[name] = _sqnr(ff, dd)
-        maps.module_order.append(name)
-    out_fp, out_q = _rows_view(fp_out), _rows_view(q_out)
-    level = layout.level_of(int(out_fp.shape[0]))
-    if level is not None:
-        rel, sq, ff, dd = _row_stats(out_fp, out_q)
-        maps.rows[MODEL], maps.row_sqnr_db[MODEL], maps.levels[MODEL] = rel, sq, level
-        maps.sqnr_db[MODEL] = _sqnr(ff, dd)
-        maps.module_order.append(MODEL)
+        if obs.name in stats:
+            maps._add(name, *stats[obs.name])
+    maps._add_final(fp_out, q_out)
     del fp_out, q_out
     maps.seconds = time.perf_counter() - t0
     if progress is not None:
         progress(total, total, f"{image_id}: quantized pass")
     return maps
-
-
-def _require_calibrated(session) -> None:
-    from core.errors import NotCalibratedError
-
-    if getattr(session, "state", "calibrated") != "calibrated":
-        raise NotCalibratedError("the session is not calibrated yet: run calibrate before asking for error maps")
 
 
 def _session_batch(session, image) -> tuple[dict, str, str]:
@@ -387,7 +381,7 @@ def _session_batch(session, image) -> tuple[dict, str, str]:
 
 def image_error_maps(session, image, progress: Progress | None = None, cancel=None) -> ImageErrorMaps:
     """Per-patch / per-token error maps of every module for one image (a path or an ImageEntry)."""
-    _require_calibrated(session)
+    session._require_calibrated()
     if _cancelled(cancel):
         _raise_cancelled("Error heatmap")
     batch, image_id, path = _session_batch(session, image)
@@ -619,13 +613,7 @@ def _final_maps(qmodel, inputs, image_id: str, fp: torch.Tensor, q: torch.Tensor
     """An ImageErrorMaps holding only the final output's map (from tensors already computed)."""
     layout = patch_layout(qmodel, inputs["pixel_position_ids"])
     maps = ImageErrorMaps(image_id=image_id, path=None, layout=layout, image=layout.image(inputs["pixel_values"][0]))
-    out_fp, out_q = _rows_view(fp), _rows_view(q)
-    level = layout.level_of(int(out_fp.shape[0]))
-    if level is not None:
-        rel, sq, ff, dd = _row_stats(out_fp, out_q)
-        maps.rows[MODEL], maps.row_sqnr_db[MODEL], maps.levels[MODEL] = rel, sq, level
-        maps.sqnr_db[MODEL] = _sqnr(ff, dd)
-        maps.module_order.append(MODEL)
+    maps._add_final(fp, q)
     return maps
 
 
@@ -816,7 +804,7 @@ def locate_divergence(
     on_image: Callable[[ImageErrorMaps], None] | None = None,
 ) -> DivergenceResult:
     """First-divergence search on a calibrated session's images (default: its usable image set)."""
-    _require_calibrated(session)
+    session._require_calibrated()
     if _cancelled(cancel):
         _raise_cancelled("Divergence search")
     entries = session._entries_for(images)

@@ -404,14 +404,23 @@ def verify_circle(
 def _run_lean(runtime: Any, inputs: list[np.ndarray], mode: Any) -> list[np.ndarray]:
     """CircleReferenceRuntime.run, but each constant is dequantized when first used and dropped
     after its last use (run() holds every dequantized weight for the whole run: +4x the file)."""
-    from tico.circle.runtime.quantization import dequantize_array, fake_quantize_array
-
     try:
-        program = runtime.program
-        last_use = runtime._last_use
-        execute = runtime._execute_operator
+        return run_keeping(runtime, inputs, mode)[0]
     except AttributeError:  # another tico version: fall back to the public API
         return list(runtime.run(inputs, mode=mode).outputs)
+
+
+def run_keeping(
+    runtime: Any, inputs: list[np.ndarray], mode: Any, wanted: set[int] = frozenset()
+) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+    """The runtime's own operator loop (``_execute_operator`` per operator, as run() does), with
+    every value dropped after its last use; returns (graph outputs, a copy of each `wanted`
+    tensor). Raises AttributeError when the runtime lacks the private pieces it uses."""
+    from tico.circle.runtime.quantization import dequantize_array, fake_quantize_array
+
+    program = runtime.program
+    last_use = runtime._last_use
+    execute = runtime._execute_operator
     fake = mode.name == "FAKE_QUANTIZE"
     values: dict[int, np.ndarray] = {}
     for position, (index, raw) in enumerate(zip(program.inputs, inputs)):
@@ -420,6 +429,7 @@ def _run_lean(runtime: Any, inputs: list[np.ndarray], mode: Any) -> list[np.ndar
         runtime._validate_value(array, tensor, mode, path=f"graph input {position}")
         values[index] = fake_quantize_array(array, tensor) if fake and tensor.is_quantized_integer else array
     keep = set(program.inputs) | set(program.outputs)
+    kept = {i: np.array(values[i], copy=True) for i in values if i in wanted}
 
     def constant(index: int) -> None:
         tensor = program.tensor(index)
@@ -432,12 +442,22 @@ def _run_lean(runtime: Any, inputs: list[np.ndarray], mode: Any) -> list[np.ndar
             if index >= 0:
                 constant(index)
         execute(op, values, mode)
+        for index in op.outputs:
+            if index in wanted:
+                kept[index] = np.array(values[index], copy=True)
         for index in op.inputs:
+            if index in wanted and index not in kept:  # a wanted constant
+                kept[index] = np.array(values[index], copy=True)
             if index >= 0 and index not in keep and last_use.get(index) == op.index:
                 values.pop(index, None)
     for index in program.outputs:
         constant(index)
-    return [np.array(values[index], copy=True) for index in program.outputs]
+    for index in wanted:
+        if index not in kept:
+            constant(index)
+            if index in values:
+                kept[index] = np.array(values[index], copy=True)
+    return [np.array(values[index], copy=True) for index in program.outputs], kept
 
 
 # --------------------------------------------------------------------------- conversion

@@ -29,7 +29,6 @@ import contextlib
 import math
 import re
 import time
-import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from core.quant.observers import LOCATION_FIELDS
 
 SAMPLE_SIZE = 4096
 OUTLIER_PERCENTILE = 99.99
@@ -469,12 +470,7 @@ class ObserverRecord:
             "max": _json_float(self.range_max),
             "min_source": self.min_source,
             "max_source": self.max_source,
-            "min_index": self.min_index,
-            "max_index": self.max_index,
-            "min_shape": list(self.min_shape) if self.min_shape is not None else None,
-            "max_shape": list(self.max_shape) if self.max_shape is not None else None,
-            "min_tied": self.min_tied,
-            "max_tied": self.max_tied,
+            **{f: list(v) if isinstance(v := getattr(self, f), tuple) else v for f in LOCATION_FIELDS},
             "outlier": self.outlier,
             "outlier_ratio": _json_float(self.outlier_ratio),
         }
@@ -648,12 +644,7 @@ def observer_table(qmodel) -> list[ObserverRecord]:
                 observer_kind=str(getattr(obs, "observer_kind", "")),
                 num_seen=int(getattr(obs, "num_seen", 0) or 0),
                 has_stats=has_stats,
-                min_index=getattr(obs, "min_index", None) if has_stats else None,
-                max_index=getattr(obs, "max_index", None) if has_stats else None,
-                min_shape=getattr(obs, "min_shape", None) if has_stats else None,
-                max_shape=getattr(obs, "max_shape", None) if has_stats else None,
-                min_tied=bool(getattr(obs, "min_tied", False)) if has_stats else False,
-                max_tied=bool(getattr(obs, "max_tied", False)) if has_stats else False,
+                **({f: getattr(obs, f) for f in LOCATION_FIELDS} if has_stats else {}),
             )
         )
     return records

@@ -341,9 +341,7 @@ def heatmap_chart(heatmap, title: str | None = None, target: int = 640) -> Image
     canvas.paste(shown.convert("RGB"), (left, top))
     d = ImageDraw.Draw(canvas)
     # Peak: the patches behind the peak row (a soft token's block), outlined.
-    l, t, r, b = (v * zoom for v in heatmap.peak_box())
-    for k in range(3):
-        d.rectangle([left + l - k, top + t - k, left + r + k - 1, top + b + k - 1], outline=PEAK if k < 2 else (0, 0, 0))
+    _outline(d, heatmap.peak_box(), left, top, zoom)
     unit = "soft token" if heatmap.level == "token" else "patch"
     title = title or f"Quantization error per {unit}: image {heatmap.image_id}"
     d.text((10, 8), _clip_text(d, title, font, canvas.width - 20), fill=FG, font=font)
@@ -368,6 +366,13 @@ def heatmap_chart(heatmap, title: str | None = None, target: int = 640) -> Image
     foot = f"peak outlined; {heatmap.layout.num_patches} patches, {heatmap.layout.num_tokens} soft tokens"
     d.text((left, top + H + 8), foot, fill=FG, font=small)
     return canvas
+
+
+def _outline(d: ImageDraw.ImageDraw, box, left: int, top: int, zoom: float) -> None:
+    """A pixel box of the resized image, drawn at `zoom` and offset: two bright lines, one dark."""
+    l, t, r, b = (v * zoom for v in box)
+    for k in range(3):
+        d.rectangle([left + l - k, top + t - k, left + r + k - 1, top + b + k - 1], outline=PEAK if k < 2 else (0, 0, 0))
 
 
 def _fmt_err(v: float) -> str:
@@ -413,9 +418,7 @@ def extreme_location_chart(loc, target: int = 640) -> Image.Image:
     canvas.paste(base.resize((W, H), Image.BILINEAR), (left, top))
     d = ImageDraw.Draw(canvas)
     for box in loc.boxes:
-        l, t, r, b = (v * zoom for v in box)
-        for k in range(3):
-            d.rectangle([left + l - k, top + t - k, left + r + k - 1, top + b + k - 1], outline=PEAK if k < 2 else (0, 0, 0))
+        _outline(d, box, left, top, zoom)
     title = f"{loc.observer}: {loc.which} {_fmt_err(float(loc.value))} set by {loc.image_id}"
     d.text((10, 8), _clip_text(d, title, font, canvas.width - 20), fill=FG, font=font)
     where = f"row {loc.row} ({loc.level}), {len(loc.boxes)} patch(es) outlined" if loc.level else "no patch-level row"

@@ -27,10 +27,9 @@ import numpy as np
 
 from core.errors import BadImageError, ConfigError, NoImagesError, NoLocationError, NotCalibratedError
 from core.grid import PatchLayout, patch_layout
+from core.quant.observers import WEIGHT_SOURCE
 
 __all__ = ["ExtremeLocation", "ImageRank", "NoLocationError", "locate_extreme", "rank_images", "row_axis"]
-
-WEIGHT_SOURCE = "weights"
 
 
 @dataclass
@@ -112,7 +111,7 @@ def locate_extreme(session, observer_name: str, which: str = "max") -> ExtremeLo
         raise NoLocationError(
             f"observer {obs.name} is per channel: each channel's {which} has its own image, so there is no single location"
         )
-    loc = obs.location(which) if hasattr(obs, "location") else None
+    loc = obs.location(which)
     if source is None or loc is None:
         raise NoLocationError(
             f"observer {obs.name}: no recorded location for its {which} (saved by an older PTQ Studio?); calibrate again to record it"

@@ -23,18 +23,16 @@ renamed into place; an existing session is kept until the new one is complete.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -329,11 +327,7 @@ class Session:
         out: list[ImageEntry] = []
         for item in paths_or_ids:
             key = str(item)
-            keys = {key, str(Path(key))}
-            try:
-                keys.add(str(Path(key).resolve()))
-            except OSError:
-                pass
+            keys = {key, str(Path(key)), _resolved(key)}
             found = [
                 e for e in self.images
                 if e.status != "rejected"

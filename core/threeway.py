@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from core.errors import CancelledError, ExportError, NotCalibratedError
-from core.export import ROOT_MODULE, ExportResult, layout_fingerprint
+from core.export import ROOT_MODULE, ExportResult, layout_fingerprint, run_keeping
 from core.inspect import FqTap
 
 Progress = Callable[[int, int, str], None]
@@ -370,36 +370,23 @@ class _Outputs(FqTap):
             self.store[obs.name] = y.detach().float().cpu().clone()
 
 
-def _set_enabled(qmodel: Any, flags: Sequence[bool]) -> None:
-    """Set every observer's enabled flag and refresh the cached fake-quantized weights."""
-    from core.quant.mode import Mode
-
-    changed = False
-    for obs, flag in zip(qmodel.observers(), flags):
-        changed |= obs.enabled != flag
-        obs.enabled = flag
-    if changed and qmodel.ctx.mode is Mode.QUANT:
-        for wrapper in qmodel.quant_modules():
-            wrapper.cache_weights()
-
-
 def _torch_outputs(qmodel, targets, pixel_values, position_ids):
     """FP and fake-quant values of every target observer plus both final outputs."""
     names = {obs for _, obs in targets}
-    saved = [bool(o.enabled) for o in qmodel.observers()]
+    saved = qmodel.observer_flags()
     inputs = {"pixel_values": pixel_values, "pixel_position_ids": position_ids}
     try:
         with torch.no_grad():
-            _set_enabled(qmodel, [False] * len(saved))
+            qmodel.set_observer_flags([False] * len(saved))
             with _Outputs(qmodel, names) as cap:
                 fp_out = qmodel(**inputs, static=True).last_hidden_state.detach().float().cpu()
             fp = cap.store
-            _set_enabled(qmodel, saved)
+            qmodel.set_observer_flags(saved)
             with _Outputs(qmodel, names) as cap:
                 fq_out = qmodel(**inputs, static=True).last_hidden_state.detach().float().cpu()
             fq = cap.store
     finally:
-        _set_enabled(qmodel, saved)
+        qmodel.set_observer_flags(saved)
     return fp, fq, fp_out, fq_out
 
 
@@ -495,7 +482,7 @@ def _run_circle(data: bytes, pixel_values: torch.Tensor, wanted: set[int]) -> tu
         name = f"tico reference runtime ({mode.name})"
         inputs = [pixel_values.numpy()]
         try:
-            return _run_keeping(runtime, inputs, mode, wanted), name, True
+            return run_keeping(runtime, inputs, mode, wanted)[1], name, True
         except AttributeError:
             pass
         try:  # the public API: trace=True keeps every tensor (constants included)
@@ -510,48 +497,6 @@ def _run_circle(data: bytes, pixel_values: torch.Tensor, wanted: set[int]) -> tu
         raise
     except Exception as exc:
         raise ExportError(f"the Circle model does not run in TICO's reference runtime: {_first_line(exc)}") from exc
-
-
-def _run_keeping(runtime: Any, inputs: list[np.ndarray], mode: Any, wanted: set[int]) -> dict[int, np.ndarray]:
-    """The runtime's operator loop (its own _execute_operator per operator, as run() does), keeping
-    the wanted tensors and dropping every other value after its last use, constants included."""
-    from tico.circle.runtime.quantization import dequantize_array, fake_quantize_array
-
-    program = runtime.program
-    last_use = runtime._last_use
-    execute = runtime._execute_operator
-    fake = mode.name == "FAKE_QUANTIZE"
-    values: dict[int, np.ndarray] = {}
-    for position, (index, raw) in enumerate(zip(program.inputs, inputs)):
-        tensor = program.tensor(index)
-        array = runtime._as_readonly_array(raw, tensor, position)
-        runtime._validate_value(array, tensor, mode, path=f"graph input {position}")
-        values[index] = fake_quantize_array(array, tensor) if fake and tensor.is_quantized_integer else array
-    keep = set(program.inputs) | set(program.outputs) | set(wanted)
-    kept: dict[int, np.ndarray] = {i: np.array(values[i], copy=True) for i in values if i in wanted}
-    for op in program.operators:
-        for index in op.inputs:
-            if index >= 0 and index not in values:
-                tensor = program.tensor(index)
-                if tensor.constant is not None:
-                    c = tensor.constant
-                    values[index] = dequantize_array(c, tensor) if fake and tensor.is_quantized_integer else c
-        execute(op, values, mode)
-        for index in op.outputs:
-            if index in wanted:
-                kept[index] = np.array(values[index], copy=True)
-        for index in op.inputs:
-            if index >= 0 and index not in keep and last_use.get(index) == op.index:
-                values.pop(index, None)
-    for index in wanted:
-        if index not in kept:
-            tensor = program.tensor(index)
-            if index in values:
-                kept[index] = np.array(values[index], copy=True)
-            elif tensor.constant is not None:
-                c = tensor.constant
-                kept[index] = dequantize_array(c, tensor) if fake and tensor.is_quantized_integer else np.array(c)
-    return kept
 
 
 # --------------------------------------------------------------------------- metrics

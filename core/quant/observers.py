@@ -41,6 +41,8 @@ from core.errors import NotCalibratedError
 from core.quant.dtypes import QDType, get_dtype
 
 WEIGHT_SOURCE = "weights"
+# Where an extreme sat in its tensor (see the module docstring); ObserverRecord copies these.
+LOCATION_FIELDS = ("min_index", "max_index", "min_shape", "max_shape", "min_tied", "max_tied")
 _EPS = 1e-12
 
 
@@ -128,14 +130,17 @@ class Observer(nn.Module):
         setattr(self, f"{which}_value", float(flat[idx]))
         setattr(self, f"{which}_tied", False)
 
-    def _clear_location(self, which: str) -> None:
-        for key in ("index", "shape", "value"):
-            setattr(self, f"{which}_{key}", None)
-        setattr(self, f"{which}_tied", False)
-
-    def _note_tie(self, which: str, source: str | None) -> None:
-        if source != getattr(self, f"{which}_source"):
+    def _track(self, which: str, value: float, current: float, source: str | None, x: torch.Tensor) -> bool:
+        """Provenance of one extreme: True when `value` beats `current` (strictly: on a tie the
+        earlier image keeps it, and the tie is noted), recording the source and location."""
+        beats = value < current if which == "min" else value > current
+        if beats:
+            setattr(self, f"{which}_source", source)
+            if not self.per_channel:
+                self._record_location(which, x)
+        elif value == current and not self.per_channel and source != getattr(self, f"{which}_source"):
             setattr(self, f"{which}_tied", True)
+        return beats
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor, source: str | None = None) -> None:
@@ -157,35 +162,17 @@ class Observer(nn.Module):
     def _update_stats(self, x: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, source: str | None) -> None:
         raise NotImplementedError
 
-    def _set_extremes(
-        self, mn: torch.Tensor, mx: torch.Tensor, source: str | None, x: torch.Tensor | None = None
-    ) -> None:
+    def _set_extremes(self, mn: torch.Tensor, mx: torch.Tensor, source: str | None, x: torch.Tensor) -> None:
         """Plain running min/max with provenance (shared by the min-max family); `x` gives the location."""
         if self.per_channel:
             torch.minimum(self.min_val, mn, out=self.min_val)
             torch.maximum(self.max_val, mx, out=self.max_val)
             self.min_source = self.max_source = source
             return
-        # Strict comparisons: on a tie the earlier image keeps the extreme.
-        mn_f, mx_f = float(mn), float(mx)
-        if mn_f < float(self.min_val):
+        if self._track("min", float(mn), float(self.min_val), source, x):
             self.min_val.copy_(mn)
-            self.min_source = source
-            if x is not None:
-                self._record_location("min", x)
-            else:
-                self._clear_location("min")
-        elif mn_f == float(self.min_val):
-            self._note_tie("min", source)
-        if mx_f > float(self.max_val):
+        if self._track("max", float(mx), float(self.max_val), source, x):
             self.max_val.copy_(mx)
-            self.max_source = source
-            if x is not None:
-                self._record_location("max", x)
-            else:
-                self._clear_location("max")
-        elif mx_f == float(self.max_val):
-            self._note_tie("max", source)
 
     def _histogram_values(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1)
@@ -353,20 +340,10 @@ class EMAMinMaxObserver(Observer):
             self.min_val.mul_(m).add_((1 - m) * mn)
             self.max_val.mul_(m).add_((1 - m) * mx)
         lo, hi = float(mn.min()), float(mx.max())
-        if lo < self._extreme[0]:
+        if self._track("min", lo, self._extreme[0], source, x):
             self._extreme[0] = lo
-            self.min_source = source
-            if not self.per_channel:
-                self._record_location("min", x)
-        elif lo == self._extreme[0] and not self.per_channel:
-            self._note_tie("min", source)
-        if hi > self._extreme[1]:
+        if self._track("max", hi, self._extreme[1], source, x):
             self._extreme[1] = hi
-            self.max_source = source
-            if not self.per_channel:
-                self._record_location("max", x)
-        elif hi == self._extreme[1] and not self.per_channel:
-            self._note_tie("max", source)
 
 
 class PercentileObserver(Observer):

@@ -206,11 +206,21 @@ class QuantVisionModel(QuantModule):
     def set_keep_float(self, globs: Sequence[str]) -> None:
         """Keep modules matching `globs` (and those the config keeps) in float; no recalibration needed."""
         config = self.ctx.config
+        self.set_observer_flags(
+            [
+                not (config.spec_for(obs.module_name, obs.kind) is None or any(config.matches(g, obs.module_name) for g in globs))
+                for obs in self.observers()
+            ]
+        )
+
+    def observer_flags(self) -> list[bool]:
+        """Every observer's enabled flag, in forward order (for set_observer_flags)."""
+        return [bool(obs.enabled) for obs in self.observers()]
+
+    def set_observer_flags(self, flags: Sequence[bool]) -> None:
+        """Enable or disable every observer (forward order) and refresh what that changes."""
         changed: set[str] = set()
-        for obs in self.observers():
-            float_by_config = config.spec_for(obs.module_name, obs.kind) is None
-            by_glob = any(config.matches(g, obs.module_name) for g in globs)
-            enabled = not (float_by_config or by_glob)
+        for obs, enabled in zip(self.observers(), flags):
             if enabled != obs.enabled:
                 changed.add(obs.module_name)
             obs.enabled = enabled
