@@ -274,9 +274,10 @@ def main() -> None:
     ours = next((s.get("result") for s in results if s["name"] == "ours"), None)
     if ours:
         conv = ours["seconds"] - ours["timings"].get("verify", 0.0)
-        print(f"\ntarget: ours <= 10 min and <= 4 GiB: export {conv / 60:.1f} min "
-              f"({'met' if conv <= 600 else 'NOT met'}), peak RSS {ours['rss_gb']:.2f} GiB "
-              f"({'met' if ours['rss_gb'] <= 4 else 'NOT met'})")
+        peak_bytes = ours["rss_gb"] * 2**30  # the strict reading of "4 GB": 4e9 bytes (3.73 GiB)
+        print(f"\ntarget: ours <= 10 min and <= 4 GB: export {conv / 60:.1f} min "
+              f"({'met' if conv <= 600 else 'NOT met'}), peak RSS {ours['rss_gb']:.2f} GiB = {peak_bytes / 1e9:.2f} GB "
+              f"({'met' if peak_bytes <= 4e9 else 'NOT met'})")
     if args.profile:
         import pstats
 

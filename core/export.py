@@ -30,7 +30,11 @@ import numpy as np
 import torch
 
 from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError, UnwritablePathError
+from core.quant import meta_kernels
 from core.quant.mode import Mode
+
+# torch.export must not run the fake-quantize kernels on real zero tensors (see meta_kernels).
+meta_kernels.register()
 
 Progress = Callable[[int, int, str], None]
 
@@ -413,9 +417,10 @@ def _run_lean(runtime: Any, inputs: list[np.ndarray], mode: Any) -> list[np.ndar
 def run_keeping(
     runtime: Any, inputs: list[np.ndarray], mode: Any, wanted: set[int] = frozenset()
 ) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
-    """The runtime's own operator loop (``_execute_operator`` per operator, as run() does), with
-    every value dropped after its last use; returns (graph outputs, a copy of each `wanted`
-    tensor). Raises AttributeError when the runtime lacks the private pieces it uses."""
+    """The runtime's own operator loop (``_execute_operator`` per operator, as run() does; large
+    blockwise operators slab by slab, see _execute_in_blocks), with every value dropped after its
+    last use; returns (graph outputs, a copy of each `wanted` tensor). Raises AttributeError when
+    the runtime lacks the private pieces it uses."""
     from tico.circle.runtime.quantization import dequantize_array, fake_quantize_array
 
     program = runtime.program
@@ -441,7 +446,8 @@ def run_keeping(
         for index in op.inputs:
             if index >= 0:
                 constant(index)
-        execute(op, values, mode)
+        if not _execute_in_blocks(runtime, op, values, mode):
+            execute(op, values, mode)
         for index in op.outputs:
             if index in wanted:
                 kept[index] = np.array(values[index], copy=True)
@@ -458,6 +464,71 @@ def run_keeping(
             if index in values:
                 kept[index] = np.array(values[index], copy=True)
     return [np.array(values[index], copy=True) for index in program.outputs], kept
+
+
+# Operators that compute each index of their leading axes from the same index of their inputs
+# (broadcast inputs aside): elementwise maths, SOFTMAX over the last axis, BATCH_MATMUL over the
+# last two. Run on a slab of one leading axis at a time, they give the same values bit for bit.
+_BLOCKWISE_OPS = frozenset({
+    "ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "POW", "SQUARED_DIFFERENCE",
+    "SOFTMAX", "BATCH_MATMUL", "EXP", "LOGISTIC", "TANH", "GELU", "RELU", "NEG", "ABS", "SQRT", "RSQRT",
+})
+# Outputs larger than this run in slabs of about this size (the attention scores of e2b at 280
+# soft tokens are 243 MB; whole, SOFTMAX and its requantization held five such copies at once).
+_BLOCK_BYTES = 32 * 2**20
+
+
+def _execute_in_blocks(runtime: Any, op: Any, values: dict[int, np.ndarray], mode: Any) -> bool:
+    """Run one large blockwise operator slab by slab along its first non-singleton leading axis with
+    the runtime's own kernel and requantization; False (nothing done) when it does not qualify."""
+    from tico.circle.runtime.kernels import KernelContext, conversion_builtin_codes, value_preserving_builtin_codes
+    from tico.circle.runtime.quantization import fake_quantize_array
+
+    if op.name not in _BLOCKWISE_OPS or len(op.outputs) != 1 or any(i < 0 for i in op.inputs):
+        return False
+    program = runtime.program
+    out = program.tensor(op.outputs[0])
+    shape = tuple(int(d) for d in out.shape)
+    dtype = runtime.effective_dtype(out, mode)
+    total = math.prod(shape) * dtype.itemsize
+    quant = out.quantization
+    if len(shape) < 3 or total <= _BLOCK_BYTES or (quant is not None and len(quant.scale or ()) > 1):
+        return False  # small, or per-channel qparams (they broadcast over the whole shape)
+    axis = next((a for a in range(len(shape) - 2) if shape[a] > 1), None)
+    if axis is None:
+        return False
+    inputs = [values[i] for i in op.inputs]
+    sliced: list[int | None] = []  # per input: the axis to slice, None when it broadcasts over it
+    for x in inputs:
+        own = axis - (len(shape) - x.ndim)
+        if own < 0 or x.shape[own] == 1:
+            sliced.append(None)
+        elif x.shape[own] == shape[axis]:
+            sliced.append(own)
+        else:
+            return False
+    runtime._check_quantized_operands(op, mode)
+    kernel = runtime.registry.get(op.builtin_code)
+    requantize = (  # as _execute_operator decides it
+        mode.name == "FAKE_QUANTIZE"
+        and out.is_quantized_integer
+        and op.builtin_code not in value_preserving_builtin_codes()
+        and op.builtin_code not in conversion_builtin_codes()
+    )
+    rows = max(1, int(shape[axis] * _BLOCK_BYTES // total))
+    result = np.empty(shape, dtype=dtype)
+    for start in range(0, shape[axis], rows):
+        part = slice(start, start + rows)
+        block_inputs = tuple(x if a is None else x[(slice(None),) * a + (part,)] for x, a in zip(inputs, sliced))
+        context = KernelContext(program=program, operator=op, inputs=block_inputs, output_dtypes=(dtype,), mode=mode)
+        with np.errstate(all="ignore"):
+            (block,) = kernel(context)
+        block = np.asarray(block)
+        result[(slice(None),) * axis + (part,)] = fake_quantize_array(block, out) if requantize else block
+    runtime._validate_value(result, out, mode, path=f"operator {op.index} ({op.name}) output 0", operator=op)
+    result.setflags(write=False)
+    values[out.index] = result
+    return True
 
 
 # --------------------------------------------------------------------------- conversion

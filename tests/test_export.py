@@ -102,6 +102,39 @@ def test_quant_export_is_fully_quantized_and_verified(quant_export, tiny_quant):
     assert v.vs_runtime_forward == pytest.approx(v.max_abs_diff, abs=1e-5)
 
 
+def test_lean_runtime_loop_matches_the_runtime_bit_for_bit(quant_export, tiny_quant, monkeypatch):
+    """Verification runs TICO's kernels with values freed early and large blockwise ops in slabs;
+    every tensor it computes equals what the runtime's own run() computes, exactly."""
+    import numpy as np
+    from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
+
+    import core.export as export
+
+    data = quant_export.path.read_bytes()
+    runtime = CircleReferenceRuntime(data)
+    pixels = _batch(tiny_quant.config, SQUARE, 70)["pixel_values"].float().numpy()
+    expected = runtime.run([pixels], mode=ExecutionMode.FAKE_QUANTIZE, trace=True)
+
+    blocked: list[str] = []
+    real = export._execute_in_blocks
+
+    def spy(runtime, op, values, mode):
+        done = real(runtime, op, values, mode)
+        if done:
+            blocked.append(op.name)
+        return done
+
+    monkeypatch.setattr(export, "_BLOCK_BYTES", 4096)  # tiny's tensors are small: force slabs
+    monkeypatch.setattr(export, "_execute_in_blocks", spy)
+    every = set(expected.tensor_values)
+    outputs, kept = export.run_keeping(CircleReferenceRuntime(data), [pixels], ExecutionMode.FAKE_QUANTIZE, every)
+    assert {"SOFTMAX", "BATCH_MATMUL", "ADD", "MUL"} <= set(blocked), sorted(set(blocked))
+    assert np.array_equal(outputs[0], expected.outputs[0])
+    assert kept.keys() == every
+    for index in every:
+        assert np.array_equal(kept[index], expected.tensor_values[index]), runtime.program.tensor(index).describe()
+
+
 def test_quant_export_maps_every_tensor_to_its_module(quant_export, tiny_quant):
     r = quant_export
     names = {n for n, _ in tiny_quant.wrappers()} | {ROOT_MODULE}
@@ -154,6 +187,43 @@ def test_exported_graph_is_clean(tiny_quant, tiny_float):
         with torch.no_grad():
             program = torch.export.export(module, (batch["pixel_values"],), strict=False)
         assert check_graph(program) == []
+
+
+def test_tracing_never_runs_real_fake_quant_kernels(tiny_quant, monkeypatch):
+    """torch.export of the QUANT export module computes no real tensors: without our Meta kernels
+    every fake-quant ran on zero-filled real copies (gigabytes on e2b, see core.quant.meta_kernels)."""
+    import torch._subclasses.fake_tensor as fake_tensor
+
+    from core.quant import meta_kernels
+
+    assert set(meta_kernels.register()) >= {"fake_quantize_per_tensor_affine_cachemask", "fake_quantize_per_channel_affine_cachemask"}
+    fallbacks: list[str] = []
+    real_fallback = fake_tensor.run_fallback_kernel
+
+    def spy(fake_mode, func, *args, **kwargs):
+        fallbacks.append(str(func))
+        return real_fallback(fake_mode, func, *args, **kwargs)
+
+    monkeypatch.setattr(fake_tensor, "run_fallback_kernel", spy)
+    batch = _batch(tiny_quant.config, SQUARE, 70)
+    module = tiny_quant.as_export_module(batch["pixel_position_ids"]).eval()
+    with torch.no_grad():
+        program = torch.export.export(module, (batch["pixel_values"],), strict=False)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.fake_quantize_per_tensor_affine.default" in targets
+    assert "aten.fake_quantize_per_channel_affine.default" in targets
+    assert fallbacks == []
+
+    # The Meta kernels state what the real ones return.
+    x = torch.randn(3, 5)
+    scale, zp = torch.full((5,), 0.1), torch.zeros(5, dtype=torch.int32)
+    for real, meta in (
+        (torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(x, 0.1, 0, -128, 127),
+         torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(x.to("meta"), 0.1, 0, -128, 127)),
+        (torch.ops.aten.fake_quantize_per_channel_affine_cachemask(x, scale, zp, 1, -128, 127),
+         torch.ops.aten.fake_quantize_per_channel_affine_cachemask(x.to("meta"), scale.to("meta"), zp.to("meta"), 1, -128, 127)),
+    ):
+        assert [(t.shape, t.dtype) for t in real] == [(t.shape, t.dtype) for t in meta]
 
 
 class _Dirty(torch.nn.Module):
