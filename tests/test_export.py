@@ -336,6 +336,14 @@ def test_e2b_export_280_is_fully_quantized(e2b_export):
     assert r.soft_tokens == 256 and r.bytes > 0
 
 
+@pytest.fixture(scope="module")
+def e2b_float_export(tmp_path_factory):
+    q = prepare(load_model("e2b"))
+    batch = _batch(q.config, SQUARE, 280)
+    result = export_circle(q, batch, tmp_path_factory.mktemp("e2b_float") / "e2b_float.circle", mode="float")
+    return q, batch, result
+
+
 def _noise_floor(qmodel, batch, rel=1e-6):
     """forward_export vs itself with `rel` relative noise on every linear output (GEMM-order-sized)."""
     import core.wrappers.layers as layers
@@ -378,3 +386,25 @@ def test_e2b_export_280_within_one_step(e2b_export):
     _, _, r = e2b_export
     assert r.verify.within_one_step >= 0.99, r.verify
     assert r.verify.max_steps <= 3.0, r.verify
+
+
+@pytest.mark.slow
+def test_e2b_float_export_280_matches_as_well_as_torch_matches_itself(e2b_float_export):
+    """Float e2b: the file differs from forward_export by no more than torch differs from itself
+    when every linear output moves by 1e-6 of itself (a GEMM summation-order difference)."""
+    q, batch, r = e2b_float_export
+    assert r.mode == "float" and r.verify.mode == "float" and r.verify.step is None
+    assert r.verify.export_vs_forward <= 1e-6
+    floor = float(_noise_floor(q, batch, rel=1e-6).max())
+    assert r.verify.max_abs_diff <= floor, (r.verify, floor)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="random-weight 16-layer e2b is chaotic in float too: 1e-7 relative noise on linear outputs (below "
+    "float32's epsilon) moves outputs of range 644 by 0.38, so no runtime with another GEMM order gets within 1e-4",
+    strict=False,
+)
+def test_e2b_float_export_280_within_1e4(e2b_float_export):
+    _, _, r = e2b_float_export
+    assert r.verify.max_abs_diff <= 1e-4, r.verify
