@@ -415,12 +415,18 @@ def _run_lean(runtime: Any, inputs: list[np.ndarray], mode: Any) -> list[np.ndar
 
 
 def run_keeping(
-    runtime: Any, inputs: list[np.ndarray], mode: Any, wanted: set[int] = frozenset()
+    runtime: Any,
+    inputs: list[np.ndarray],
+    mode: Any,
+    wanted: set[int] = frozenset(),
+    on_value: Callable[[int, np.ndarray], None] | None = None,
 ) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
     """The runtime's own operator loop (``_execute_operator`` per operator, as run() does; large
     blockwise operators slab by slab, see _execute_in_blocks), with every value dropped after its
-    last use; returns (graph outputs, a copy of each `wanted` tensor). Raises AttributeError when
-    the runtime lacks the private pieces it uses."""
+    last use; returns (graph outputs, a copy of each `wanted` tensor). With `on_value`, each wanted
+    tensor is handed to it (once, as soon as it exists; not to be modified) instead of being copied and
+    kept, so a caller that reduces it at once holds no copies. Raises AttributeError when the
+    runtime lacks the private pieces it uses."""
     from tico.circle.runtime.quantization import dequantize_array, fake_quantize_array
 
     program = runtime.program
@@ -434,7 +440,16 @@ def run_keeping(
         runtime._validate_value(array, tensor, mode, path=f"graph input {position}")
         values[index] = fake_quantize_array(array, tensor) if fake and tensor.is_quantized_integer else array
     keep = set(program.inputs) | set(program.outputs)
-    kept = {i: np.array(values[i], copy=True) for i in values if i in wanted}
+    kept: dict[int, np.ndarray] = {}
+    delivered: set[int] = set()
+
+    def deliver(index: int) -> None:
+        if index in wanted and index not in delivered and index in values:
+            delivered.add(index)
+            if on_value is not None:
+                on_value(index, values[index])
+            else:
+                kept[index] = np.array(values[index], copy=True)
 
     def constant(index: int) -> None:
         tensor = program.tensor(index)
@@ -442,6 +457,8 @@ def run_keeping(
             value = tensor.constant
             values[index] = dequantize_array(value, tensor) if fake and tensor.is_quantized_integer else value
 
+    for index in list(values):
+        deliver(index)
     for op in program.operators:
         for index in op.inputs:
             if index >= 0:
@@ -449,20 +466,17 @@ def run_keeping(
         if not _execute_in_blocks(runtime, op, values, mode):
             execute(op, values, mode)
         for index in op.outputs:
-            if index in wanted:
-                kept[index] = np.array(values[index], copy=True)
+            deliver(index)
         for index in op.inputs:
-            if index in wanted and index not in kept:  # a wanted constant
-                kept[index] = np.array(values[index], copy=True)
+            deliver(index)  # a wanted constant
             if index >= 0 and index not in keep and last_use.get(index) == op.index:
                 values.pop(index, None)
     for index in program.outputs:
         constant(index)
     for index in wanted:
-        if index not in kept:
+        if index not in delivered:
             constant(index)
-            if index in values:
-                kept[index] = np.array(values[index], copy=True)
+            deliver(index)
     return [np.array(values[index], copy=True) for index in program.outputs], kept
 
 

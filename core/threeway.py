@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.errors import CancelledError, ExportError, NotCalibratedError
+from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError
 from core.export import ROOT_MODULE, ExportResult, layout_fingerprint, run_keeping
 from core.inspect import FqTap
 
@@ -266,21 +266,36 @@ def three_way_check(
             pairs.append((module, observer, index))
     final_index = program.outputs[0]
 
-    # ---- Circle: every wanted tensor from one run of the reference runtime
+    # ---- Circle: one run of the reference runtime; each wanted tensor is compared the moment it
+    # exists and its torch pair dropped, so only two of the three copies are ever held.
     step("running the Circle model")
     wanted = {index for _, _, index in pairs} | {final_index}
-    values, runtime_name, intermediates = _run_circle(data, pixel_values, wanted)
+    readers: dict[int, list[tuple[str, str]]] = {}
+    uses: dict[str, int] = {}
+    for module, observer, index in pairs:
+        readers.setdefault(index, []).append((module, observer))
+        uses[observer] = uses.get(observer, 0) + 1
+    rows: list[ThreeWayRow] = []
+    final_row: list[ThreeWayRow] = []
+
+    def compare(index: int, value: np.ndarray) -> None:
+        if cancel is not None and getattr(cancel, "cancelled", False):
+            raise CancelledError("three-way check cancelled; run it again to get results")
+        tensor, operator = program.tensor(index), producer.get(index, -1)
+        for module, observer in readers.get(index, ()):
+            rows.append(_row(module, observer, tensor, operator, fp[observer], fq[observer], value))
+            uses[observer] -= 1
+            if not uses[observer]:
+                del fp[observer], fq[observer]
+        if index == final_index:
+            final_row.append(_row(ROOT_MODULE, None, tensor, operator, fp_out, fq_out, value))
+
+    compared, runtime_name, intermediates = _run_circle(data, pixel_values, wanted, compare)
 
     step("comparing")
-    rows: list[ThreeWayRow] = []
-    for module, observer, index in pairs:
-        if index not in values:
-            unmatched.append((module, "the runtime did not expose its tensor"))
-            continue
-        rows.append(_row(module, observer, program.tensor(index), producer.get(index, -1), fp[observer], fq[observer], values[index]))
+    unmatched += [(module, "the runtime did not expose its tensor") for module, _, index in pairs if index not in compared]
     rows.sort(key=lambda r: r.operator)  # forward order; ties keep the wrapper order
-    final = program.tensor(final_index)
-    rows.append(_row(ROOT_MODULE, None, final, producer.get(final_index, -1), fp_out, fq_out, values[final_index]))
+    rows += final_row
 
     if not intermediates:
         note = (
@@ -472,9 +487,18 @@ def _pair(module, shape, order, module_of, program) -> int | None:
     return None
 
 
-def _run_circle(data: bytes, pixel_values: torch.Tensor, wanted: set[int]) -> tuple[dict[int, np.ndarray], str, bool]:
-    """Run the file once and keep the `wanted` tensors; (values, runtime name, intermediates exposed)."""
+def _run_circle(
+    data: bytes, pixel_values: torch.Tensor, wanted: set[int], on_value: Callable[[int, np.ndarray], None]
+) -> tuple[set[int], str, bool]:
+    """Run the file once, handing each `wanted` tensor to `on_value` as it is produced;
+    (the indices handed over, runtime name, intermediates exposed)."""
     from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
+
+    seen: set[int] = set()
+
+    def take(index: int, value: np.ndarray) -> None:
+        seen.add(index)
+        on_value(index, value)
 
     try:
         runtime = CircleReferenceRuntime(data)
@@ -482,18 +506,24 @@ def _run_circle(data: bytes, pixel_values: torch.Tensor, wanted: set[int]) -> tu
         name = f"tico reference runtime ({mode.name})"
         inputs = [pixel_values.numpy()]
         try:
-            return run_keeping(runtime, inputs, mode, wanted)[1], name, True
+            run_keeping(runtime, inputs, mode, wanted, on_value=take)
+            return seen, name, True
         except AttributeError:
-            pass
+            if seen:
+                raise
         try:  # the public API: trace=True keeps every tensor (constants included)
             result = runtime.run(inputs, mode=mode, trace=True)
             if result.tensor_values is not None:
-                return {i: np.asarray(result.tensor_values[i]) for i in wanted if i in result.tensor_values}, name, True
+                for i in sorted(wanted & result.tensor_values.keys()):
+                    take(i, np.asarray(result.tensor_values[i]))
+                return seen, name, True
         except TypeError:  # a runtime without trace=: the outputs only
             result = runtime.run(inputs, mode=mode)
-        outputs = dict(zip(runtime.program.outputs, result.outputs))
-        return {i: np.asarray(v) for i, v in outputs.items()}, name, False
-    except ExportError:
+        for i, v in zip(runtime.program.outputs, result.outputs):
+            if i in wanted:
+                take(i, np.asarray(v))
+        return seen, name, False
+    except PTQStudioError:
         raise
     except Exception as exc:
         raise ExportError(f"the Circle model does not run in TICO's reference runtime: {_first_line(exc)}") from exc

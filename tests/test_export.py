@@ -134,6 +134,17 @@ def test_lean_runtime_loop_matches_the_runtime_bit_for_bit(quant_export, tiny_qu
     for index in every:
         assert np.array_equal(kept[index], expected.tensor_values[index]), runtime.program.tensor(index).describe()
 
+    # Streaming: each wanted tensor is handed over once, as it is made, and nothing is kept.
+    handed: dict[int, np.ndarray] = {}
+
+    def take(index, value):
+        assert index not in handed
+        handed[index] = value.copy()
+
+    outputs, kept = export.run_keeping(CircleReferenceRuntime(data), [pixels], ExecutionMode.FAKE_QUANTIZE, every, on_value=take)
+    assert kept == {} and handed.keys() == every
+    assert all(np.array_equal(handed[i], expected.tensor_values[i]) for i in every)
+
 
 def test_quant_export_maps_every_tensor_to_its_module(quant_export, tiny_quant):
     r = quant_export
