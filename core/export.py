@@ -495,11 +495,8 @@ _BLOCK_BYTES = 32 * 2**20
 def _execute_in_blocks(runtime: Any, op: Any, values: dict[int, np.ndarray], mode: Any) -> bool:
     """Run one large blockwise operator slab by slab along its first non-singleton leading axis with
     the runtime's own kernel and requantization; False (nothing done) when it does not qualify."""
-    from tico.circle.runtime.kernels import KernelContext, conversion_builtin_codes, value_preserving_builtin_codes
-    from tico.circle.runtime.quantization import fake_quantize_array
-
     if op.name not in _BLOCKWISE_OPS or len(op.outputs) != 1 or any(i < 0 for i in op.inputs):
-        return False
+        return False  # checked first: this runs for every operator of the graph
     program = runtime.program
     out = program.tensor(op.outputs[0])
     shape = tuple(int(d) for d in out.shape)
@@ -521,6 +518,9 @@ def _execute_in_blocks(runtime: Any, op: Any, values: dict[int, np.ndarray], mod
             sliced.append(own)
         else:
             return False
+    from tico.circle.runtime.kernels import KernelContext, conversion_builtin_codes, value_preserving_builtin_codes
+    from tico.circle.runtime.quantization import fake_quantize_array
+
     runtime._check_quantized_operands(op, mode)
     kernel = runtime.registry.get(op.builtin_code)
     requantize = (  # as _execute_operator decides it

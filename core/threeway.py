@@ -208,10 +208,13 @@ def three_way_check(
     t0 = time.perf_counter()
     total, done = 4, 0
 
-    def step(message: str) -> None:
-        nonlocal done
+    def check_cancel() -> None:
         if cancel is not None and getattr(cancel, "cancelled", False):
             raise CancelledError("three-way check cancelled; run it again to get results")
+
+    def step(message: str) -> None:
+        nonlocal done
+        check_cancel()
         done += 1
         if progress is not None:
             progress(done, total, message)
@@ -279,8 +282,7 @@ def three_way_check(
     final_row: list[ThreeWayRow] = []
 
     def compare(index: int, value: np.ndarray) -> None:
-        if cancel is not None and getattr(cancel, "cancelled", False):
-            raise CancelledError("three-way check cancelled; run it again to get results")
+        check_cancel()
         tensor, operator = program.tensor(index), producer.get(index, -1)
         for module, observer in readers.get(index, ()):
             rows.append(_row(module, observer, tensor, operator, fp[observer], fq[observer], value))
