@@ -34,11 +34,17 @@ from app.qt_export_tab import QtExportTab
 from app.qt_netron_tab import QtNetronTab
 from app.qt_ranges_tab import QtRangesTab
 from app.workers import SessionRunner, Task
+from core.models import SPECS
 
 DTYPES = ["uint8", "int8", "int16", "uint4", "int4"]
 OBSERVERS = ["minmax", "ema", "percentile"]
 SOFT_TOKENS = [70, 140, 280, 560, 1120]
-MODEL_CHOICES = [("Built-in tiny model", "tiny"), ("Gemma 4 E2B-shaped model", "e2b")]
+# The built-in weights are random (seeded); the names say so, so a low SQNR is not read as a broken quantizer.
+MODEL_CHOICES = [
+    ("Built-in tiny model (random weights)", "tiny"),
+    ("Gemma 4 E2B-shaped model (random weights)", "e2b"),
+    ("E2B-shaped, chaotic init (stress test)", "e2b-chaotic"),
+]
 MAX_RECENT = 8
 
 
@@ -244,7 +250,7 @@ class QtMainWindow(QMainWindow):
         self._restore_window()
         self._ready = True
 
-        default_export = Path(self.last_folder("export")) / f"gemma4_vision_{model_spec if model_spec in ('tiny', 'e2b') else 'model'}.circle"
+        default_export = Path(self.last_folder("export")) / f"gemma4_vision_{model_spec if model_spec in SPECS else 'model'}.circle"
         self.export_tab.path_edit.setText(str(default_export))
         self._load_session(self.model_panel.settings(), images=list(images or []))
 

@@ -47,12 +47,16 @@ from core.inspect import (
     observer_table,
     sensitivity,
 )
+from core.models import SPECS
 
 FORMAT = "ptq-studio-session"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 OBSERVERS = "observers.safetensors"
-BUILTIN_MODELS = ("tiny", "e2b")
+BUILTIN_MODELS = SPECS
+# Sessions saved before the built-in models got their trained-like scales name "tiny" / "e2b"
+# without an "init" entry: their statistics belong to today's "-chaotic" models.
+BUILTIN_INIT = "calm-1"
 PACKAGES = ("ptq-studio", "torch", "transformers", "tico", "numpy", "safetensors", "pillow")
 
 Progress = Callable[[int, int, str], None]
@@ -568,6 +572,8 @@ class Session:
             model["path"] = str(folder)
             model["checkpoint_sha256"] = self._checkpoint_hash
             model["checkpoint_files"] = [p.name for p in checkpoint_files(folder)]
+        else:
+            model["init"] = BUILTIN_INIT
         model["info"] = _jsonable(self.model_info)
         return {
             "format": FORMAT,
@@ -660,6 +666,8 @@ class Session:
         try:
             model = manifest["model"]
             spec = model["spec"]
+            if spec in ("tiny", "e2b") and "init" not in model:
+                spec = f"{spec}-chaotic"
             config = PTQConfig.from_dict(manifest["config"])
             mst = int(manifest["max_soft_tokens"])
             images = [ImageEntry(**e) for e in manifest.get("images", [])]
