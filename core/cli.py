@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="torch device (default cpu)")
 
     q = sub.add_parser("quantize", help="calibrate a model on images and save a session")
-    q.add_argument("--model", default="tiny", help="tiny | e2b | checkpoint folder (default tiny)")
+    q.add_argument("--model", default="tiny", help="tiny | e2b | tiny-chaotic | e2b-chaotic | checkpoint folder (default tiny)")
     q.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
     q.add_argument("--out", required=True, metavar="SESSION", help="session folder to write")
     q.add_argument("--max-soft-tokens", type=int, default=280, metavar="N", help="soft tokens per image (default 280)")
@@ -487,11 +487,22 @@ def cmd_export(args, progress) -> tuple[dict, str]:
             f"verify ({v.get('runtime', '?')}): max abs diff {_fmt(v.get('max_abs_diff'))}, PEIR {_fmt(v.get('peir'))}, "
             f"{100 * float(v.get('within_one_step') or 0):.2f}% of outputs within one step, "
             f"at most {_fmt(v.get('max_steps'))} steps",
+            _verdict_line(v.get("verdict")),
             *([f"unquantized: {t} (module {m})" for t, m in (res.unquantized or [])][:20]),
             *(three.summary_lines() if three is not None else []),
         ]
     )
     return doc, text
+
+
+def _verdict_line(verdict: dict | None) -> str:
+    """The export verdict as one line (core.verdict: judged against this machine's rounding noise)."""
+    if not verdict:
+        return "verdict: not verified"
+    line = f"verdict: {verdict['level'].upper()}: {verdict['summary']}"
+    if verdict.get("reason"):
+        line += f"; {verdict['reason']}. Next: {verdict['advice']}"
+    return line
 
 
 def _export_dict(res) -> dict:
