@@ -277,7 +277,7 @@ def check_output(path: str | Path, flag: str, kind: str = "file") -> Path:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise UnwritablePathError(path, f"{folder} is a file, not a folder")
+        raise UnwritablePathError(path, f"{folder} is a file, not a writable folder")
     try:
         # A real write, not os.access: root passes every access check, even on a read-only mount.
         with tempfile.TemporaryFile(dir=folder, prefix=".ptq-write-check-"):
