@@ -538,8 +538,10 @@ class QtMainWindow(QMainWindow):
 
         def failed(exc):
             self.model_panel.dirty_label.setText(error_text(exc))
+            self.model_panel.dirty_label.setStyleSheet("color: #b00020;")
             self.show_error(exc)
-            self._on_settings_edited()
+            # keep_message: the reason stays beside the settings it is about (a mistyped glob).
+            self._on_settings_edited(keep_message=True)
 
         self.submit("applying settings", work, takes_progress=False, on_done=done, on_error=failed)
 
