@@ -261,13 +261,16 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
     if args.tico_yaml:
         from core.config_export import write_tico_ptq_yaml
 
-        written["tico_yaml"] = str(write_tico_ptq_yaml(ensure_parent(args.tico_yaml), overrides, base=result.config_a, modules=result.module_names))
+        path = write_tico_ptq_yaml(ensure_parent(args.tico_yaml), overrides, base=result.config_a, modules=result.module_names)
+        written["tico_yaml"] = str(path)
     if args.one_json:
         from core.config_export import write_one_quant_config
 
         name_map = _circle_name_map(session, result.module_names, progress) if args.one_names == "circle" else None
         written["one_json"] = str(
-            write_one_quant_config(ensure_parent(args.one_json), overrides, name_map, base=result.config_a, modules=result.module_names)
+            write_one_quant_config(
+                ensure_parent(args.one_json), overrides, name_map, base=result.config_a, modules=result.module_names
+            )
         )
     doc = {
         "command": "ab",
@@ -293,7 +296,9 @@ def _check_one_expressible(config_a, config_b, names: list[str]) -> None:
         try:
             to_one_quant_config(cfg, name_map, modules=names)
         except ConfigError as e:
-            raise ConfigError(f"--one-json: {label} cannot be written for ONE ({e.message}); drop --one-json or change {label}") from None
+            raise ConfigError(
+                f"--one-json: {label} cannot be written for ONE ({e.message}); drop --one-json or change {label}"
+            ) from None
 
 
 def _circle_name_map(session, modules, progress) -> dict[str, list[str]]:

@@ -209,7 +209,9 @@ def _check_config_sizes(config: Gemma4VisionConfig, config_file: Path) -> None:
     for name in _SIZE_FIELDS:
         value = getattr(config, name, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ModelLoadError(config_file, f"{name} is {value!r}, not a positive whole number", "fix config.json or re-save the checkpoint")
+            raise ModelLoadError(
+                config_file, f"{name} is {value!r}, not a positive whole number", "fix config.json or re-save the checkpoint"
+            )
 
 
 def config_parameter_count(config: Gemma4VisionConfig) -> int:
@@ -255,7 +257,9 @@ def _weight_files(folder: Path) -> dict[str, Path]:
             # Plain names only: a shard elsewhere would be loaded without being in the checkpoint hash.
             if not isinstance(name, str) or Path(name).name != name or (folder / name).resolve().parent != root:
                 raise ModelLoadError(
-                    index, f"shard {name!r} is not a file of the checkpoint folder", "keep every shard in the folder, listed by file name"
+                    index,
+                    f"shard {name!r} is not a file of the checkpoint folder",
+                    "keep every shard in the folder, listed by file name",
                 )
         files = {key: folder / name for key, name in weight_map.items()}
         for shard in sorted(set(files.values())):

@@ -13,6 +13,7 @@ import pytest
 
 from core import cli
 from core.errors import ConfigError, ModelLoadError, SessionFileError
+from tests.test_cli_diag import MST, run, session_dir  # noqa: F401 - session_dir is a fixture (tiny, calibrated)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,28 +45,10 @@ def test_usage_answers_without_heavy_imports(args: list[str], rc: int | None) ->
 # shared fixtures
 # ---------------------------------------------------------------------------------------------
 
-MST = 70
-
-
-@pytest.fixture(scope="module")
-def session_dir(tmp_path_factory, sample_images) -> Path:
-    from core.session import Session
-
-    s = Session("tiny", max_soft_tokens=MST)
-    s.add_images(sample_images[:2])
-    s.calibrate()
-    return s.save(tmp_path_factory.mktemp("strict") / "s")
-
 
 @pytest.fixture
 def session_copy(session_dir, tmp_path) -> Path:
     return Path(shutil.copytree(session_dir, tmp_path / "copy"))
-
-
-def run(capfd, *args) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in args])
-    out = capfd.readouterr()
-    return rc, out.out, out.err
 
 
 def one_error_line(err: str) -> str:

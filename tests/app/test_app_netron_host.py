@@ -41,7 +41,9 @@ def test_own_host_names_are_answered(served: str) -> None:
         assert _status(served, "/data/model.circle", host) == 200, host
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1", "127.0.0.1:1", "localhost.evil.example:{port}", "", None])
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:{port}", "127.0.0.1", "127.0.0.1:1", "localhost.evil.example:{port}", "", None]
+)
 def test_other_host_headers_are_refused(served: str, host: str | None) -> None:
     port = urllib.parse.urlparse(served).port
     host = None if host is None else host.format(port=port)
