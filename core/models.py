@@ -222,7 +222,62 @@ def _vision_config_from(folder: Path) -> tuple[Gemma4VisionConfig, bool]:
         config = Gemma4VisionConfig(**values)
     except Exception as exc:  # transformers validates fields strictly and raises various types
         raise ModelLoadError(config_file, f"invalid vision config ({exc})", "re-save the checkpoint with save_pretrained()") from None
+    _check_config_sizes(config, config_file)
     return _eager(config), full
+
+
+# Size fields of Gemma4VisionConfig that must be positive whole numbers.
+_SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "patch_size",
+    "pooling_kernel_size",
+    "position_embedding_size",
+)
+
+
+def _check_config_sizes(config: Gemma4VisionConfig, config_file: Path) -> None:
+    for name in _SIZE_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelLoadError(
+                config_file, f"{name} is {value!r}, not a positive whole number", "fix config.json or re-save the checkpoint"
+            )
+
+
+def config_parameter_count(config: Gemma4VisionConfig) -> int:
+    """Elements of the vision model's weight matrices and tables (a lower bound of its parameters), from the config alone."""
+    h, inter, head = config.hidden_size, config.intermediate_size, config.head_dim
+    attention = (2 * config.num_attention_heads + 2 * config.num_key_value_heads) * head * h
+    layer = attention + 3 * h * inter
+    embed = 2 * config.position_embedding_size * h + 3 * config.patch_size**2 * h
+    return config.num_hidden_layers * layer + embed
+
+
+def _check_fits(config: Gemma4VisionConfig, folder: Path, files: dict[str, Path]) -> None:
+    """Refuse a config whose model could not match the weights or fit in memory, before allocating it."""
+    import psutil
+
+    elements = config_parameter_count(config)
+    on_disk = sum(p.stat().st_size for p in set(files.values()))
+    # Every stored element takes at least one byte, whatever its dtype.
+    if elements > on_disk:
+        raise ModelLoadError(
+            folder / "config.json",
+            f"the config describes at least {elements:,} vision parameters but the weight files hold only {on_disk:,} bytes",
+            "check that config.json matches the weights",
+        )
+    need, have = 4 * elements, psutil.virtual_memory().total
+    if need > have:
+        raise ModelLoadError(
+            folder / "config.json",
+            f"the vision model needs {need / 2**30:.1f} GiB as float32 but this machine has {have / 2**30:.1f} GiB",
+            "use a machine with more memory",
+        )
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -232,6 +287,15 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelLoadError(index, "no weight_map in the index", "re-save the checkpoint with save_pretrained()")
+        root = folder.resolve()
+        for name in set(weight_map.values()):
+            # Plain names only: a shard elsewhere would be loaded without being in the checkpoint hash.
+            if not isinstance(name, str) or Path(name).name != name or (folder / name).resolve().parent != root:
+                raise ModelLoadError(
+                    index,
+                    f"shard {name!r} is not a file of the checkpoint folder",
+                    "keep every shard in the folder, listed by file name",
+                )
         files = {key: folder / name for key, name in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
@@ -278,6 +342,7 @@ def _load_folder(folder: Path) -> Gemma4VisionModel:
     config, full = _vision_config_from(folder)
     files = _weight_files(folder)
     prefix = _vision_prefix(files, full, folder)
+    _check_fits(config, folder, files)
 
     model = _empty_model(config)
     expected = model.state_dict()

@@ -676,6 +676,12 @@ class Session:
             raise _session_error(mpath, f"corrupt ({type(e).__name__}: {_one_line(e)})") from None
         except _errors().PTQStudioError as e:
             raise _session_error(mpath, f"invalid config ({_one_line(e)})") from None
+        from core.images import SUPPORTED_SOFT_TOKENS
+
+        if mst not in SUPPORTED_SOFT_TOKENS:
+            raise _session_error(
+                mpath, f"max_soft_tokens {mst} is not one of {', '.join(map(str, SUPPORTED_SOFT_TOKENS))}"
+            )
         if spec == "checkpoint":
             ckpt = Path(model.get("path", ""))
             if not ckpt.is_dir():
@@ -687,7 +693,13 @@ class Session:
                     "restore the original checkpoint or quantize again",
                 )
             spec = str(ckpt)
-        opath = folder / obs_meta.get("file", OBSERVERS)
+        oname = obs_meta.get("file", OBSERVERS) if isinstance(obs_meta, dict) else None
+        # A plain file name only: a manifest must not make us read (and trust) a file elsewhere.
+        if not isinstance(oname, str) or not oname or Path(oname).name != oname or oname in (".", ".."):
+            raise _session_error(mpath, f"observer file {oname!r} is not a file name inside the session folder")
+        opath = folder / oname
+        if opath.resolve().parent != folder.resolve():
+            raise _session_error(opath, "links outside the session folder; the observer file must live inside it")
         if not opath.is_file():
             raise _session_error(opath, "missing")
         if file_sha256(opath) != obs_meta.get("sha256"):
