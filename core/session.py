@@ -242,18 +242,22 @@ class Session:
         """Open paths (folders expanded); accepted / rejected entries (duplicates of `known` rejected)."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        result = self.preprocessor.load(list(paths))
+        from core.images import LoadedImage
+
         known = set(known)
         accepted: list[ImageEntry] = []
         rejected: list[ImageEntry] = []
-        for img in result.accepted:
-            if img.sha256 in known:
+        # Each image is decoded to be checked and then dropped (only its path, id and hash are
+        # kept), so memory does not grow with the image count; steps decode again when they run.
+        for img in self.preprocessor.iter_load(list(paths)):
+            if not isinstance(img, LoadedImage):
+                rejected.append(ImageEntry(str(img.path), status="rejected", reason=_one_line(img.reason)))
+            elif img.sha256 in known:
                 rejected.append(ImageEntry(str(img.path), img.image_id, img.sha256, "rejected", "already in the image set"))
-                continue
-            known.add(img.sha256)
-            accepted.append(ImageEntry(str(img.path), img.image_id, img.sha256, "ok", ""))
-        for bad in result.rejected:
-            rejected.append(ImageEntry(str(bad.path), status="rejected", reason=_one_line(bad.reason)))
+            else:
+                known.add(img.sha256)
+                accepted.append(ImageEntry(str(img.path), img.image_id, img.sha256, "ok", ""))
+            del img
         return accepted, rejected
 
     def probe_images(self, paths) -> AddImagesResult:
