@@ -454,10 +454,11 @@ class Session:
         entries = self._entries_for(images)
         baseline, ranked = sensitivity(
             self.qmodel,
-            list(_to_device(self._batches(entries), self.device)),
+            _to_device(self._batches(entries), self.device),  # decoded one image at a time
             unit=unit,
             progress=progress,
             cancel=cancel,
+            total=len(entries),
         )
         self.last_sensitivity_baseline = baseline
         return ranked

@@ -114,3 +114,27 @@ def test_save_without_folder_swap_support_still_replaces(calibrated, tmp_path, m
     calibrated.save(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
     Session.load(folder)
+
+
+def test_sensitivity_decodes_images_as_it_goes(calibrated, sample_images, monkeypatch):
+    live: set[int] = set()
+    peak = 0
+    real = calibrated.preprocessor
+
+    class Counting:
+        def __call__(self, paths):
+            nonlocal peak
+            batch = real(paths)
+            key = id(batch["pixel_values"])
+            live.add(key)
+            weakref.finalize(batch["pixel_values"], live.discard, key)
+            peak = max(peak, len(live))
+            return batch
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(calibrated, "preprocessor", Counting())
+    ranked = calibrated.sensitivity(images=sample_images[:4])
+    assert ranked
+    assert peak <= 2, f"{peak} preprocessed images were held at once"
