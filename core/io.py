@@ -37,9 +37,9 @@ __all__ = [
     "temp_path",
 ]
 
-# A temporary younger than its owner's start (by more than this) cannot be that owner's: the
-# PID was reused. The slack absorbs coarse file-system timestamps and clock rounding.
-_PID_REUSE_SLACK_S = 2.0
+# A temporary last written before its owner started (by more than this) is not that owner's: the
+# PID was reused. The slack absorbs coarse timestamps and a file server's clock running behind.
+_PID_REUSE_SLACK_S = 60.0
 # Temporaries named by earlier versions (mkstemp's random names carry no PID) are removed only
 # when they are at least this old, so a run of an older build still writing is left alone.
 _LEGACY_MIN_AGE_S = 3600.0
