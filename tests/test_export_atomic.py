@@ -109,9 +109,11 @@ def test_cancel_during_verification_keeps_the_earlier_file(qmodel, example, earl
     assert str(earlier) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_good_export_replaces_the_earlier_file_and_cleans_stale_temps(qmodel, example, earlier, converted, circle_bytes):
+def test_a_good_export_replaces_the_earlier_file_and_cleans_stale_temps(
+    qmodel, example, earlier, converted, circle_bytes, dead_pid
+):
     # What a `kill -9` during an earlier export left behind (a PID that no longer runs).
-    stale = earlier.with_name(f".{earlier.name}.{_dead_pid()}-0badf00d.tmp")
+    stale = earlier.with_name(f".{earlier.name}.{dead_pid}-0badf00d.tmp")
     stale.write_bytes(b"half a model")
     seen = []
     result = export_circle(qmodel, example, earlier, progress=lambda d, t, m: seen.append((d, t, m)))
@@ -121,11 +123,3 @@ def test_a_good_export_replaces_the_earlier_file_and_cleans_stale_temps(qmodel, 
     # The last tick comes after the rename (the conversion's own ticks are skipped by the stub).
     assert seen[-1][2] == f"verified, wrote {earlier.name}"
 
-
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid

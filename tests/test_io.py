@@ -18,13 +18,8 @@ from core.io import atomic_write_bytes, recover_folder, remove_stale_temps, repl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
-
-def _run_killed(script: str, tmp_path: Path) -> None:
+def _run_killed(script: str) -> None:
     """Run script in a fresh interpreter that SIGKILLs itself where the script says so."""
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)},
@@ -65,8 +60,7 @@ def test_kill_9_mid_write_leaves_a_temp_the_next_writer_removes(tmp_path):
         staged = StagedFile({str(target)!r})
         staged.write(b"x" * 100000)
         os.kill(os.getpid(), signal.SIGKILL)
-        """,
-        tmp_path,
+        """
     )
     leftovers = [p for p in tmp_path.iterdir() if p.name != "m.circle"]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".m.circle.") and leftovers[0].name.endswith(".tmp")
@@ -76,7 +70,7 @@ def test_kill_9_mid_write_leaves_a_temp_the_next_writer_removes(tmp_path):
     assert target.read_bytes() == b"new"
 
 
-def test_temps_of_live_writers_and_of_other_names_are_kept(tmp_path):
+def test_temps_of_live_writers_and_of_other_names_are_kept(tmp_path, dead_pid):
     target = tmp_path / "m.circle"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -85,9 +79,9 @@ def test_temps_of_live_writers_and_of_other_names_are_kept(tmp_path):
         live.write_bytes(b"in progress")
         mine = cio.temp_path(target)  # another thread of this process
         mine.write_bytes(b"in progress")
-        other = tmp_path / f".other.circle.{_dead_pid()}-12345678.tmp"  # someone else's target
+        other = tmp_path / f".other.circle.{dead_pid}-12345678.tmp"  # someone else's target
         other.write_bytes(b"x")
-        dead = tmp_path / f".m.circle.{_dead_pid()}-abcdef01.tmp"
+        dead = tmp_path / f".m.circle.{dead_pid}-abcdef01.tmp"
         dead.write_bytes(b"x")
         # A PID reused by a process that started after the temp was written: the writer is gone.
         reused = tmp_path / f".m.circle.{sleeper.pid}-abcdef02.tmp"
@@ -162,8 +156,7 @@ def test_kill_9_during_replacement_never_loses_the_session(tmp_path, swap):
         os.rename, cio._exchange = rename, exchange
         with cio.staged_folder(Path({str(target)!r})) as tmp:
             (tmp / "manifest.json").write_text("new")
-        """,
-        tmp_path,
+        """
     )
     recover_folder(target)  # what Session.load and the next save do first
     assert (target / "manifest.json").read_text() in ("old", "new")
@@ -180,9 +173,9 @@ def test_two_rename_fallback_without_a_crash(tmp_path, monkeypatch):
     assert _names(tmp_path) == ["s"]
 
 
-def test_recover_folder_leaves_an_existing_folder_alone(tmp_path):
+def test_recover_folder_leaves_an_existing_folder_alone(tmp_path, dead_pid):
     target = _folder(tmp_path / "s", "current")
-    _folder(tmp_path / f".s.{_dead_pid()}-12345678.old", "older")
+    _folder(tmp_path / f".s.{dead_pid}-12345678.old", "older")
     assert not recover_folder(target)
     assert (target / "manifest.json").read_text() == "current"
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
-import sys
 import weakref
-from pathlib import Path
 
 import pytest
 
@@ -17,11 +14,6 @@ from core.session import MANIFEST, Session
 
 MST = 70
 
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +73,10 @@ def test_rejections_and_duplicates_still_reported(sample_images, mixed_images_di
 # ------------------------------------------------------------------------------------ saves
 
 
-def test_save_over_a_session_leaves_only_the_session(calibrated, tmp_path):
+def test_save_over_a_session_leaves_only_the_session(calibrated, tmp_path, dead_pid):
     folder = tmp_path / "s"
     calibrated.save(folder)
-    stale = tmp_path / f".s.{_dead_pid()}-0badf00d.tmp"  # a save killed mid-write
+    stale = tmp_path / f".s.{dead_pid}-0badf00d.tmp"  # a save killed mid-write
     stale.mkdir()
     (stale / "observers.safetensors").write_bytes(b"half")
     calibrated.save(folder)
@@ -92,13 +84,13 @@ def test_save_over_a_session_leaves_only_the_session(calibrated, tmp_path):
     Session.load(folder)
 
 
-def test_load_recovers_a_session_a_killed_save_moved_aside(calibrated, tmp_path):
+def test_load_recovers_a_session_a_killed_save_moved_aside(calibrated, tmp_path, dead_pid):
     folder = tmp_path / "s"
     calibrated.save(folder)
     # The state a save killed between its two renames leaves (file systems that cannot swap).
-    aside = tmp_path / f".s.{_dead_pid()}-12345678.old"
+    aside = tmp_path / f".s.{dead_pid}-12345678.old"
     os.rename(folder, aside)
-    new = tmp_path / f".s.{_dead_pid()}-9abcdef0.tmp"
+    new = tmp_path / f".s.{dead_pid}-9abcdef0.tmp"
     calibrated.save(tmp_path / "other")
     os.rename(tmp_path / "other", new)
     loaded = Session.load(folder)
