@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStud
 from core.io import StagedFile
 from core.quant import meta_kernels
 from core.quant.mode import Mode
+from core.verdict import NoiseFloor, Verdict, judge, noise_floor, within_one_step
 
 # torch.export must not run the fake-quantize kernels on real zero tensors (see meta_kernels).
 meta_kernels.register()
@@ -72,6 +73,10 @@ class VerifyResult:
     output_observer: str | None = None
     export_vs_forward: float | None = None  # max |forward_export - forward| in torch
     seconds: float = 0.0
+    # torch against itself under this machine's rounding noise, and what the numbers mean
+    # (core.verdict): the same rules on every CPU.
+    noise_floor: NoiseFloor | None = None
+    verdict: Verdict | None = None
 
 
 @dataclass
@@ -227,7 +232,8 @@ def export_circle(
                 if verify:
                     t = time.perf_counter()
                     result.verify = verify_circle(
-                        written, qmodel, module, pixel_values, position_ids, mode=export_mode, reference=reference, forward=forward
+                        written, qmodel, module, pixel_values, position_ids, mode=export_mode, reference=reference, forward=forward,
+                        structural=structural_problems(result),
                     )
                     timings["verify"] = time.perf_counter() - t
                     result.verify.seconds = timings["verify"]
@@ -240,6 +246,15 @@ def export_circle(
             step(f"verified, wrote {out.name}" if verify else f"wrote {out.name}", check_cancel=False)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def structural_problems(result: ExportResult) -> list[str]:
+    """What makes a written file wrong whatever its numbers: tensors a quantized file leaves float."""
+    if result.mode != "quant" or not result.tensors_without_qparams:
+        return []
+    first = result.tensors_without_qparams[0]
+    detail = result.unquantized_details.get(first, "")
+    return [f"{len(result.tensors_without_qparams)} float tensors without qparams (first: {first}{', ' + detail if detail else ''})"]
 
 
 def layout_fingerprint(pixel_position_ids: Any) -> str:
@@ -371,8 +386,10 @@ def verify_circle(
     mode: str = "quant",
     reference: torch.Tensor | None = None,
     forward: torch.Tensor | None = None,
+    structural: Sequence[str] = (),
 ) -> VerifyResult:
-    """Run the Circle bytes in TICO's reference runtime and compare with forward_export and forward."""
+    """Run the Circle bytes in TICO's reference runtime, compare with forward_export and forward,
+    and judge the distance against torch's own rounding noise on this machine (core.verdict)."""
     from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
 
     try:
@@ -399,12 +416,17 @@ def verify_circle(
     step = None
     if mode == "quant" and obs is not None and obs.enabled and bool(obs.frozen):
         step = float(obs.scale.max())
-    tol = step if step is not None else 1e-4
-    # A hair over one step still counts: the runtime and torch round the same value independently.
-    within = float((diff <= tol * (1 + 1e-4)).float().mean())
+    floor = noise_floor(qmodel, module, pixel_values, ref, step)
+    # Float exports have no grid: "within one step" then means within the floor's max |diff|.
+    tol = step if step is not None else max(floor.max_abs, 1e-30)
+    within = within_one_step(diff, tol)
     vs_forward = float((got - fwd).abs().max()) if fwd.shape == got.shape else math.inf
     export_vs_forward = float((ref - fwd).abs().max()) if fwd.shape == ref.shape else math.inf
     name = f"tico reference runtime ({exec_mode.name})"
+    verdict = judge(
+        mode=mode, within=within if step is not None else None, max_steps=max_abs / tol if step is not None else None,
+        max_abs=max_abs, floor=floor, structural=list(structural),
+    )
     return VerifyResult(
         max_abs_diff=max_abs,
         peir=max_abs / interval,
@@ -416,6 +438,8 @@ def verify_circle(
         step=step,
         output_observer=obs.name if obs is not None else None,
         export_vs_forward=export_vs_forward,
+        noise_floor=floor,
+        verdict=verdict,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,6 +44,20 @@ IMAGE_SUFFIXES = frozenset(
 
 # Pillow's own default (about 89 megapixels); larger images are treated as decompression bombs.
 DEFAULT_MAX_IMAGE_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+class _KnownChannelOrder(logging.Filter):
+    """Drops transformers' "channel dimension is ambiguous" warning for tiny images.
+
+    Its resize step re-guesses the channel axis of the (3, H, W) arrays it made itself and warns
+    when H or W is 1 or 3; the guess (channels first) is right for every image we pass, and the
+    warning would otherwise reach a user's terminal.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "channel dimension is ambiguous" not in record.getMessage()
+
+
+logging.getLogger("transformers.image_utils").addFilter(_KnownChannelOrder())
 
 # Transparent pixels are composited on white: photos with alpha are usually cut-outs shown on
 # white pages, and black would add edges that the model never sees in practice.
@@ -151,8 +166,9 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
             return to_rgb(rotated, path)
     except BadImageError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise BadImageError(path, f"too many pixels, possible decompression bomb ({exc})") from None
+    except Image.DecompressionBombError:
+        # Pillow refuses at twice its own limit and quotes that figure; ours is the one that applies.
+        raise BadImageError(path, f"more pixels than the {limit} pixel limit (possible decompression bomb)") from None
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image file Pillow can read") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError) as exc:

@@ -46,12 +46,16 @@ from core.inspect import (
     observer_table,
     sensitivity,
 )
+from core.models import SPECS
 
 FORMAT = "ptq-studio-session"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 OBSERVERS = "observers.safetensors"
-BUILTIN_MODELS = ("tiny", "e2b")
+BUILTIN_MODELS = SPECS
+# Sessions saved before the built-in models got their trained-like scales name "tiny" / "e2b"
+# without an "init" entry: their statistics belong to today's "-chaotic" models.
+BUILTIN_INIT = "calm-1"
 PACKAGES = ("ptq-studio", "torch", "transformers", "tico", "numpy", "safetensors", "pillow")
 
 Progress = Callable[[int, int, str], None]
@@ -526,6 +530,8 @@ class Session:
             model["path"] = str(folder)
             model["checkpoint_sha256"] = self._checkpoint_hash
             model["checkpoint_files"] = [p.name for p in checkpoint_files(folder)]
+        else:
+            model["init"] = BUILTIN_INIT
         model["info"] = _jsonable(self.model_info)
         return {
             "format": FORMAT,
@@ -604,6 +610,8 @@ class Session:
         try:
             model = manifest["model"]
             spec = model["spec"]
+            if spec in ("tiny", "e2b") and "init" not in model:
+                spec = f"{spec}-chaotic"
             config = PTQConfig.from_dict(manifest["config"])
             mst = int(manifest["max_soft_tokens"])
             images = [ImageEntry(**e) for e in manifest.get("images", [])]
@@ -612,6 +620,12 @@ class Session:
             raise _session_error(mpath, f"corrupt ({type(e).__name__}: {_one_line(e)})") from None
         except _errors().PTQStudioError as e:
             raise _session_error(mpath, f"invalid config ({_one_line(e)})") from None
+        from core.images import SUPPORTED_SOFT_TOKENS
+
+        if mst not in SUPPORTED_SOFT_TOKENS:
+            raise _session_error(
+                mpath, f"max_soft_tokens {mst} is not one of {', '.join(map(str, SUPPORTED_SOFT_TOKENS))}"
+            )
         if spec == "checkpoint":
             ckpt = Path(model.get("path", ""))
             if not ckpt.is_dir():
@@ -623,7 +637,13 @@ class Session:
                     "restore the original checkpoint or quantize again",
                 )
             spec = str(ckpt)
-        opath = folder / obs_meta.get("file", OBSERVERS)
+        oname = obs_meta.get("file", OBSERVERS) if isinstance(obs_meta, dict) else None
+        # A plain file name only: a manifest must not make us read (and trust) a file elsewhere.
+        if not isinstance(oname, str) or not oname or Path(oname).name != oname or oname in (".", ".."):
+            raise _session_error(mpath, f"observer file {oname!r} is not a file name inside the session folder")
+        opath = folder / oname
+        if opath.resolve().parent != folder.resolve():
+            raise _session_error(opath, "links outside the session folder; the observer file must live inside it")
         if not opath.is_file():
             raise _session_error(opath, "missing")
         if file_sha256(opath) != obs_meta.get("sha256"):
