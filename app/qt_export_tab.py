@@ -246,7 +246,10 @@ class QtExportTab(QWidget):
         self._task = None
         self.export_button.setEnabled(True)
         self.progress.end("failed")
-        kept = " The earlier file, if any, was left untouched."
+        from core.errors import CancelledError  # noqa: PLC0415
+
+        # A cancel's own message already says the earlier file was kept.
+        kept = "" if isinstance(exc, CancelledError) else " The earlier file, if any, was left untouched."
         self.message.show_message(error_text(exc) + kept, "error")
         self._host.show_error(exc)
 

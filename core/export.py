@@ -19,7 +19,6 @@ import copy
 import gc
 import math
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError, UnwritablePathError
+from core.io import StagedFile
 from core.quant import meta_kernels
 from core.quant.mode import Mode
 from core.verdict import NoiseFloor, Verdict, judge, noise_floor, within_one_step
@@ -129,7 +129,8 @@ def export_circle(
     `example` is a preprocessed batch of one (mapping with pixel_values and pixel_position_ids)
     or its pixel_position_ids; without it, `image` (or a bundled sample) is preprocessed at
     `max_soft_tokens`. `mode` is "quant" or "float" (default: the model's current mode).
-    A failure leaves any earlier file at `out_path` untouched.
+    The file is verified under a temporary name and renamed onto `out_path` only then: a failure
+    or a cancel at any stage leaves any earlier file at `out_path` byte-identical.
     """
     start = time.perf_counter()
     # Session passes out_path positionally as the second argument; accept both orders.
@@ -147,9 +148,10 @@ def export_circle(
     total = len(STAGES) if verify else len(STAGES) - 1
     done = 0
 
-    def step(name: str) -> None:
+    def step(name: str, check_cancel: bool = True) -> None:
         nonlocal done
-        _check_cancel(cancel)
+        if check_cancel:
+            _check_cancel(cancel, out)
         done += 1
         if progress is not None:
             progress(done, total, name)
@@ -193,43 +195,55 @@ def export_circle(
             circle_bytes = _convert(holder, timings, step, cancel, circle_optimize, compile_config, origins)
             gc.collect()
 
-            t = time.perf_counter()
-            _write_atomically(out, circle_bytes)
-            timings["write"] = time.perf_counter() - t
-            step(f"wrote {out.name}")
-            del circle_bytes
-
-            written = out.read_bytes()
-            summary = summarize_circle(written)
-            tensor_modules = _tensor_module_map(written, origins, scopes)
-            result = ExportResult(
-                path=out,
-                bytes=len(written),
-                seconds=0.0,
-                op_counts=summary["op_counts"],
-                tensors_without_qparams=summary["tensors_without_qparams"],
-                io_tensors=summary["io_tensors"],
-                verify=None,
-                timings=timings,
-                mode=export_mode,
-                graph_nodes=graph_nodes,
-                soft_tokens=profile.soft_tokens,
-                patches=profile.num_patches,
-                max_patches=profile.max_patches,
-                unquantized_details=summary["unquantized_details"],
-                tensor_modules=tensor_modules,
-                unquantized=[(t, tensor_modules.get(t, ROOT_MODULE)) for t in summary["tensors_without_qparams"]],
-                layout=layout_fingerprint(position_ids),
-            )
-            if verify:
+            # The file is staged beside `out`, verified there, and renamed over `out` only when
+            # everything passed and nobody cancelled: until then the earlier file is untouched.
+            with StagedFile(out) as staged:
                 t = time.perf_counter()
-                result.verify = verify_circle(
-                    written, qmodel, module, pixel_values, position_ids, mode=export_mode, reference=reference, forward=forward,
-                    structural=structural_problems(result),
+                try:
+                    staged.write(circle_bytes)
+                except OSError as exc:
+                    raise UnwritablePathError(out, exc.strerror or str(exc)) from exc
+                timings["write"] = time.perf_counter() - t
+                step("written beside the target" + ("; verifying" if verify else ""))
+                del circle_bytes
+
+                written = staged.path.read_bytes()
+                summary = summarize_circle(written)
+                tensor_modules = _tensor_module_map(written, origins, scopes)
+                result = ExportResult(
+                    path=out,
+                    bytes=len(written),
+                    seconds=0.0,
+                    op_counts=summary["op_counts"],
+                    tensors_without_qparams=summary["tensors_without_qparams"],
+                    io_tensors=summary["io_tensors"],
+                    verify=None,
+                    timings=timings,
+                    mode=export_mode,
+                    graph_nodes=graph_nodes,
+                    soft_tokens=profile.soft_tokens,
+                    patches=profile.num_patches,
+                    max_patches=profile.max_patches,
+                    unquantized_details=summary["unquantized_details"],
+                    tensor_modules=tensor_modules,
+                    unquantized=[(t, tensor_modules.get(t, ROOT_MODULE)) for t in summary["tensors_without_qparams"]],
+                    layout=layout_fingerprint(position_ids),
                 )
-                timings["verify"] = time.perf_counter() - t
-                result.verify.seconds = timings["verify"]
-                step("verified")
+                if verify:
+                    t = time.perf_counter()
+                    result.verify = verify_circle(
+                        written, qmodel, module, pixel_values, position_ids, mode=export_mode, reference=reference, forward=forward,
+                        structural=structural_problems(result),
+                    )
+                    timings["verify"] = time.perf_counter() - t
+                    result.verify.seconds = timings["verify"]
+                del written
+                _check_cancel(cancel, out)  # the last point where a cancel keeps the earlier file
+                try:
+                    staged.commit()
+                except OSError as exc:
+                    raise UnwritablePathError(out, exc.strerror or str(exc)) from exc
+            step(f"verified, wrote {out.name}" if verify else f"wrote {out.name}", check_cancel=False)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -815,9 +829,10 @@ def _weight_caches_released(qmodel: Any) -> Iterator[None]:
             w.cache_weights()
 
 
-def _check_cancel(cancel: Any) -> None:
+def _check_cancel(cancel: Any, out: Path | None = None) -> None:
     if cancel is not None and getattr(cancel, "cancelled", False):
-        raise CancelledError("export cancelled; any earlier file was left untouched")
+        where = f"{out} was left as it was" if out is not None else "any earlier file was left as it was"
+        raise CancelledError(f"export cancelled; {where}; export again to write it")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -851,29 +866,6 @@ def _check_writable(out: Path) -> None:
         raise UnwritablePathError(out, f"folder {folder} is not writable")
     if out.exists() and not os.access(out, os.W_OK):
         raise UnwritablePathError(out, "the existing file is read-only")
-
-
-def _write_atomically(out: Path, data: bytes) -> None:
-    """Temp file in the same folder, then os.replace: readers never see a half-written model."""
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 minus umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-        tmp = None
-    except OSError as exc:
-        raise UnwritablePathError(out, exc.strerror or str(exc)) from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def _resolve_mode(qmodel: Any, mode: str | None) -> str:

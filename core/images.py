@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,10 +294,22 @@ class ImagePreprocessor:
         )
         return {"pixel_values": out["pixel_values"], "pixel_position_ids": out["image_position_ids"]}
 
+    def iter_load(
+        self, paths: Iterable[str | os.PathLike[str] | Image.Image] | str | os.PathLike[str]
+    ) -> Iterator[LoadedImage | RejectedImage]:
+        """load() one file at a time: each image is decoded only when the caller asks for it, so a
+        caller that keeps only what it needs (path, id, sha256) holds one decoded image at most."""
+        return self._iter_load(paths, strict=False)
+
     def _load(self, items: Any, strict: bool) -> ImageBatchResult:
+        result = ImageBatchResult()
+        for item in self._iter_load(items, strict):
+            (result.accepted if isinstance(item, LoadedImage) else result.rejected).append(item)
+        return result
+
+    def _iter_load(self, items: Any, strict: bool) -> Iterator[LoadedImage | RejectedImage]:
         if isinstance(items, (str, os.PathLike, Image.Image)):
             items = [items]
-        result = ImageBatchResult()
         seen: dict[str, Path] = {}
         for index, item in enumerate(items):
             if isinstance(item, Image.Image):
@@ -308,17 +320,17 @@ class ImagePreprocessor:
                 except BadImageError as exc:
                     if strict:
                         raise
-                    result.rejected.append(RejectedImage(exc.path, exc.reason))
+                    yield RejectedImage(exc.path, exc.reason)
                     continue
                 sha = _sha256_image(rgb)
-                result.accepted.append(LoadedImage(None, _image_id(f"image{index}", sha), sha, rgb, rgb.size))
+                yield LoadedImage(None, _image_id(f"image{index}", sha), sha, rgb, rgb.size)
                 continue
             try:
                 paths = expand_paths([item])
             except NoImagesError as exc:
                 if strict:
                     raise
-                result.rejected.append(RejectedImage(Path(item), exc.message))
+                yield RejectedImage(Path(item), exc.message)
                 continue
             for path in paths:
                 try:
@@ -326,13 +338,10 @@ class ImagePreprocessor:
                 except BadImageError as exc:
                     if strict:
                         raise
-                    result.rejected.append(RejectedImage(path, exc.reason))
+                    yield RejectedImage(path, exc.reason)
                     continue
-                if isinstance(loaded, RejectedImage):
-                    result.rejected.append(loaded)
-                else:
-                    result.accepted.append(loaded)
-        return result
+                yield loaded
+                del loaded  # the generator must not keep the last image alive while suspended
 
     def _open(self, path: Path, seen: dict[str, Path]) -> LoadedImage | RejectedImage:
         image = open_image(path, self.max_image_pixels)
