@@ -238,6 +238,12 @@ def export_circle(
                     timings["verify"] = time.perf_counter() - t
                     result.verify.seconds = timings["verify"]
                 del written
+                verdict = result.verify.verdict if result.verify is not None else None
+                if verdict is not None and verdict.level == "failed":
+                    # A broken file must not replace a good one: the earlier file stays.
+                    raise ExportError(
+                        f"verification failed, {out.name} was left as it was: {verdict.reason}; {verdict.advice}"
+                    )
                 _check_cancel(cancel, out)  # the last point where a cancel keeps the earlier file
                 try:
                     staged.commit()

@@ -123,3 +123,21 @@ def test_a_good_export_replaces_the_earlier_file_and_cleans_stale_temps(
     # The last tick comes after the rename (the conversion's own ticks are skipped by the stub).
     assert seen[-1][2] == f"verified, wrote {earlier.name}"
 
+
+
+def test_failed_verdict_keeps_the_earlier_file(qmodel, example, earlier, converted, monkeypatch):
+    """A file the verification judges broken (core.verdict 'failed') never replaces a good one."""
+    from core.verdict import judge
+
+    real = export_mod.verify_circle
+
+    def broken(*args, **kwargs):
+        v = real(*args, **kwargs)
+        v.verdict = judge(mode="quant", within=0.5, max_steps=200.0, max_abs=1.0, floor=v.noise_floor)
+        return v
+
+    monkeypatch.setattr(export_mod, "verify_circle", broken)
+    with pytest.raises(ExportError) as e:
+        export_circle(qmodel, example, earlier)
+    assert "verification failed" in str(e.value) and "left as it was" in str(e.value) and "\n" not in str(e.value)
+    _left_alone(earlier)
