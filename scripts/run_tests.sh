@@ -9,10 +9,22 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
+# Tests whose verdicts are numbers computed by torch (and TICO's runtime): run under a second kernel path.
+NUMERIC_TESTS=(tests/test_verdict.py tests/test_export.py tests/test_ptq.py tests/test_quant_primitives.py
+    tests/test_threeway.py tests/test_models.py)
 export QT_QPA_PLATFORM=${QT_QPA_PLATFORM:-offscreen}
 export QTWEBENGINE_CHROMIUM_FLAGS=${QTWEBENGINE_CHROMIUM_FLAGS:---no-sandbox}
 
 "$PY" -m pytest -q --ignore=tests/app "$@" || exit $?
+
+# The numeric tests once more on another CPU kernel path and thread count: ATen's scalar kernels,
+# MKL and oneDNN held to AVX2, one thread. A tolerance tuned on one CPU fails here first, in CI,
+# instead of on a user's machine (every numeric verdict is judged against core.verdict's measured
+# noise floor, so it must pass under any of these).
+if [ "${PTQ_SKIP_KERNEL_PASS:-0}" != 1 ]; then
+    ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=1 \
+        "$PY" -m pytest -q -m "not slow" "${NUMERIC_TESTS[@]}" "$@" || exit $?
+fi
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

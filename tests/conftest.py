@@ -23,6 +23,20 @@ BAD_IMAGE_REASONS: dict[str, str] = {
 }
 
 
+def pytest_report_header(config) -> list[str]:
+    """Which CPU kernel path and thread count this run's numbers come from (the suite runs under several)."""
+    import os
+
+    import torch
+
+    knobs = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+    set_knobs = ", ".join(f"{k}={os.environ[k]}" for k in knobs if k in os.environ) or "none set"
+    return [
+        f"torch {torch.__version__}: CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads ({set_knobs})"
+    ]
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

@@ -101,7 +101,8 @@ def test_heatmap_peak_is_where_a_broken_observer_clips(session, sample_images):
     fp = float_output_of(qmodel, layer, batch)[0]  # (patches, hidden)
     saved = obs.max_val.clone()
     try:
-        obs.max_val.fill_(0.5 * float(fp.max()))
+        # Cut the range at the 90th percentile of the rows' maxima: about a tenth of the patches clip.
+        obs.max_val.fill_(float(torch.quantile(fp.max(dim=-1).values, 0.9)))
         obs.compute_qparams()
         hi = obs.representable_range()[1]
         clipped = ((fp - hi).clamp(min=0) ** 2).sum(dim=-1).numpy()  # clipped energy per patch
