@@ -287,6 +287,15 @@ def test_fp_reference_is_the_float_model(calibrated, tiny_pre, sample_images):
         hf = model(**batch).last_hidden_state
         ours = _fp_forward(calibrated, batch)
     calibrated.set_keep_float([])
-    span = float(hf.max() - hf.min())
     assert ours.shape == hf.shape
-    assert float((ours - hf).abs().max()) < 1e-5 * span
+    # The static path against HF's padded one: other GEMM shapes, so another summation order.
+    # Judged against torch's own rounding noise on this machine (core.verdict), not a constant.
+    from core.ptq import prepare
+    from core.verdict import noise_floor
+
+    float_model = prepare(model)
+    module = float_model.as_export_module(batch["pixel_position_ids"])
+    with torch.no_grad():
+        static = module(batch["pixel_values"])
+        floor = noise_floor(float_model, module, batch["pixel_values"], static, None)
+    assert float((ours - hf).abs().max()) <= floor.max_abs, floor
