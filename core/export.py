@@ -72,6 +72,8 @@ class VerifyResult:
     output_observer: str | None = None
     export_vs_forward: float | None = None  # max |forward_export - forward| in torch
     seconds: float = 0.0
+    # The same file run by ONE's runtime (core.onert.OnertResult); None when not attempted.
+    onert: Any = None
 
 
 @dataclass
@@ -100,6 +102,12 @@ class ExportResult:
     # Fingerprint of the export profile's pixel_position_ids (layout_fingerprint): a three-way
     # check must feed the same image layout.
     layout: str = ""
+    # Ops whose non-constant inputs and output differ in dtype with no QUANTIZE/DEQUANTIZE/CAST
+    # between them: a failure (runtimes refuse or misread them), see summarize_circle.
+    dtype_mismatches: list[str] = field(default_factory=list)
+    # "integer": the graph input is integer with the pixels' qparams (feed core.onert.quantize_input
+    # of the pixel values); "float": float32 input followed by a QUANTIZE op.
+    input_dtype: str = "integer"
 
 
 # --------------------------------------------------------------------------- public API
@@ -118,13 +126,16 @@ def export_circle(
     strict: bool = False,
     circle_optimize: bool = False,
     compile_config: Any = None,
+    input_dtype: str = "integer",
 ) -> ExportResult:
     """Export `qmodel` for one image layout to a static Circle file at `out_path` and verify it.
 
     `example` is a preprocessed batch of one (mapping with pixel_values and pixel_position_ids)
     or its pixel_position_ids; without it, `image` (or a bundled sample) is preprocessed at
     `max_soft_tokens`. `mode` is "quant" or "float" (default: the model's current mode).
-    A failure leaves any earlier file at `out_path` untouched.
+    `input_dtype` "integer" gives a quantized model an integer input with the pixels' qparams,
+    "float" a float32 input followed by a QUANTIZE op. A failure leaves any earlier file at
+    `out_path` untouched.
     """
     start = time.perf_counter()
     # Session passes out_path positionally as the second argument; accept both orders.
@@ -136,6 +147,7 @@ def export_circle(
     _check_writable(out)
 
     export_mode = _resolve_mode(qmodel, mode)
+    input_dtype = _resolve_input_dtype(input_dtype)
     pixel_values, position_ids = _example_tensors(qmodel, example, image, max_soft_tokens, preprocessor)
 
     timings: dict[str, float] = {}
@@ -186,6 +198,10 @@ def export_circle(
             del program
             origins: dict[str, tuple[str, ...] | None] = {}
             circle_bytes = _convert(holder, timings, step, cancel, circle_optimize, compile_config, origins)
+            if input_dtype == "float":
+                from core.circle_edit import quantize_float_input
+
+                circle_bytes = quantize_float_input(circle_bytes)
             gc.collect()
 
             t = time.perf_counter()
@@ -215,6 +231,8 @@ def export_circle(
                 tensor_modules=tensor_modules,
                 unquantized=[(t, tensor_modules.get(t, ROOT_MODULE)) for t in summary["tensors_without_qparams"]],
                 layout=layout_fingerprint(position_ids),
+                dtype_mismatches=summary["dtype_mismatches"],
+                input_dtype=input_dtype if export_mode == "quant" else "float",
             )
             if verify:
                 t = time.perf_counter()
@@ -319,7 +337,10 @@ def summarize_circle(data: bytes) -> dict[str, Any]:
             users.setdefault(i, []).append(f"{op.name}#{op.index}")
         for o in op.outputs:
             producers[o] = f"{op.name}#{op.index}"
-    io = set(program.inputs) | set(program.outputs)
+    # A float graph input read only by QUANTIZE ops, or a float output made by DEQUANTIZE, is bridged
+    # explicitly; any other float input or output is an unquantized tensor like any other.
+    bridged = {i for i in program.inputs if users.get(i) and all(u.startswith("QUANTIZE#") for u in users[i])}
+    bridged |= {o for o in program.outputs if producers.get(o, "").startswith("DEQUANTIZE#")}
     missing: list[str] = []
     details: dict[str, str] = {}
     io_tensors: list[str] = []
@@ -329,14 +350,14 @@ def summarize_circle(data: bytes) -> dict[str, Any]:
             q = f"quantized scale={t.quantization.scale[0]:.6g} zp={t.quantization.zero_point[0]}" if t.is_quantized else "float"
             io_tensors.append(f"{kind} {t.name}: {tensor_type_name(t.tensor_type)}{list(t.shape)} ({q})")
     for t in program.tensors:
-        if t.index in io or t.is_quantized:
+        if t.index in bridged or t.is_quantized:
             continue
         if tensor_type_name(t.tensor_type) not in _FLOAT_TYPES:
             continue  # shape/index operands (INT32 perms, slice bounds) carry no data to quantize
         if t.is_constant and t.index not in users:
             continue
         missing.append(t.name)
-        role = "constant" if t.is_constant else f"made by {producers.get(t.index, '?')}"
+        role = "constant" if t.is_constant else "graph input" if t.index in program.inputs else f"made by {producers.get(t.index, '?')}"
         details[t.name] = (
             f"{tensor_type_name(t.tensor_type)}{list(t.shape)} {role}, used by {', '.join(users.get(t.index, [])) or 'nothing'}"
         )
@@ -345,7 +366,38 @@ def summarize_circle(data: bytes) -> dict[str, Any]:
         "tensors_without_qparams": missing,
         "unquantized_details": details,
         "io_tensors": io_tensors,
+        "dtype_mismatches": dtype_mismatches(program),
     }
+
+
+# Ops whose job is to change dtype.
+_CONVERSION_OPS = frozenset({"QUANTIZE", "DEQUANTIZE", "CAST"})
+
+
+def dtype_mismatches(program: Any) -> list[str]:
+    """Ops (other than QUANTIZE/DEQUANTIZE/CAST) with a non-constant input whose dtype differs from
+    their output's: a dtype changed silently (TICO's reference runtime computes through it, ONE's
+    runtime refuses it). `program` is a CircleProgram or the Circle bytes."""
+    from tico.circle.runtime.program import CircleProgram, tensor_type_name
+
+    if isinstance(program, (bytes, bytearray)):
+        program = CircleProgram.from_bytes(bytes(program))
+    found: list[str] = []
+    for op in program.operators:
+        if op.name in _CONVERSION_OPS or not op.outputs:
+            continue
+        out = program.tensor(op.outputs[0])
+        out_type = tensor_type_name(out.tensor_type)
+        for i in op.inputs:
+            if i < 0:
+                continue
+            t = program.tensor(i)
+            if t.is_constant:
+                continue  # shape/index operands and weights; a float constant is caught as unquantized
+            in_type = tensor_type_name(t.tensor_type)
+            if in_type != out_type:
+                found.append(f"{op.name}#{op.index}: input {t.name} is {in_type}, output {out.name} is {out_type}")
+    return found
 
 
 def verify_circle(
@@ -391,6 +443,9 @@ def verify_circle(
     vs_forward = float((got - fwd).abs().max()) if fwd.shape == got.shape else math.inf
     export_vs_forward = float((ref - fwd).abs().max()) if fwd.shape == ref.shape else math.inf
     name = f"tico reference runtime ({exec_mode.name})"
+    from core.onert import check_in_onert
+
+    onert = check_in_onert(data, pixel_values, ref, got.numpy(), step)
     return VerifyResult(
         max_abs_diff=max_abs,
         peir=max_abs / interval,
@@ -402,6 +457,7 @@ def verify_circle(
         step=step,
         output_observer=obs.name if obs is not None else None,
         export_vs_forward=export_vs_forward,
+        onert=onert,
     )
 
 
@@ -850,6 +906,16 @@ def _write_atomically(out: Path, data: bytes) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+INPUT_DTYPES = ("integer", "float")
+
+
+def _resolve_input_dtype(input_dtype: str | None) -> str:
+    value = "integer" if input_dtype is None else str(input_dtype).lower()
+    if value not in INPUT_DTYPES:
+        raise ExportError(f"unknown input dtype {input_dtype!r}: use 'integer' (quantized pixels) or 'float' (float32 + QUANTIZE)")
+    return value
 
 
 def _resolve_mode(qmodel: Any, mode: str | None) -> str:

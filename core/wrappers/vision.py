@@ -123,9 +123,20 @@ class QuantPooler(QuantModule):
 
     def forward_static(self, hidden: torch.Tensor, pool: torch.Tensor | None) -> torch.Tensor:
         if pool is not None:
-            hidden = self.fq(torch.matmul(self.fq(pool, self.obs_matrix), hidden), self.obs_pooled)
+            hidden = self.fq(_pool_rows(self.fq(pool, self.obs_matrix), hidden), self.obs_pooled)
         root = self.fq_weight(self.root_scale, self.obs_root_scale, None)
         return self.fq(hidden * root, self.obs_output)
+
+
+def _pool_rows(pool: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """pool (1, rows, n) @ hidden (1, n, d) written as a linear layer with `pool` as its weight.
+
+    ONE's runtime refuses a BATCH_MATMUL with a constant operand; FULLY_CONNECTED takes a constant
+    weight: (pool @ h)^T = linear(h^T, pool). Two-dimensional, as onert shapes FULLY_CONNECTED.
+    """
+    rows, n, d = pool.shape[-2], hidden.shape[-2], hidden.shape[-1]
+    pooled = F.linear(hidden.reshape(n, d).transpose(0, 1), pool.reshape(rows, n))  # (d, rows)
+    return pooled.transpose(0, 1).reshape(1, rows, d)
 
 
 class QuantVisionModel(QuantModule):
@@ -369,4 +380,10 @@ class VisionExportModule(nn.Module):
             self.profile.grid,
         )
         with self.qmodel.exporting():
+            # Quantized where the graph starts, before the slice: the converter then gives the graph
+            # input itself the pixels' qparams (an integer input; export_circle may bridge it from
+            # float with a QUANTIZE op). Sliced after, the input stays float and feeds an integer
+            # STRIDED_SLICE, a dtype change no op may make. Fake-quantizing twice changes nothing.
+            embedder = self.qmodel.patch_embedder
+            pixel_values = embedder.fq(pixel_values, embedder.obs_pixels)
             return self.qmodel.forward_static(pixel_values[:, : self.num_patches], profile)
