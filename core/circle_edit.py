@@ -177,3 +177,83 @@ def _dequantized_constant(model: Any, tensor: Any) -> np.ndarray:
         shape[int(q.quantizedDimension)] = scale.size
         scale, zp = scale.reshape(shape), zp.reshape(shape)
     return (values - zp) * scale
+
+
+def constant_matmul_as_fully_connected(data: bytes) -> bytes:
+    """The same model with each BATCH_MATMUL of a constant (1, r, n) left operand and a (1, n, d)
+    activation written as RESHAPE, TRANSPOSE, FULLY_CONNECTED (the constant as its weight),
+    TRANSPOSE, RESHAPE: (C @ X)^T = FC(X^T, C). ONE's runtime refuses constant BATCH_MATMUL operands;
+    torch keeps its matmul, so the runtime forward and the exported graph stay bit-identical."""
+    from circle_schema import circle
+    from tico.circle.io import model_from_bytes, model_to_bytes
+
+    model = model_from_bytes(data)
+    graph = model.subgraphs[0]
+    tensors = graph.tensors
+    codes = circle.BuiltinOperator.BuiltinOperator
+    opts = circle.BuiltinOptions.BuiltinOptions
+    bmm = [i for i, oc in enumerate(model.operatorCodes) if _builtin_code(oc) == codes.BATCH_MATMUL]
+    if not bmm:
+        return data
+
+    def add_tensor(like: Any, shape: list[int], suffix: str, buffer: int = 0, tensor_type: int | None = None) -> int:
+        t = circle.Tensor.TensorT()
+        t.shape = list(shape)
+        t.type = like.type if tensor_type is None else tensor_type
+        t.buffer = buffer
+        t.name = _name_bytes(like.name) + suffix.encode()
+        t.quantization = like.quantization if tensor_type is None else None
+        tensors.append(t)
+        return len(tensors) - 1
+
+    def int32_constant(like: Any, values: list[int], suffix: str) -> int:
+        buf = circle.Buffer.BufferT()
+        buf.data = np.frombuffer(np.asarray(values, dtype=np.int32).tobytes(), dtype=np.uint8)
+        model.buffers.append(buf)
+        return add_tensor(like, [len(values)], suffix, len(model.buffers) - 1, _INT32)
+
+    def operator(builtin: int, inputs: list[int], outputs: list[int], options_type: int, options: Any) -> Any:
+        op = circle.Operator.OperatorT()
+        op.opcodeIndex = _opcode(model, builtin)
+        op.inputs, op.outputs = inputs, outputs
+        op.builtinOptionsType, op.builtinOptions = options_type, options
+        return op
+
+    def reshape(src: int, dst: int, shape: list[int]) -> Any:
+        options = circle.ReshapeOptions.ReshapeOptionsT()
+        options.newShape = list(shape)
+        shape_tensor = int32_constant(tensors[dst], shape, "/shape")
+        return operator(codes.RESHAPE, [src, shape_tensor], [dst], opts.ReshapeOptions, options)
+
+    def transpose(src: int, dst: int) -> Any:
+        perm = int32_constant(tensors[dst], [1, 0], "/perm")
+        return operator(codes.TRANSPOSE, [src, perm], [dst], opts.TransposeOptions, circle.TransposeOptions.TransposeOptionsT())
+
+    rewritten: list[Any] = []
+    for op in graph.operators:
+        lhs, rhs = (int(i) for i in op.inputs[:2]) if len(op.inputs) >= 2 else (-1, -1)
+        if op.opcodeIndex not in bmm or lhs < 0 or rhs < 0 or not _is_constant(model, tensors[lhs]) or _is_constant(model, tensors[rhs]):
+            rewritten.append(op)
+            continue
+        c, x, out = tensors[lhs], tensors[rhs], tensors[int(op.outputs[0])]
+        if len(c.shape) != 3 or len(x.shape) != 3 or c.shape[0] != 1 or x.shape[0] != 1 or (c.quantization and len(c.quantization.scale or []) > 1):
+            rewritten.append(op)
+            continue
+        rows, n, d = int(c.shape[1]), int(c.shape[2]), int(x.shape[2])
+        weight = add_tensor(c, [rows, n], "/weight", c.buffer)  # same bytes, 2-D view
+        x2 = add_tensor(x, [n, d], "/2d")
+        xt = add_tensor(x, [d, n], "/transposed")
+        y = add_tensor(out, [d, rows], "/fc")
+        yt = add_tensor(out, [rows, d], "/2d")
+        fc_options = circle.FullyConnectedOptions.FullyConnectedOptionsT()
+        fc_options.fusedActivationFunction = circle.ActivationFunctionType.ActivationFunctionType.NONE
+        fc_options.keepNumDims = False
+        rewritten += [
+            reshape(rhs, x2, [n, d]),
+            transpose(x2, xt),
+            operator(codes.FULLY_CONNECTED, [xt, weight, -1], [y], opts.FullyConnectedOptions, fc_options),
+            transpose(y, yt),
+            reshape(yt, int(op.outputs[0]), [1, rows, d]),
+        ]
+    graph.operators = rewritten
+    return model_to_bytes(model)

@@ -198,9 +198,10 @@ def export_circle(
             del program
             origins: dict[str, tuple[str, ...] | None] = {}
             circle_bytes = _convert(holder, timings, step, cancel, circle_optimize, compile_config, origins)
-            if input_dtype == "float":
-                from core.circle_edit import quantize_float_input
+            from core.circle_edit import constant_matmul_as_fully_connected, quantize_float_input
 
+            circle_bytes = constant_matmul_as_fully_connected(circle_bytes)
+            if input_dtype == "float":
                 circle_bytes = quantize_float_input(circle_bytes)
             gc.collect()
 

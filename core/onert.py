@@ -7,7 +7,8 @@ it. onert 0.1.0 (PyPI) has these limits that matter to our graphs, read from ONE
 - FULLY_CONNECTED's output shape is always 2-D (``inferFullyConnectedShape`` ignores
   ``keep_num_dims``), so the exporter feeds every linear a 2-D input and reshapes after it;
 - BATCH_MATMUL rejects a constant operand (OperationValidator: "Constant lhs and rhs is not
-  implemented yet"), so the pooler's constant matrix is a FULLY_CONNECTED weight instead;
+  implemented yet"), so the pooler's constant matrix becomes a FULLY_CONNECTED weight
+  (core.circle_edit.constant_matmul_as_fully_connected);
 - an op's input and output dtypes must agree (STRIDED_SLICE float -> uint8 is refused);
 - some CPU kernels exist in float only (``ONERT_FLOAT_ONLY``). To still run the rest of a
   quantized file in integer, :func:`core.circle_edit.bridge_float_ops` gives each such op a DEQUANTIZE before and a

@@ -173,3 +173,16 @@ def test_onert_missing_is_reported_not_raised(exports, monkeypatch):
     result = co.check_in_onert(res.path.read_bytes(), torch.zeros(1, 630, 768), torch.zeros(64, 64), None, 1.0)
     assert not result.ran and "pip install" in result.error
     assert result.summary().startswith("onert: did not run")
+
+
+def test_no_batch_matmul_reads_a_constant(exports):
+    """onert refuses constant BATCH_MATMUL operands: the pooling matrix is a FULLY_CONNECTED weight."""
+    from tico.circle.runtime.program import CircleProgram
+
+    for res in exports.values():
+        program = CircleProgram.from_bytes(res.path.read_bytes())
+        for op in program.operators:
+            if op.name == "BATCH_MATMUL":
+                assert not any(program.tensor(i).is_constant for i in op.inputs if i >= 0), f"{res.path.name}: op {op.index}"
+        # The pooled rows still come out right: the TICO check is unchanged in kind.
+        assert res.verify.within_one_step > 0

@@ -123,20 +123,9 @@ class QuantPooler(QuantModule):
 
     def forward_static(self, hidden: torch.Tensor, pool: torch.Tensor | None) -> torch.Tensor:
         if pool is not None:
-            hidden = self.fq(_pool_rows(self.fq(pool, self.obs_matrix), hidden), self.obs_pooled)
+            hidden = self.fq(torch.matmul(self.fq(pool, self.obs_matrix), hidden), self.obs_pooled)
         root = self.fq_weight(self.root_scale, self.obs_root_scale, None)
         return self.fq(hidden * root, self.obs_output)
-
-
-def _pool_rows(pool: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """pool (1, rows, n) @ hidden (1, n, d) written as a linear layer with `pool` as its weight.
-
-    ONE's runtime refuses a BATCH_MATMUL with a constant operand; FULLY_CONNECTED takes a constant
-    weight: (pool @ h)^T = linear(h^T, pool). Two-dimensional, as onert shapes FULLY_CONNECTED.
-    """
-    rows, n, d = pool.shape[-2], hidden.shape[-2], hidden.shape[-1]
-    pooled = F.linear(hidden.reshape(n, d).transpose(0, 1), pool.reshape(rows, n))  # (d, rows)
-    return pooled.transpose(0, 1).reshape(1, rows, d)
 
 
 class QuantVisionModel(QuantModule):
