@@ -11,7 +11,8 @@ web UI files from the installed ``netron`` package itself, but:
   and its build date is set to today so the age lock never triggers;
 - the ``consent`` cookie netron checks is set by the server, so no prompt appears;
 - a Content-Security-Policy limits fetches to this server (``connect-src 'self'``);
-- the socket is bound to 127.0.0.1 only, on a free port chosen by the OS.
+- the socket is bound to 127.0.0.1 only, on a free port chosen by the OS, and answers only
+  requests addressed to ``127.0.0.1:<port>`` or ``localhost:<port>`` (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -81,7 +82,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - base signature
         self.server.requests.append(self.path)
 
+    def _host_allowed(self) -> bool:
+        # DNS rebinding: a page from evil.example can re-point its name at 127.0.0.1 and read
+        # what we serve, but its requests still carry its own Host; only ours are answered.
+        port = self.server.server_address[1]
+        host = (self.headers.get("Host") or "").strip().lower()
+        return host in (f"{HOST}:{port}", f"localhost:{port}")
+
     def _respond(self, head: bool) -> None:
+        if not self._host_allowed():
+            self.send_response(421)  # Misdirected Request
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
         body: bytes | None = None
         content_type = "application/octet-stream"

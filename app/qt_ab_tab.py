@@ -144,7 +144,7 @@ class QtABTab(QWidget):
         self.overrides_edit = QPlainTextEdit()
         self.overrides_edit.setObjectName("abOverrides")
         self.overrides_edit.setPlaceholderText(
-            "one override per line, e.g.\nencoder.layers.* = int16\n*.self_attn.probs = float\n*.mlp.* = int16 / uint4   (act / weight)"
+            "one override per line, e.g.\nencoder.layers.* = int16\n*.self_attn.o_proj = float\n*.mlp.* = int16 / uint4   (act / weight)"
         )
         self.overrides_edit.setMaximumHeight(110)
         self.config_a_label = QLabel("A: the session's config (calibrate it first)")

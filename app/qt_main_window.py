@@ -34,12 +34,28 @@ from app.qt_export_tab import QtExportTab
 from app.qt_netron_tab import QtNetronTab
 from app.qt_ranges_tab import QtRangesTab
 from app.workers import SessionRunner, Task
+from core.models import SPECS
 
 DTYPES = ["uint8", "int8", "int16", "uint4", "int4"]
 OBSERVERS = ["minmax", "ema", "percentile"]
 SOFT_TOKENS = [70, 140, 280, 560, 1120]
-MODEL_CHOICES = [("Built-in tiny model", "tiny"), ("Gemma 4 E2B-shaped model", "e2b")]
+# The built-in weights are random (seeded); the names say so, so a low SQNR is not read as a broken quantizer.
+MODEL_CHOICES = [
+    ("Built-in tiny model (random weights)", "tiny"),
+    ("Gemma 4 E2B-shaped model (random weights)", "e2b"),
+    ("E2B-shaped, chaotic init (stress test)", "e2b-chaotic"),
+]
 MAX_RECENT = 8
+
+
+def _check_keep_float(session, config) -> None:
+    """ConfigError naming a keep-float or override glob that matches no module of the session's model."""
+    qmodel = getattr(session, "qmodel", None)
+    if qmodel is None:  # stand-in sessions of the tests have no wrapped model
+        return
+    from core.abtest import owner_modules  # noqa: PLC0415
+
+    config.check_globs(owner_modules(qmodel), "keep-float")
 
 
 def _default_session_factory(model_spec: str, config, max_soft_tokens: int):
@@ -94,7 +110,7 @@ class QtModelPanel(QWidget):
         self.tokens_combo.setCurrentIndex(SOFT_TOKENS.index(280))
         self.keep_float_edit = QPlainTextEdit()
         self.keep_float_edit.setObjectName("keepFloatGlobs")
-        self.keep_float_edit.setPlaceholderText("one glob per line, e.g.\nencoder.layers.0.*\n*.self_attn.probs")
+        self.keep_float_edit.setPlaceholderText("one glob per line, e.g.\nencoder.layers.0.*\n*.mlp.down_proj")
         self.keep_float_edit.setMaximumHeight(90)
         self.apply_button = QPushButton("Apply settings")
         self.apply_button.setObjectName("applySettingsButton")
@@ -244,7 +260,7 @@ class QtMainWindow(QMainWindow):
         self._restore_window()
         self._ready = True
 
-        default_export = Path(self.last_folder("export")) / f"gemma4_vision_{model_spec if model_spec in ('tiny', 'e2b') else 'model'}.circle"
+        default_export = Path(self.last_folder("export")) / f"gemma4_vision_{model_spec if model_spec in SPECS else 'model'}.circle"
         self.export_tab.path_edit.setText(str(default_export))
         self._load_session(self.model_panel.settings(), images=list(images or []))
 
@@ -413,6 +429,7 @@ class QtMainWindow(QMainWindow):
         def work():
             config = self.build_config(settings)
             session = factory(settings["model_spec"], config, settings["max_soft_tokens"])
+            _check_keep_float(session, config)
             if images:
                 session.add_images(images)
             return session, [e for e in session.images]
@@ -509,7 +526,9 @@ class QtMainWindow(QMainWindow):
         session = self.session
 
         def work():
-            session.set_config(self.build_config(settings))
+            config = self.build_config(settings)
+            _check_keep_float(session, config)
+            session.set_config(config)
             return [e for e in session.images]
 
         def done(entries):
@@ -525,8 +544,10 @@ class QtMainWindow(QMainWindow):
 
         def failed(exc):
             self.model_panel.dirty_label.setText(error_text(exc))
+            self.model_panel.dirty_label.setStyleSheet("color: #b00020;")
             self.show_error(exc)
-            self._on_settings_edited()
+            # keep_message: the reason stays beside the settings it is about (a mistyped glob).
+            self._on_settings_edited(keep_message=True)
 
         self.submit("applying settings", work, takes_progress=False, on_done=done, on_error=failed)
 

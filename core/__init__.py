@@ -1,12 +1,38 @@
 """PTQ Studio core: the PTQ wrapper library for Gemma4VisionModel (no Qt here, ever)."""
 
+import importlib
+
 from core import errors
 from core.cancel import CancelToken
-from core.config import FLOAT, PTQConfig, QuantSpec
-from core.images import ImagePreprocessor
-from core.models import load_model
-from core.ptq import CalibrationResult, calibrate, convert, prepare
-from core.quant.mode import Mode
+
+# Everything else loads on first use: `ptq-studio --help` imports this package, and torch plus
+# transformers would cost it seconds and hundreds of MB before a single argument is read.
+_LAZY = {
+    "FLOAT": "core.config",
+    "PTQConfig": "core.config",
+    "QuantSpec": "core.config",
+    "ImagePreprocessor": "core.images",
+    "load_model": "core.models",
+    "CalibrationResult": "core.ptq",
+    "calibrate": "core.ptq",
+    "convert": "core.ptq",
+    "prepare": "core.ptq",
+    "Mode": "core.quant.mode",
+    "Session": "core.session",
+    "observer_table": "core.inspect",
+    "compare": "core.inspect",
+    "sensitivity": "core.inspect",
+    "export_circle": "core.export",
+    "image_error_maps": "core.diagnostics",
+    "locate_divergence": "core.diagnostics",
+    "locate_extreme": "core.provenance",
+    "rank_images": "core.provenance",
+    "three_way_check": "core.threeway",
+    "three_way_session": "core.threeway",
+    "compare_ab": "core.abtest",
+    "calibrate_b": "core.abtest",
+    "ABComparison": "core.abtest",
+}
 
 __all__ = [
     "errors",
@@ -25,32 +51,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Heavier or later parts load on first use so `import core` stays quick.
-    if name == "Session":
-        from core.session import Session
-
-        return Session
-    if name in ("observer_table", "compare", "sensitivity"):
-        import core.inspect as inspect_mod
-
-        return getattr(inspect_mod, name)
-    if name == "export_circle":
-        from core.export import export_circle
-
-        return export_circle
-    lazy = {
-        "image_error_maps": "core.diagnostics",
-        "locate_divergence": "core.diagnostics",
-        "locate_extreme": "core.provenance",
-        "rank_images": "core.provenance",
-        "three_way_check": "core.threeway",
-        "three_way_session": "core.threeway",
-        "compare_ab": "core.abtest",
-        "calibrate_b": "core.abtest",
-        "ABComparison": "core.abtest",
-    }
-    if name in lazy:
-        import importlib
-
-        return getattr(importlib.import_module(lazy[name]), name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'core' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -67,6 +67,7 @@ __all__ = [
     "ab_summary_lines",
     "resolved_specs",
     "describe_config",
+    "owner_modules",
     "DEFAULT_MARGIN_DB",
     "TIE_DB",
 ]
@@ -234,6 +235,8 @@ def calibrate_b(
 
     if not isinstance(config_b, PTQConfig):
         raise ConfigError(f"config B must be a PTQConfig, got {type(config_b).__name__}")
+    # A mistyped glob would otherwise calibrate B for minutes and report a tie.
+    config_b.check_globs(owner_modules(session.qmodel), "config B override")
     entries, same = _calibration_entries(session)
     if not entries:
         raise NoImagesError(None, "the session has no usable image to calibrate config B on")
@@ -309,7 +312,7 @@ def compare_ab(
         total=n,
     )
     config_a, config_b = session.config, ab_state.config
-    names = _owner_modules(session.qmodel)
+    names = owner_modules(session.qmodel)
     by_b = {m.name: m for m in res_b.modules}
     modules: list[ABModule] = []
     for ma in res_a.modules:
@@ -465,8 +468,8 @@ def resolved_specs(config: PTQConfig, module_name: str) -> Resolution:
     return config.spec_for(module_name, "activation"), config.spec_for(module_name, "weight")
 
 
-def _owner_modules(qmodel) -> list[str]:
-    """Names of the modules that own observers, in forward order (root "" included)."""
+def owner_modules(qmodel) -> list[str]:
+    """Names of the modules that own observers, in forward order (root "" included); what override globs match."""
     seen: dict[str, None] = {}
     for obs in qmodel.observers():
         seen.setdefault(obs.module_name, None)

@@ -36,6 +36,22 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{PROG}: error: {message} (see {self.prog} --help)")
 
 
+def count(minimum: int):
+    """An argparse type: an integer of at least `minimum` (a negative --top would slice from the end)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    parse.__name__ = "count"  # argparse names the type in its message
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = _Parser(prog=PROG, description="Post-training quantization of the Gemma 4 vision encoder.")
@@ -48,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="torch device (default cpu)")
 
     q = sub.add_parser("quantize", help="calibrate a model on images and save a session")
-    q.add_argument("--model", default="tiny", help="tiny | e2b | checkpoint folder (default tiny)")
+    q.add_argument("--model", default="tiny", help="tiny | e2b | tiny-chaotic | e2b-chaotic | checkpoint folder (default tiny)")
     q.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
     q.add_argument("--out", required=True, metavar="SESSION", help="session folder to write")
     q.add_argument("--max-soft-tokens", type=int, default=280, metavar="N", help="soft tokens per image (default 280)")
@@ -56,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight", default="uint8", choices=DTYPES, help="weight dtype (default uint8)")
     q.add_argument("--observer", default="minmax", choices=OBSERVERS, help="observer (default minmax)")
     q.add_argument("--keep-float", nargs="+", default=[], metavar="GLOB", help="modules kept in float")
-    q.add_argument("--batch-size", type=int, default=1, metavar="N", help="images per calibration batch")
+    q.add_argument("--batch-size", type=count(1), default=1, metavar="N", help="images per calibration batch")
     common(q)
 
     r = sub.add_parser("report", help="observer ranges and FP-vs-quantized errors of a session")
@@ -64,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--images", nargs="+", metavar="PATH", help="evaluate on these images (default: calibration set)")
     r.add_argument("--plots", metavar="DIR", help="write PNG charts into DIR")
     r.add_argument("--keep-float", nargs="+", default=[], metavar="GLOB", help="what-if: keep these in float")
-    r.add_argument("--top", type=int, default=15, metavar="N", help="rows of the worst-modules table")
+    r.add_argument("--top", type=count(1), default=15, metavar="N", help="rows of the worst-modules table")
     r.add_argument("--histograms", action="store_true", help="include histograms in --json")
     r.add_argument(
         "--divergence", default="layer", choices=("layer", "module", "off"),
@@ -247,14 +263,47 @@ def _no_images_error(rejected):
     return NoImagesError(None, "no image paths were given")
 
 
-def _check_out_writable(path: Path) -> None:
+def check_output(path: str | Path, flag: str, kind: str = "file") -> Path:
+    """Refuse an output that cannot be written, before any work starts; nothing is created yet.
+
+    kind "file": a file whose folder may be missing (it is created when written, see
+    ensure_parent); "folder": a folder written into; "session": a folder that replaces itself
+    atomically, so its parent must be writable. Missing folders count as writable when the
+    nearest existing one is.
+    """
     from core.errors import UnwritablePathError
 
-    parent = path.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UnwritablePathError(path, f"{parent} is not a writable folder")
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise UnwritablePathError(path, f"it is a folder; {flag} names a file")
+    if kind != "file" and path.exists() and not path.is_dir():
+        raise UnwritablePathError(path, f"a file is in the way; {flag} names a folder")
+    folder = path.absolute() if kind == "folder" else path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UnwritablePathError(path, f"{folder} is a file, not a writable folder")
+    try:
+        # A real write, not os.access: root passes every access check, even on a read-only mount.
+        with tempfile.TemporaryFile(dir=folder, prefix=".ptq-write-check-"):
+            pass
+    except OSError as e:
+        raise UnwritablePathError(path, f"{folder} is not writable: {e.strerror or e}") from None
+    if kind == "file" and path.exists() and not os.access(path, os.W_OK):
+        raise UnwritablePathError(path, "the existing file is read-only")
+    return path
+
+
+def ensure_parent(path: str | Path) -> Path:
+    """Create the missing folders above an output file (every command does, as quantize always has)."""
+    from core.errors import UnwritablePathError
+
+    path = Path(path)
+    try:
+        path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UnwritablePathError(path, e.strerror or str(e)) from None
+    return path
 
 
 def _check_soft_tokens(n: int | None, flag: str = "--max-soft-tokens") -> None:
@@ -268,18 +317,13 @@ def _check_soft_tokens(n: int | None, flag: str = "--max-soft-tokens") -> None:
 def cmd_quantize(args, progress) -> tuple[dict, str]:
     """Load, add images, calibrate, save."""
     from core.config import PTQConfig, QuantSpec
-    from core.errors import ConfigError, UnwritablePathError
+    from core.errors import UnwritablePathError
     from core.session import MANIFEST, Session
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UnwritablePathError(out, "a file is in the way; --out names a session folder")
+    out = check_output(args.out, "--out", kind="session")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UnwritablePathError(out, "the folder exists and is not a PTQ Studio session; pick a new --out")
-    _check_out_writable(out)
     _check_soft_tokens(args.max_soft_tokens)
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: use 1 or more")
     config = PTQConfig(
         activation=QuantSpec(dtype=args.activation),
         weight=QuantSpec(dtype=args.weight, per_channel=True),
@@ -289,6 +333,7 @@ def cmd_quantize(args, progress) -> tuple[dict, str]:
         config = config.with_keep_float(args.keep_float)
     t0 = time.perf_counter()
     session = Session(args.model, config, args.max_soft_tokens, device=args.device)
+    session.config.check_globs(module_names(session), "--keep-float")
     added = session.add_images(args.images)
     if not added.accepted:
         raise _no_images_error(added.rejected)
@@ -382,10 +427,23 @@ def _load(path, device):
     return Session.load(path, device=device)
 
 
+def module_names(session) -> list[str]:
+    """The module names a glob of this session's model can match."""
+    from core.abtest import owner_modules
+
+    return owner_modules(session.qmodel)
+
+
 def cmd_report(args, progress) -> tuple[dict, str]:
     """Ranges and errors (and optional plots) of a saved session."""
     t0 = time.perf_counter()
+    if args.plots:
+        check_output(args.plots, "--plots", kind="folder")
     session = _load(args.session, args.device)
+    if args.keep_float:
+        from core.config import check_globs
+
+        check_globs(args.keep_float, module_names(session), "module", "--keep-float")
     rejected = []
     if args.images:
         probe = session.probe_images(args.images)
@@ -399,8 +457,6 @@ def cmd_report(args, progress) -> tuple[dict, str]:
             from core.errors import NoImagesError
 
             raise NoImagesError(args.session, "no calibration image is still on disk unchanged; pass --images")
-    if args.plots:
-        _check_out_writable(Path(args.plots) / "ranges.png")
     res = session.evaluate(images=images, progress=progress, keep_float=args.keep_float)
     progress.close()
     plots = []
@@ -467,15 +523,10 @@ def cmd_report(args, progress) -> tuple[dict, str]:
 
 def cmd_export(args, progress) -> tuple[dict, str]:
     """Export and verify a Circle model from a saved session."""
-    from core.errors import UnwritablePathError
-
-    out = Path(args.out)
-    if out.is_dir():
-        raise UnwritablePathError(out, "it is a folder; --out names the .circle file to write")
-    _check_out_writable(out)
+    out = check_output(args.out, "--out")
     _check_soft_tokens(args.max_soft_tokens)
     session = _load(args.session, args.device)
-    res = session.export(out, max_soft_tokens=args.max_soft_tokens, progress=progress, input_dtype=args.input_dtype)
+    res = session.export(ensure_parent(out), max_soft_tokens=args.max_soft_tokens, progress=progress, input_dtype=args.input_dtype)
     progress.close()
     doc = {"command": "export", "session": str(args.session), **_export_dict(res)}
     three = None
@@ -490,20 +541,26 @@ def cmd_export(args, progress) -> tuple[dict, str]:
             "ops: " + ", ".join(f"{k} x{n}" for k, n in sorted((doc.get("op_counts") or {}).items())),
             f"tensors without qparams: {len(doc.get('tensors_without_qparams') or [])} (graph input and output included)",
             *(res.io_tensors or []),
-            *(
-                [f"FAIL: {len(res.dtype_mismatches)} ops change dtype silently (first: {res.dtype_mismatches[0]})"]
-                if res.dtype_mismatches
-                else []
-            ),
             f"verify ({v.get('runtime', '?')}): max abs diff {_fmt(v.get('max_abs_diff'))}, PEIR {_fmt(v.get('peir'))}, "
             f"{100 * float(v.get('within_one_step') or 0):.2f}% of outputs within one step, "
             f"at most {_fmt(v.get('max_steps'))} steps",
+            _verdict_line(v.get("verdict")),
             *([res.verify.onert.summary()] if res.verify is not None and res.verify.onert is not None else []),
             *([f"unquantized: {t} (module {m})" for t, m in (res.unquantized or [])][:20]),
             *(three.summary_lines() if three is not None else []),
         ]
     )
     return doc, text
+
+
+def _verdict_line(verdict: dict | None) -> str:
+    """The export verdict as one line (core.verdict: judged against this machine's rounding noise)."""
+    if not verdict:
+        return "verdict: not verified"
+    line = f"verdict: {verdict['level'].upper()}: {verdict['summary']}"
+    if verdict.get("reason"):
+        line += f"; {verdict['reason']}. Next: {verdict['advice']}"
+    return line
 
 
 def _export_dict(res) -> dict:
@@ -590,6 +647,20 @@ def _version() -> str:
         return "unknown"
 
 
+def _error_document(command: str | None, kind: str, message: str, exit_code: int) -> str:
+    # With --json a script reads stdout only: it gets one document there, also on failure.
+    doc = {"command": command, "error": {"type": kind, "message": message, "exit_code": exit_code}}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def _fail(as_json: bool, command: str | None, kind: str, line: str, message: str, code: int) -> int:
+    print(line, file=sys.stderr)
+    if as_json:
+        sys.stdout.write(_error_document(command, kind, message, code))
+        sys.stdout.flush()
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ptq-studio` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -598,23 +669,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(gui_main() or 0)
     debug = "--debug" in argv
+    wants_json = "--json" in argv
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
-        print(str(e), file=sys.stderr)
-        return 2
+        command = next((a for a in argv if not a.startswith("-")), None)
+        return _fail(wants_json, command, "UsageError", str(e), str(e).removeprefix(f"{PROG}: error: "), 2)
     except SystemExit as e:  # --help
         return int(e.code or 0)
     if args.version:
         print(f"{PROG} {_version()}")
         return 0
     if not args.command:
-        print(
-            f"{PROG}: choose a command: quantize, report, export, sensitivity, images, locate, recalibrate, ab "
-            f"(see {PROG} --help)",
-            file=sys.stderr,
+        message = (
+            "choose a command: quantize, report, export, sensitivity, images, locate, recalibrate, ab "
+            f"(see {PROG} --help)"
         )
-        return 2
+        return _fail(wants_json, None, "UsageError", f"{PROG}: {message}", message, 2)
     channels = _Channels()
     progress = None
     try:
@@ -632,8 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         return 0
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(args.json, args.command, "KeyboardInterrupt", f"{PROG}: interrupted", "interrupted", 130)
     except Exception as e:
         from core.errors import PTQStudioError
 
@@ -645,13 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         msg = " ".join(str(e).split())
         if isinstance(e, PTQStudioError):
-            print(f"{PROG}: error: {msg}", file=sys.stderr)
-            return 2
-        print(
-            f"{PROG}: internal error: {type(e).__name__}: {msg[:300]} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+            return _fail(args.json, args.command, type(e).__name__, f"{PROG}: error: {msg}", msg, 2)
+        line = f"{PROG}: internal error: {type(e).__name__}: {msg[:300]} (rerun with --debug for the traceback)"
+        return _fail(args.json, args.command, type(e).__name__, line, msg[:300], 1)
 
 
 if __name__ == "__main__":

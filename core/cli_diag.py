@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.cli import _load, _no_images_error, _rejected_text, _table
+from core.cli import _load, _no_images_error, _rejected_text, _table, check_output, count, ensure_parent, module_names
 
 DTYPES = ("uint8", "int8", "int16", "uint4", "int4")
 OBSERVERS = ("minmax", "ema", "percentile")
@@ -19,7 +19,7 @@ def add_parsers(sub, common) -> None:
     """Register the diagnostics subcommands on core.cli's subparsers."""
     i = sub.add_parser("images", help="calibration images ranked by how many observer extremes they set")
     i.add_argument("session", metavar="SESSION")
-    i.add_argument("--top", type=int, default=0, metavar="N", help="show only the first N images")
+    i.add_argument("--top", type=count(0), default=0, metavar="N", help="show only the first N images (0: all)")
     common(i)
 
     loc = sub.add_parser("locate", help="the image and patch where an observer's min or max occurred")
@@ -31,7 +31,10 @@ def add_parsers(sub, common) -> None:
 
     rc = sub.add_parser("recalibrate", help="exclude images and calibrate again on the rest (saves the session)")
     rc.add_argument("session", metavar="SESSION")
-    rc.add_argument("--exclude", nargs="+", required=True, metavar="IMAGE", help="image paths or image ids")
+    rc.add_argument(
+        "--exclude", nargs="+", required=True, metavar="IMAGE",
+        help="image paths, image ids or globs over them (e.g. '*/night_*.jpg')",
+    )
     rc.add_argument("--out", metavar="SESSION", help="save into this folder instead of SESSION")
     common(rc)
 
@@ -86,6 +89,8 @@ def cmd_images(args, progress) -> tuple[dict, str]:
 
 def cmd_locate(args, progress) -> tuple[dict, str]:
     """Where an observer's extreme occurred: image, row, patches, pixel boxes."""
+    if args.png:
+        check_output(args.png, "--png")
     session = _load(args.session, args.device)
     loc = session.locate_extreme(args.observer, args.which)
     png = None
@@ -128,15 +133,22 @@ def cmd_locate(args, progress) -> tuple[dict, str]:
 
 def cmd_recalibrate(args, progress) -> tuple[dict, str]:
     """Exclude images and calibrate again; the session is saved only when that succeeded."""
+    from core.session import MANIFEST
+
+    out = check_output(args.out or args.session, "--out" if args.out else "SESSION", kind="session")
+    if args.out and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        from core.errors import UnwritablePathError
+
+        raise UnwritablePathError(out, "the folder exists and is not a PTQ Studio session; pick a new --out")
     session = _load(args.session, args.device)
+    excluded_ids = _expand_images(session, args.exclude, "--exclude")
     before = {r.name: (r.min, r.max) for r in session.observer_table()}
-    cal = session.recalibrate_without(args.exclude, progress=progress)
+    cal = session.recalibrate_without(excluded_ids, progress=progress)
     progress.close()
     if cal.cancelled:
         from core.errors import CancelledError
 
         raise CancelledError("recalibration cancelled; the session on disk is unchanged")
-    out = Path(args.out) if args.out else Path(args.session)
     saved = session.save(out)
     changed = []
     for r in session.observer_table():
@@ -158,6 +170,29 @@ def cmd_recalibrate(args, progress) -> tuple[dict, str]:
         f"{len(changed)} observer range(s) changed; session saved to {saved}"
     )
     return doc, text
+
+
+def _expand_images(session, items, flag: str) -> list[str]:
+    """Image ids named by paths, ids or globs over them; a name or glob that matches none is a ConfigError."""
+    from fnmatch import fnmatchcase
+
+    from core.config import check_globs
+
+    entries = [e for e in session.images if e.status != "rejected"]
+
+    def keys(e) -> tuple[str, ...]:
+        return (e.image_id, e.path, Path(e.path).name)
+
+    ids: list[str] = []
+    for item in items:
+        resolved = str(Path(item).resolve())
+        hits = [e for e in entries if item in keys(e) or str(Path(e.path).resolve()) == resolved]
+        if not hits:
+            hits = [e for e in entries if any(fnmatchcase(k, item) for k in keys(e))]
+        if not hits:
+            check_globs([item], [k for e in entries for k in keys(e)], "image", flag)
+        ids += [e.image_id for e in hits if e.image_id not in ids]
+    return ids
 
 
 def _differs(a, b) -> bool:
@@ -200,8 +235,15 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
     from core.abtest import ABComparison
 
     t0 = time.perf_counter()
+    for flag, path in (("--tico-yaml", args.tico_yaml), ("--one-json", args.one_json)):
+        if path:
+            check_output(path, flag)
     session = _load(args.session, args.device)
     config_b = _config_b(session, args)
+    names = module_names(session)
+    config_b.check_globs(names, "--b-override")
+    if args.one_json:
+        _check_one_expressible(session.config, config_b, names)
     images = None
     rejected = []
     if args.images:
@@ -219,13 +261,16 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
     if args.tico_yaml:
         from core.config_export import write_tico_ptq_yaml
 
-        written["tico_yaml"] = str(write_tico_ptq_yaml(args.tico_yaml, overrides, base=result.config_a, modules=result.module_names))
+        path = write_tico_ptq_yaml(ensure_parent(args.tico_yaml), overrides, base=result.config_a, modules=result.module_names)
+        written["tico_yaml"] = str(path)
     if args.one_json:
         from core.config_export import write_one_quant_config
 
         name_map = _circle_name_map(session, result.module_names, progress) if args.one_names == "circle" else None
         written["one_json"] = str(
-            write_one_quant_config(args.one_json, overrides, name_map, base=result.config_a, modules=result.module_names)
+            write_one_quant_config(
+                ensure_parent(args.one_json), overrides, name_map, base=result.config_a, modules=result.module_names
+            )
         )
     doc = {
         "command": "ab",
@@ -238,6 +283,22 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
     lines += [f"wrote {v}" for v in written.values()]
     ab.release()
     return doc, "\n".join(filter(None, lines))
+
+
+def _check_one_expressible(config_a, config_b, names: list[str]) -> None:
+    """Refuse --one-json before calibrating when A or B holds what ONE cannot say (float layers, int8)."""
+    from core.config_export import to_one_quant_config
+    from core.errors import ConfigError
+
+    # Placeholder tensor names: only dtypes are in question here, not the Circle names.
+    name_map = {n: [n or "root"] for n in names}
+    for label, cfg in (("config A", config_a), ("config B", config_b)):
+        try:
+            to_one_quant_config(cfg, name_map, modules=names)
+        except ConfigError as e:
+            raise ConfigError(
+                f"--one-json: {label} cannot be written for ONE ({e.message}); drop --one-json or change {label}"
+            ) from None
 
 
 def _circle_name_map(session, modules, progress) -> dict[str, list[str]]:

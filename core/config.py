@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any, Mapping
@@ -12,6 +14,34 @@ from core.quant.dtypes import get_dtype
 FLOAT = "float"  # override value that keeps a module in float
 SCHEMES = ("affine", "symmetric")
 OBSERVERS = ("minmax", "ema", "percentile")
+
+
+def closest_names(pattern: str, names: Iterable[str], n: int = 3) -> list[str]:
+    """The `n` names most like `pattern` (difflib), for "did you mean" hints."""
+    pool = [x for x in dict.fromkeys(names) if x]
+    # Wildcards say nothing about spelling; compare the literal parts of the glob.
+    literal = pattern.replace("*", "").replace("?", "") or pattern
+    return difflib.get_close_matches(literal, pool, n=n, cutoff=0.0)
+
+
+def check_globs(globs: Iterable[str], names: Sequence[str], what: str = "module", source: str = "") -> None:
+    """Raise ConfigError for the first glob that matches none of `names`, naming the closest ones.
+
+    A module glob also matches a module's children (PTQConfig.matches), so ``encoder.layers.0``
+    covers every module inside that layer; an image glob matches the name itself.
+    """
+    names = list(names)
+    for glob in globs:
+        if what == "module":
+            hit = any(PTQConfig.matches(glob, name) for name in names)
+        else:
+            hit = any(fnmatchcase(name, glob) for name in names)
+        if hit:
+            continue
+        near = closest_names(glob, names)
+        hint = f"closest {what}s: {', '.join(near)}" if near else f"there is no {what} to match"
+        where = f"{source} " if source else ""
+        raise ConfigError(f"{where}{glob!r} matches no {what} ({hint}); fix the spelling or drop it")
 
 
 @dataclass(frozen=True)
@@ -133,6 +163,10 @@ class PTQConfig:
         for glob in globs:
             overrides[glob] = ModuleOverride(keep_float=True)
         return replace(self, overrides=overrides)
+
+    def check_globs(self, module_names: Sequence[str], source: str = "override") -> None:
+        """ConfigError if an override or keep-float glob matches none of `module_names`."""
+        check_globs(self.overrides, module_names, "module", source)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, read back by from_dict."""

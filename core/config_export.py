@@ -469,7 +469,7 @@ def write_one_quant_config(path: str | os.PathLike, config_or_overrides, name_ma
 
 
 def _write(path: str | os.PathLike, text: str) -> Path:
-    from core.session import atomic_write_text
+    from core.io import atomic_write_text
 
     path = Path(path)
     if path.is_dir():

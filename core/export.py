@@ -19,19 +19,20 @@ import copy
 import gc
 import math
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError, UnwritablePathError
+from core.io import StagedFile
 from core.quant import meta_kernels
 from core.quant.mode import Mode
+from core.verdict import NoiseFloor, Verdict, judge, noise_floor, within_one_step
 
 # torch.export must not run the fake-quantize kernels on real zero tensors (see meta_kernels).
 meta_kernels.register()
@@ -72,6 +73,10 @@ class VerifyResult:
     output_observer: str | None = None
     export_vs_forward: float | None = None  # max |forward_export - forward| in torch
     seconds: float = 0.0
+    # torch against itself under this machine's rounding noise, and what the numbers mean
+    # (core.verdict): the same rules on every CPU.
+    noise_floor: NoiseFloor | None = None
+    verdict: Verdict | None = None
     # The same file run by ONE's runtime (core.onert.OnertResult); None when not attempted.
     onert: Any = None
 
@@ -134,8 +139,9 @@ def export_circle(
     or its pixel_position_ids; without it, `image` (or a bundled sample) is preprocessed at
     `max_soft_tokens`. `mode` is "quant" or "float" (default: the model's current mode).
     `input_dtype` "integer" gives a quantized model an integer input with the pixels' qparams,
-    "float" a float32 input followed by a QUANTIZE op. A failure leaves any earlier file at
-    `out_path` untouched.
+    "float" a float32 input followed by a QUANTIZE op.
+    The file is verified under a temporary name and renamed onto `out_path` only then: a failure
+    or a cancel at any stage leaves any earlier file at `out_path` byte-identical.
     """
     start = time.perf_counter()
     # Session passes out_path positionally as the second argument; accept both orders.
@@ -154,9 +160,10 @@ def export_circle(
     total = len(STAGES) if verify else len(STAGES) - 1
     done = 0
 
-    def step(name: str) -> None:
+    def step(name: str, check_cancel: bool = True) -> None:
         nonlocal done
-        _check_cancel(cancel)
+        if check_cancel:
+            _check_cancel(cancel, out)
         done += 1
         if progress is not None:
             progress(done, total, name)
@@ -205,46 +212,72 @@ def export_circle(
                 circle_bytes = quantize_float_input(circle_bytes)
             gc.collect()
 
-            t = time.perf_counter()
-            _write_atomically(out, circle_bytes)
-            timings["write"] = time.perf_counter() - t
-            step(f"wrote {out.name}")
-            del circle_bytes
-
-            written = out.read_bytes()
-            summary = summarize_circle(written)
-            tensor_modules = _tensor_module_map(written, origins, scopes)
-            result = ExportResult(
-                path=out,
-                bytes=len(written),
-                seconds=0.0,
-                op_counts=summary["op_counts"],
-                tensors_without_qparams=summary["tensors_without_qparams"],
-                io_tensors=summary["io_tensors"],
-                verify=None,
-                timings=timings,
-                mode=export_mode,
-                graph_nodes=graph_nodes,
-                soft_tokens=profile.soft_tokens,
-                patches=profile.num_patches,
-                max_patches=profile.max_patches,
-                unquantized_details=summary["unquantized_details"],
-                tensor_modules=tensor_modules,
-                unquantized=[(t, tensor_modules.get(t, ROOT_MODULE)) for t in summary["tensors_without_qparams"]],
-                layout=layout_fingerprint(position_ids),
-                dtype_mismatches=summary["dtype_mismatches"],
-                input_dtype=input_dtype if export_mode == "quant" else "float",
-            )
-            if verify:
+            # The file is staged beside `out`, verified there, and renamed over `out` only when
+            # everything passed and nobody cancelled: until then the earlier file is untouched.
+            with StagedFile(out) as staged:
                 t = time.perf_counter()
-                result.verify = verify_circle(
-                    written, qmodel, module, pixel_values, position_ids, mode=export_mode, reference=reference, forward=forward
+                try:
+                    staged.write(circle_bytes)
+                except OSError as exc:
+                    raise UnwritablePathError(out, exc.strerror or str(exc)) from exc
+                timings["write"] = time.perf_counter() - t
+                step("written beside the target" + ("; verifying" if verify else ""))
+                del circle_bytes
+
+                written = staged.path.read_bytes()
+                summary = summarize_circle(written)
+                tensor_modules = _tensor_module_map(written, origins, scopes)
+                result = ExportResult(
+                    path=out,
+                    bytes=len(written),
+                    seconds=0.0,
+                    op_counts=summary["op_counts"],
+                    tensors_without_qparams=summary["tensors_without_qparams"],
+                    io_tensors=summary["io_tensors"],
+                    verify=None,
+                    timings=timings,
+                    mode=export_mode,
+                    graph_nodes=graph_nodes,
+                    soft_tokens=profile.soft_tokens,
+                    patches=profile.num_patches,
+                    max_patches=profile.max_patches,
+                    unquantized_details=summary["unquantized_details"],
+                    tensor_modules=tensor_modules,
+                    unquantized=[(t, tensor_modules.get(t, ROOT_MODULE)) for t in summary["tensors_without_qparams"]],
+                    layout=layout_fingerprint(position_ids),
+                    dtype_mismatches=summary["dtype_mismatches"],
+                    input_dtype=input_dtype if export_mode == "quant" else "float",
                 )
-                timings["verify"] = time.perf_counter() - t
-                result.verify.seconds = timings["verify"]
-                step("verified")
+                if verify:
+                    t = time.perf_counter()
+                    result.verify = verify_circle(
+                        written, qmodel, module, pixel_values, position_ids, mode=export_mode, reference=reference, forward=forward,
+                        structural=structural_problems(result),
+                    )
+                    timings["verify"] = time.perf_counter() - t
+                    result.verify.seconds = timings["verify"]
+                del written
+                _check_cancel(cancel, out)  # the last point where a cancel keeps the earlier file
+                try:
+                    staged.commit()
+                except OSError as exc:
+                    raise UnwritablePathError(out, exc.strerror or str(exc)) from exc
+            step(f"verified, wrote {out.name}" if verify else f"wrote {out.name}", check_cancel=False)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def structural_problems(result: ExportResult) -> list[str]:
+    """What makes a written file wrong whatever its numbers: tensors a quantized file leaves float,
+    and ops that change dtype silently (ONE's runtime refuses them; TICO's computes through)."""
+    problems: list[str] = []
+    if result.dtype_mismatches:
+        problems.append(f"{len(result.dtype_mismatches)} ops change dtype silently (first: {result.dtype_mismatches[0]})")
+    if result.mode != "quant" or not result.tensors_without_qparams:
+        return problems
+    first = result.tensors_without_qparams[0]
+    detail = result.unquantized_details.get(first, "")
+    return [f"{len(result.tensors_without_qparams)} float tensors without qparams (first: {first}{', ' + detail if detail else ''})", *problems]
 
 
 def layout_fingerprint(pixel_position_ids: Any) -> str:
@@ -410,8 +443,10 @@ def verify_circle(
     mode: str = "quant",
     reference: torch.Tensor | None = None,
     forward: torch.Tensor | None = None,
+    structural: Sequence[str] = (),
 ) -> VerifyResult:
-    """Run the Circle bytes in TICO's reference runtime and compare with forward_export and forward."""
+    """Run the Circle bytes in TICO's reference runtime, compare with forward_export and forward,
+    and judge the distance against torch's own rounding noise on this machine (core.verdict)."""
     from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
 
     try:
@@ -438,15 +473,20 @@ def verify_circle(
     step = None
     if mode == "quant" and obs is not None and obs.enabled and bool(obs.frozen):
         step = float(obs.scale.max())
-    tol = step if step is not None else 1e-4
-    # A hair over one step still counts: the runtime and torch round the same value independently.
-    within = float((diff <= tol * (1 + 1e-4)).float().mean())
+    floor = noise_floor(qmodel, module, pixel_values, ref, step)
+    # Float exports have no grid: "within one step" then means within the floor's max |diff|.
+    tol = step if step is not None else max(floor.max_abs, 1e-30)
+    within = within_one_step(diff, tol)
     vs_forward = float((got - fwd).abs().max()) if fwd.shape == got.shape else math.inf
     export_vs_forward = float((ref - fwd).abs().max()) if fwd.shape == ref.shape else math.inf
     name = f"tico reference runtime ({exec_mode.name})"
     from core.onert import check_in_onert
 
     onert = check_in_onert(data, pixel_values, ref, got.numpy(), step)
+    verdict = judge(
+        mode=mode, within=within if step is not None else None, max_steps=max_abs / tol if step is not None else None,
+        max_abs=max_abs, floor=floor, structural=list(structural),
+    )
     return VerifyResult(
         max_abs_diff=max_abs,
         peir=max_abs / interval,
@@ -459,6 +499,8 @@ def verify_circle(
         output_observer=obs.name if obs is not None else None,
         export_vs_forward=export_vs_forward,
         onert=onert,
+        noise_floor=floor,
+        verdict=verdict,
     )
 
 
@@ -848,9 +890,10 @@ def _weight_caches_released(qmodel: Any) -> Iterator[None]:
             w.cache_weights()
 
 
-def _check_cancel(cancel: Any) -> None:
+def _check_cancel(cancel: Any, out: Path | None = None) -> None:
     if cancel is not None and getattr(cancel, "cancelled", False):
-        raise CancelledError("export cancelled; any earlier file was left untouched")
+        where = f"{out} was left as it was" if out is not None else "any earlier file was left as it was"
+        raise CancelledError(f"export cancelled; {where}; export again to write it")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -884,29 +927,6 @@ def _check_writable(out: Path) -> None:
         raise UnwritablePathError(out, f"folder {folder} is not writable")
     if out.exists() and not os.access(out, os.W_OK):
         raise UnwritablePathError(out, "the existing file is read-only")
-
-
-def _write_atomically(out: Path, data: bytes) -> None:
-    """Temp file in the same folder, then os.replace: readers never see a half-written model."""
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 minus umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-        tmp = None
-    except OSError as exc:
-        raise UnwritablePathError(out, exc.strerror or str(exc)) from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 INPUT_DTYPES = ("integer", "float")

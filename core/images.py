@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,20 @@ IMAGE_SUFFIXES = frozenset(
 
 # Pillow's own default (about 89 megapixels); larger images are treated as decompression bombs.
 DEFAULT_MAX_IMAGE_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+class _KnownChannelOrder(logging.Filter):
+    """Drops transformers' "channel dimension is ambiguous" warning for tiny images.
+
+    Its resize step re-guesses the channel axis of the (3, H, W) arrays it made itself and warns
+    when H or W is 1 or 3; the guess (channels first) is right for every image we pass, and the
+    warning would otherwise reach a user's terminal.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "channel dimension is ambiguous" not in record.getMessage()
+
+
+logging.getLogger("transformers.image_utils").addFilter(_KnownChannelOrder())
 
 # Transparent pixels are composited on white: photos with alpha are usually cut-outs shown on
 # white pages, and black would add edges that the model never sees in practice.
@@ -151,8 +166,9 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
             return to_rgb(rotated, path)
     except BadImageError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise BadImageError(path, f"too many pixels, possible decompression bomb ({exc})") from None
+    except Image.DecompressionBombError:
+        # Pillow refuses at twice its own limit and quotes that figure; ours is the one that applies.
+        raise BadImageError(path, f"more pixels than the {limit} pixel limit (possible decompression bomb)") from None
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image file Pillow can read") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError) as exc:
@@ -278,10 +294,22 @@ class ImagePreprocessor:
         )
         return {"pixel_values": out["pixel_values"], "pixel_position_ids": out["image_position_ids"]}
 
+    def iter_load(
+        self, paths: Iterable[str | os.PathLike[str] | Image.Image] | str | os.PathLike[str]
+    ) -> Iterator[LoadedImage | RejectedImage]:
+        """load() one file at a time: each image is decoded only when the caller asks for it, so a
+        caller that keeps only what it needs (path, id, sha256) holds one decoded image at most."""
+        return self._iter_load(paths, strict=False)
+
     def _load(self, items: Any, strict: bool) -> ImageBatchResult:
+        result = ImageBatchResult()
+        for item in self._iter_load(items, strict):
+            (result.accepted if isinstance(item, LoadedImage) else result.rejected).append(item)
+        return result
+
+    def _iter_load(self, items: Any, strict: bool) -> Iterator[LoadedImage | RejectedImage]:
         if isinstance(items, (str, os.PathLike, Image.Image)):
             items = [items]
-        result = ImageBatchResult()
         seen: dict[str, Path] = {}
         for index, item in enumerate(items):
             if isinstance(item, Image.Image):
@@ -292,17 +320,17 @@ class ImagePreprocessor:
                 except BadImageError as exc:
                     if strict:
                         raise
-                    result.rejected.append(RejectedImage(exc.path, exc.reason))
+                    yield RejectedImage(exc.path, exc.reason)
                     continue
                 sha = _sha256_image(rgb)
-                result.accepted.append(LoadedImage(None, _image_id(f"image{index}", sha), sha, rgb, rgb.size))
+                yield LoadedImage(None, _image_id(f"image{index}", sha), sha, rgb, rgb.size)
                 continue
             try:
                 paths = expand_paths([item])
             except NoImagesError as exc:
                 if strict:
                     raise
-                result.rejected.append(RejectedImage(Path(item), exc.message))
+                yield RejectedImage(Path(item), exc.message)
                 continue
             for path in paths:
                 try:
@@ -310,13 +338,10 @@ class ImagePreprocessor:
                 except BadImageError as exc:
                     if strict:
                         raise
-                    result.rejected.append(RejectedImage(path, exc.reason))
+                    yield RejectedImage(path, exc.reason)
                     continue
-                if isinstance(loaded, RejectedImage):
-                    result.rejected.append(loaded)
-                else:
-                    result.accepted.append(loaded)
-        return result
+                yield loaded
+                del loaded  # the generator must not keep the last image alive while suspended
 
     def _open(self, path: Path, seen: dict[str, Path]) -> LoadedImage | RejectedImage:
         image = open_image(path, self.max_image_pixels)

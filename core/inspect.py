@@ -1003,17 +1003,21 @@ def sensitivity(
     unit: str = "layer",
     progress: Progress | None = None,
     cancel=None,
+    total: int | None = None,
 ) -> tuple[ModuleError, list[SensitivityEntry]]:
     """Baseline end-to-end error, then one entry per unit kept in float, best improvement first.
 
     The FP output does not depend on what is kept in float, so the FP pass runs once per image
     and only the QUANT pass is repeated per unit. Raises core.errors.CancelledError when
     cancelled; the model is left in QUANT mode with only the config's keep-float modules.
+    With `total` (the number of batches) the batches are streamed, not held.
     """
     Mode = _mode_enum()
-    batches = list(batches)
+    if total is None:
+        batches = list(batches)
+        total = len(batches)
     units = sensitivity_units(qmodel, unit)
-    steps = len(batches) * (len(units) + 1)
+    steps = total * (len(units) + 1)
     device = _model_device(qmodel)
     _enter_quant(qmodel, Mode)
     base = ErrorAccumulator(END_TO_END, "model", None, 0)
@@ -1034,12 +1038,12 @@ def sensitivity(
                 inputs, _ = _model_inputs(batch, device)
                 fp_out = _fp_forward(qmodel, inputs)
                 base.update(fp_out, _q_forward(qmodel, inputs, []))
-                tick(f"image {bi + 1}/{len(batches)}: baseline")
+                tick(f"image {bi + 1}/{total}: baseline")
                 for (name, globs), acc in zip(units, accs):
                     if _cancelled(cancel):
                         _raise_cancelled("Sensitivity sweep")
                     acc.update(fp_out, _q_forward(qmodel, inputs, globs))
-                    tick(f"image {bi + 1}/{len(batches)}: {name} in float")
+                    tick(f"image {bi + 1}/{total}: {name} in float")
     finally:
         qmodel.set_keep_float([])
     baseline = base.result()

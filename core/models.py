@@ -23,7 +23,10 @@ __all__ = [
     "tiny_config",
 ]
 
-SPECS = ("tiny", "e2b")
+# "tiny" and "e2b" are initialised to behave like a trained network (see _calm); the "-chaotic"
+# variants keep the first release's initialisation, a stress model on which any rounding
+# difference grows ~500x through the layers.
+SPECS = ("tiny", "e2b", "tiny-chaotic", "e2b-chaotic")
 
 # Where the vision tower's tensors live in a full Gemma 4 checkpoint
 # (Gemma4ForConditionalGeneration.save_pretrained writes "model.vision_tower.";
@@ -36,7 +39,12 @@ VISION_TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
 _TINY_POSITION_EMBEDDING_SIZE = 1120 * 3
 
 _SEED = 20260401
-_FIX_SPEC = "pass 'tiny', 'e2b' or a folder written by save_pretrained()"
+_FIX_SPEC = "pass 'tiny', 'e2b' (or 'tiny-chaotic', 'e2b-chaotic') or a folder written by save_pretrained()"
+
+# Trained-like scales (see _calm). Attention logits q.k have a standard deviation of about
+# _LOGIT_STD; each residual branch adds an update whose RMS is about _BRANCH_SCALE.
+_LOGIT_STD = 2.0
+_BRANCH_SCALE = 0.2
 
 
 def tiny_config(**overrides: Any) -> Gemma4VisionConfig:
@@ -70,19 +78,25 @@ def _eager(config: Gemma4VisionConfig) -> Gemma4VisionConfig:
 
 
 def load_model(spec: str | Path = "tiny") -> Gemma4VisionModel:
-    """Return a float32 Gemma4VisionModel in eval mode with eager attention: 'tiny', 'e2b' or a folder."""
+    """Return a float32 Gemma4VisionModel in eval mode with eager attention: a built-in name (SPECS) or a folder."""
     if isinstance(spec, str) and spec in SPECS:
-        config = tiny_config() if spec == "tiny" else e2b_config()
-        model = build_seeded_model(config)
+        size, _, variant = spec.partition("-")
+        config = tiny_config() if size == "tiny" else e2b_config()
+        model = build_seeded_model(config, calm=variant != "chaotic")
         model.config._name_or_path = spec
         return model
     return _load_folder(Path(spec))
 
 
-def build_seeded_model(config: Gemma4VisionConfig, seed: int = _SEED) -> Gemma4VisionModel:
-    """Build a model whose every parameter and buffer is set from ``seed`` (global RNG untouched)."""
+def build_seeded_model(config: Gemma4VisionConfig, seed: int = _SEED, calm: bool = True) -> Gemma4VisionModel:
+    """Build a model whose every parameter and buffer is set from ``seed`` (global RNG untouched).
+
+    `calm` (default) gives it a trained network's scales; False keeps the chaotic first release.
+    """
     model = _empty_model(config)
     _seeded_init(model, torch.Generator().manual_seed(seed))
+    if calm:
+        _calm(model)
     return model.eval()
 
 
@@ -150,6 +164,27 @@ def _seeded_init(model: Gemma4VisionModel, gen: torch.Generator) -> None:
             raise RuntimeError(f"no seeded initialiser for buffer {name} {tuple(buf.shape)}")
 
 
+@torch.no_grad()
+def _calm(model: Gemma4VisionModel) -> None:
+    """Rescale norm weights so the random network behaves like a trained vision transformer.
+
+    With the raw draw every q/k norm scale is ~1 and attention has no 1/sqrt(d) (Gemma 4's
+    scaling is 1.0): logits of std sqrt(head_dim) make softmax nearly one-hot, and each post-branch
+    norm (scales ~1) rewrites the residual stream. Such a network amplifies a 1e-3 input change
+    ~500x on e2b, so every quantization figure measures chaos. Trained towers have moderate logits
+    and small residual updates; here q/k norm scales become ~(_LOGIT_STD^2 / head_dim)^(1/4) and
+    post-branch norm scales ~_BRANCH_SCALE, keeping the per-channel variety of the draw. Measured
+    figures (input-noise gain, update/residual ratios, uint8 SQNR) are in the README's Models section.
+    """
+    head_dim = int(model.config.head_dim)
+    qk = math.sqrt(_LOGIT_STD) * head_dim**-0.25
+    for layer in model.encoder.layers:
+        layer.self_attn.q_norm.weight.mul_(qk)
+        layer.self_attn.k_norm.weight.mul_(qk)
+        layer.post_attention_layernorm.weight.mul_(_BRANCH_SCALE)
+        layer.post_feedforward_layernorm.weight.mul_(_BRANCH_SCALE)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -187,7 +222,62 @@ def _vision_config_from(folder: Path) -> tuple[Gemma4VisionConfig, bool]:
         config = Gemma4VisionConfig(**values)
     except Exception as exc:  # transformers validates fields strictly and raises various types
         raise ModelLoadError(config_file, f"invalid vision config ({exc})", "re-save the checkpoint with save_pretrained()") from None
+    _check_config_sizes(config, config_file)
     return _eager(config), full
+
+
+# Size fields of Gemma4VisionConfig that must be positive whole numbers.
+_SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "patch_size",
+    "pooling_kernel_size",
+    "position_embedding_size",
+)
+
+
+def _check_config_sizes(config: Gemma4VisionConfig, config_file: Path) -> None:
+    for name in _SIZE_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelLoadError(
+                config_file, f"{name} is {value!r}, not a positive whole number", "fix config.json or re-save the checkpoint"
+            )
+
+
+def config_parameter_count(config: Gemma4VisionConfig) -> int:
+    """Elements of the vision model's weight matrices and tables (a lower bound of its parameters), from the config alone."""
+    h, inter, head = config.hidden_size, config.intermediate_size, config.head_dim
+    attention = (2 * config.num_attention_heads + 2 * config.num_key_value_heads) * head * h
+    layer = attention + 3 * h * inter
+    embed = 2 * config.position_embedding_size * h + 3 * config.patch_size**2 * h
+    return config.num_hidden_layers * layer + embed
+
+
+def _check_fits(config: Gemma4VisionConfig, folder: Path, files: dict[str, Path]) -> None:
+    """Refuse a config whose model could not match the weights or fit in memory, before allocating it."""
+    import psutil
+
+    elements = config_parameter_count(config)
+    on_disk = sum(p.stat().st_size for p in set(files.values()))
+    # Every stored element takes at least one byte, whatever its dtype.
+    if elements > on_disk:
+        raise ModelLoadError(
+            folder / "config.json",
+            f"the config describes at least {elements:,} vision parameters but the weight files hold only {on_disk:,} bytes",
+            "check that config.json matches the weights",
+        )
+    need, have = 4 * elements, psutil.virtual_memory().total
+    if need > have:
+        raise ModelLoadError(
+            folder / "config.json",
+            f"the vision model needs {need / 2**30:.1f} GiB as float32 but this machine has {have / 2**30:.1f} GiB",
+            "use a machine with more memory",
+        )
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -197,6 +287,15 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelLoadError(index, "no weight_map in the index", "re-save the checkpoint with save_pretrained()")
+        root = folder.resolve()
+        for name in set(weight_map.values()):
+            # Plain names only: a shard elsewhere would be loaded without being in the checkpoint hash.
+            if not isinstance(name, str) or Path(name).name != name or (folder / name).resolve().parent != root:
+                raise ModelLoadError(
+                    index,
+                    f"shard {name!r} is not a file of the checkpoint folder",
+                    "keep every shard in the folder, listed by file name",
+                )
         files = {key: folder / name for key, name in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
@@ -243,6 +342,7 @@ def _load_folder(folder: Path) -> Gemma4VisionModel:
     config, full = _vision_config_from(folder)
     files = _weight_files(folder)
     prefix = _vision_prefix(files, full, folder)
+    _check_fits(config, folder, files)
 
     model = _empty_model(config)
     expected = model.state_dict()

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from core.io import atomic_write_bytes
 
 BG = (255, 255, 255)
 FG = (40, 40, 40)
@@ -92,13 +93,10 @@ def _slog(x):
 
 
 def _save_png(img: Image.Image, path: Path) -> Path:
-    # Same-folder temp file + os.replace: a reader never sees half a PNG.
+    # Encoded in memory and written atomically: a reader never sees half a PNG.
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

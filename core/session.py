@@ -17,8 +17,9 @@ Session folder format (``FORMAT_VERSION`` 1)::
       observers.safetensors  every observer's statistics and frozen qparams (min / max,
                              histograms, scale, zero_point), keyed "<observer name>/<field>"
 
-A save is atomic: the new folder is written next to the target under a temporary name, then
-renamed into place; an existing session is kept until the new one is complete.
+A save is atomic (core.io.staged_folder): the new folder is written next to the target under a
+temporary name and swapped in with one rename; an existing session is kept until the new one is
+complete, and the path never lacks a session (see core.io.replace_folder).
 """
 
 from __future__ import annotations
@@ -27,10 +28,7 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 
 import torch
 
+from core.io import atomic_write_text, recover_folder, staged_folder
 from core.inspect import (
     CompareResult,
     ModuleError,
@@ -47,12 +46,16 @@ from core.inspect import (
     observer_table,
     sensitivity,
 )
+from core.models import SPECS
 
 FORMAT = "ptq-studio-session"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 OBSERVERS = "observers.safetensors"
-BUILTIN_MODELS = ("tiny", "e2b")
+BUILTIN_MODELS = SPECS
+# Sessions saved before the built-in models got their trained-like scales name "tiny" / "e2b"
+# without an "init" entry: their statistics belong to today's "-chaotic" models.
+BUILTIN_INIT = "calm-1"
 PACKAGES = ("ptq-studio", "torch", "transformers", "tico", "numpy", "safetensors", "pillow")
 
 Progress = Callable[[int, int, str], None]
@@ -65,8 +68,6 @@ __all__ = [
     "FORMAT_VERSION",
     "checkpoint_hash",
     "file_sha256",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "package_versions",
 ]
 
@@ -104,50 +105,6 @@ def checkpoint_hash(folder: str | os.PathLike) -> str:
         h.update(p.name.encode() + b"\0")
         h.update(file_sha256(p).encode() + b"\0")
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file atomically: temp file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets normal permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """atomic_write_bytes for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def package_versions() -> dict[str, str | None]:
@@ -289,18 +246,22 @@ class Session:
         """Open paths (folders expanded); accepted / rejected entries (duplicates of `known` rejected)."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        result = self.preprocessor.load(list(paths))
+        from core.images import LoadedImage
+
         known = set(known)
         accepted: list[ImageEntry] = []
         rejected: list[ImageEntry] = []
-        for img in result.accepted:
-            if img.sha256 in known:
+        # Each image is decoded to be checked and then dropped (only its path, id and hash are
+        # kept), so memory does not grow with the image count; steps decode again when they run.
+        for img in self.preprocessor.iter_load(list(paths)):
+            if not isinstance(img, LoadedImage):
+                rejected.append(ImageEntry(str(img.path), status="rejected", reason=_one_line(img.reason)))
+            elif img.sha256 in known:
                 rejected.append(ImageEntry(str(img.path), img.image_id, img.sha256, "rejected", "already in the image set"))
-                continue
-            known.add(img.sha256)
-            accepted.append(ImageEntry(str(img.path), img.image_id, img.sha256, "ok", ""))
-        for bad in result.rejected:
-            rejected.append(ImageEntry(str(bad.path), status="rejected", reason=_one_line(bad.reason)))
+            else:
+                known.add(img.sha256)
+                accepted.append(ImageEntry(str(img.path), img.image_id, img.sha256, "ok", ""))
+            del img
         return accepted, rejected
 
     def probe_images(self, paths) -> AddImagesResult:
@@ -497,10 +458,11 @@ class Session:
         entries = self._entries_for(images)
         baseline, ranked = sensitivity(
             self.qmodel,
-            list(_to_device(self._batches(entries), self.device)),
+            _to_device(self._batches(entries), self.device),  # decoded one image at a time
             unit=unit,
             progress=progress,
             cancel=cancel,
+            total=len(entries),
         )
         self.last_sensitivity_baseline = baseline
         return ranked
@@ -577,6 +539,8 @@ class Session:
             model["path"] = str(folder)
             model["checkpoint_sha256"] = self._checkpoint_hash
             model["checkpoint_files"] = [p.name for p in checkpoint_files(folder)]
+        else:
+            model["init"] = BUILTIN_INIT
         model["info"] = _jsonable(self.model_info)
         return {
             "format": FORMAT,
@@ -604,38 +568,21 @@ class Session:
             raise _errors().UnwritablePathError(folder, "the folder exists and is not a PTQ Studio session")
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
+            with staged_folder(folder) as tmp:
+                tensors, provenance = _observer_state(self.qmodel)
+                save_file(tensors, str(tmp / OBSERVERS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+                with open(tmp / OBSERVERS, "rb+") as f:
+                    os.fsync(f.fileno())
+                manifest = self.manifest()
+                manifest["observers"] = {
+                    "file": OBSERVERS,
+                    "sha256": file_sha256(tmp / OBSERVERS),
+                    "count": len(provenance),
+                    "provenance": provenance,
+                }
+                atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         except OSError as e:
-            raise _errors().UnwritablePathError(parent, e.strerror or str(e)) from None
-        old: Path | None = None
-        try:
-            tensors, provenance = _observer_state(self.qmodel)
-            save_file(tensors, str(tmp / OBSERVERS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-            with open(tmp / OBSERVERS, "rb+") as f:
-                os.fsync(f.fileno())
-            manifest = self.manifest()
-            manifest["observers"] = {
-                "file": OBSERVERS,
-                "sha256": file_sha256(tmp / OBSERVERS),
-                "count": len(provenance),
-                "provenance": provenance,
-            }
-            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-            os.chmod(tmp, 0o777 & ~_umask())
-            if folder.exists():
-                old = parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(folder, old)
-            os.rename(tmp, folder)
-            _fsync_dir(parent)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and old.exists() and not folder.exists():
-                os.rename(old, folder)
-            if isinstance(e, OSError):
-                raise _errors().UnwritablePathError(folder, e.strerror or str(e)) from None
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            raise _errors().UnwritablePathError(folder, e.strerror or str(e)) from None
         return folder
 
     @classmethod
@@ -648,6 +595,9 @@ class Session:
 
         folder = Path(folder)
         mpath = folder / MANIFEST
+        # A save killed between moving the old session aside and the new one in leaves the old
+        # one beside the path; put it back rather than report the session missing.
+        recover_folder(folder)
         if not folder.exists():
             raise _session_error(folder, "no such session folder", "check the path")
         if not folder.is_dir():
@@ -669,6 +619,8 @@ class Session:
         try:
             model = manifest["model"]
             spec = model["spec"]
+            if spec in ("tiny", "e2b") and "init" not in model:
+                spec = f"{spec}-chaotic"
             config = PTQConfig.from_dict(manifest["config"])
             mst = int(manifest["max_soft_tokens"])
             images = [ImageEntry(**e) for e in manifest.get("images", [])]
@@ -677,6 +629,12 @@ class Session:
             raise _session_error(mpath, f"corrupt ({type(e).__name__}: {_one_line(e)})") from None
         except _errors().PTQStudioError as e:
             raise _session_error(mpath, f"invalid config ({_one_line(e)})") from None
+        from core.images import SUPPORTED_SOFT_TOKENS
+
+        if mst not in SUPPORTED_SOFT_TOKENS:
+            raise _session_error(
+                mpath, f"max_soft_tokens {mst} is not one of {', '.join(map(str, SUPPORTED_SOFT_TOKENS))}"
+            )
         if spec == "checkpoint":
             ckpt = Path(model.get("path", ""))
             if not ckpt.is_dir():
@@ -688,7 +646,13 @@ class Session:
                     "restore the original checkpoint or quantize again",
                 )
             spec = str(ckpt)
-        opath = folder / obs_meta.get("file", OBSERVERS)
+        oname = obs_meta.get("file", OBSERVERS) if isinstance(obs_meta, dict) else None
+        # A plain file name only: a manifest must not make us read (and trust) a file elsewhere.
+        if not isinstance(oname, str) or not oname or Path(oname).name != oname or oname in (".", ".."):
+            raise _session_error(mpath, f"observer file {oname!r} is not a file name inside the session folder")
+        opath = folder / oname
+        if opath.resolve().parent != folder.resolve():
+            raise _session_error(opath, "links outside the session folder; the observer file must live inside it")
         if not opath.is_file():
             raise _session_error(opath, "missing")
         if file_sha256(opath) != obs_meta.get("sha256"):

@@ -119,3 +119,14 @@ def empty_images_dir(tmp_path: Path) -> Path:
 def missing_image_path(tmp_path: Path) -> Path:
     """A path that does not exist."""
     return tmp_path / "does_not_exist.jpg"
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The PID of a process that has exited: what a killed writer's temporary names."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

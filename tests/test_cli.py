@@ -207,6 +207,12 @@ def main_in_process(capfd, *args) -> tuple[int, str, str]:
     return rc, captured.out, captured.err
 
 
+def assert_error_document(stdout: str, code: int = 2) -> None:
+    """With --json a failure still prints exactly one JSON document: the error."""
+    doc = json.loads(stdout)
+    assert doc["error"]["exit_code"] == code and doc["error"]["message"]
+
+
 def assert_one_line_error(err: str, *needles: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -219,7 +225,8 @@ def assert_one_line_error(err: str, *needles: str) -> None:
 def test_quantize_on_a_bad_image_exits_2(capfd, bad_images, tmp_path, name):
     out = tmp_path / "s"
     rc, stdout, err = main_in_process(capfd, "quantize", "--images", bad_images[name], "--out", out, "--max-soft-tokens", MST, "--json")
-    assert rc == 2 and stdout == ""
+    assert rc == 2
+    assert_error_document(stdout)
     assert_one_line_error(err, name)
     assert not out.exists()
 
@@ -275,7 +282,8 @@ def test_corrupted_session_exits_2_and_is_not_touched(capfd, quantized, tmp_path
     before = digest(folder)
     for args in (["report", folder], ["sensitivity", folder, "--images", src], ["export", folder, "--out", tmp_path / "x.circle"]):
         rc, stdout, err = main_in_process(capfd, *args, "--json")
-        assert rc == 2 and stdout == ""
+        assert rc == 2
+        assert_error_document(stdout)
         assert_one_line_error(err, needle)
     assert digest(folder) == before
     assert not (tmp_path / "x.circle").exists()
@@ -320,7 +328,8 @@ def test_bad_arguments_exit_2_with_one_line(capfd, sample_images, tmp_path):
 
 def test_real_process_exit_codes(bad_images, tmp_path):
     proc = run_cli("quantize", "--images", bad_images["text_renamed.jpg"], "--out", tmp_path / "s", "--json")
-    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.returncode == 2
+    assert_error_document(proc.stdout)
     assert_one_line_error(proc.stderr, "text_renamed.jpg")
     proc = run_cli("report", tmp_path / "missing.session")
     assert proc.returncode == 2

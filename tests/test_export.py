@@ -16,6 +16,7 @@ from core.models import load_model, tiny_config
 from core.ptq import calibrate, convert, prepare
 from core.quant.mode import Mode
 from core.resources import resource_path, sample_images
+from core.verdict import noise_floor
 
 SQUARE = "samples/astronaut.jpg"
 WIDE = "samples/coffee_wide.jpg"
@@ -62,6 +63,10 @@ def _one_line(exc: BaseException) -> str:
 @pytest.mark.parametrize("image", [SQUARE, WIDE])
 @pytest.mark.parametrize("mode", ["no_quant", "quant"])
 def test_forward_export_matches_forward(tiny_float, tiny_quant, mode, image, max_soft_tokens):
+    """QUANT: the runtime forward and forward_export run the same static path (same kernels, same
+    shapes), so they are equal bit for bit. NO_QUANT: the runtime forward is Hugging Face's padded
+    path, whose GEMMs have other shapes, so the CPU sums in another order: the two must agree as
+    well as torch agrees with itself under this machine's rounding noise (core.verdict)."""
     qmodel = tiny_quant if mode == "quant" else tiny_float
     assert qmodel.mode is (Mode.QUANT if mode == "quant" else Mode.NO_QUANT)
     batch = _batch(qmodel.config, image, max_soft_tokens)
@@ -70,7 +75,55 @@ def test_forward_export_matches_forward(tiny_float, tiny_quant, mode, image, max
         static = module(batch["pixel_values"])
         runtime = qmodel(pixel_values=batch["pixel_values"], pixel_position_ids=batch["pixel_position_ids"]).last_hidden_state
     assert static.shape == runtime.shape
-    assert float((static - runtime).abs().max()) <= 1e-6
+    if mode == "quant":
+        assert torch.equal(static, runtime)
+    else:
+        floor = noise_floor(qmodel, module, batch["pixel_values"], static, None)
+        assert float((static - runtime).abs().max()) <= floor.max_abs, floor
+
+
+def test_as_export_module_needs_the_layout(tiny_quant):
+    for bad in (None, [[0, 0]]):
+        with pytest.raises(ExportError) as e:
+            tiny_quant.as_export_module(bad)
+        assert "pixel_position_ids" in _one_line(e.value)
+    with pytest.raises(ExportError):
+        tiny_quant.as_export_module()
+
+
+def test_plain_torch_export_of_the_adapter_registers_meta_kernels(tmp_path):
+    """The README's way to export without export_circle (as_export_module + torch.export) must not
+    run real fake-quant kernels while tracing, even when core.export was never imported."""
+    script = tmp_path / "plain_export.py"
+    script.write_text(
+        "import sys, torch\n"
+        "import torch._subclasses.fake_tensor as ft\n"
+        "from core.images import ImagePreprocessor\n"
+        "from core.models import load_model\n"
+        "from core.ptq import calibrate, convert, prepare\n"
+        "from core.resources import resource_path\n"
+        "q = prepare(load_model('tiny'))\n"
+        "pre = ImagePreprocessor(q.config, max_soft_tokens=70)\n"
+        "b = pre([resource_path('samples/astronaut.jpg')])\n"
+        "calibrate(q, [b | {'image_ids': ['a']}])\n"
+        "convert(q)\n"
+        "calls = []\n"
+        "real = ft.run_fallback_kernel\n"
+        "ft.run_fallback_kernel = lambda *a, **k: (calls.append(str(a[1])), real(*a, **k))[1]\n"
+        "m = q.as_export_module(b['pixel_position_ids']).eval()\n"
+        "with torch.no_grad():\n"
+        "    torch.export.export(m, (b['pixel_values'],), strict=False)\n"
+        "assert 'core.export' not in sys.modules, 'the test must not import core.export'\n"
+        "print('fallbacks', len(calls))\n"
+    )
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=root, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fallbacks 0" in done.stdout, done.stdout
 
 
 # ------------------------------------------------------------------ verified exports of tiny
@@ -96,10 +149,44 @@ def test_quant_export_is_fully_quantized_and_verified(quant_export, tiny_quant):
     assert v is not None and v.mode == "quant" and "FAKE_QUANTIZE" in v.runtime
     assert v.output_observer == tiny_quant.observers()[-1].name == "output"
     assert v.step == pytest.approx(float(tiny_quant.observers()[-1].scale))
-    assert v.within_one_step >= 0.99, v
-    assert v.max_steps <= 3.0, v
-    assert v.export_vs_forward <= 1e-6
-    assert v.vs_runtime_forward == pytest.approx(v.max_abs_diff, abs=1e-5)
+    # Judged against torch's own rounding noise on this machine (core.verdict), not a constant.
+    floor = v.noise_floor
+    assert floor is not None and floor.within_one_step is not None and floor.rel >= 2.0**-24
+    assert v.verdict.level == "verified", v.verdict
+    assert v.within_one_step >= floor.within_one_step - 3 * (floor.within_one_step * (1 - floor.within_one_step) / floor.elements) ** 0.5
+    assert v.max_steps <= floor.max_steps + 1.0, (v, floor)
+    # Same static path, same kernels and shapes: forward_export and the runtime forward are equal.
+    assert v.export_vs_forward == 0.0
+    assert v.vs_runtime_forward == v.max_abs_diff
+
+
+def _halve_scale(data: bytes, result: ExportResult, module: str) -> tuple[bytes, str]:
+    """The file with the scale of one activation tensor of `module` halved in place."""
+    import struct
+
+    from tico.circle.runtime.program import CircleProgram
+
+    program = CircleProgram.from_bytes(data)
+    for t in program.tensors:
+        if t.is_quantized and not t.is_constant and result.tensor_modules.get(t.name) == module:
+            pattern = struct.pack("<f", t.quantization.scale[0])
+            if data.count(pattern) == 1:
+                return data.replace(pattern, struct.pack("<f", t.quantization.scale[0] / 2)), t.name
+    raise AssertionError(f"no activation tensor of {module} with a unique scale")
+
+
+def test_broken_file_reads_failed_with_a_reason(quant_export, tiny_quant):
+    """A scale halved in the written file is a broken export: red, with the reason and what to do."""
+    from core.export import verify_circle
+
+    broken, name = _halve_scale(quant_export.path.read_bytes(), quant_export, "patch_embedder")
+    batch = _batch(tiny_quant.config, SQUARE, 70)
+    module = tiny_quant.as_export_module(batch["pixel_position_ids"])
+    with torch.no_grad():
+        v = verify_circle(broken, tiny_quant, module, batch["pixel_values"], batch["pixel_position_ids"])
+    assert v.verdict.level == "failed", (name, v.verdict)
+    assert "steps" in v.verdict.reason and "three-way" in v.verdict.advice
+    assert quant_export.verify.verdict.level == "verified"
 
 
 def test_lean_runtime_loop_matches_the_runtime_bit_for_bit(quant_export, tiny_quant, monkeypatch):
@@ -171,12 +258,18 @@ def test_quant_export_reports_stages_and_progress(quant_export):
 
 
 def test_float_export_of_uncalibrated_model(tiny_float, tmp_path):
-    """NO_QUANT without statistics is a float export: allowed, and it matches to 1e-4."""
+    """NO_QUANT without statistics is a float export: allowed, and it matches torch as well as torch
+    matches itself under this machine's rounding noise."""
     assert not tiny_float.is_calibrated
     r = export_circle(tiny_float, _batch(tiny_float.config, SQUARE, 70), tmp_path / "f.circle")
-    assert r.mode == "float" and r.verify.mode == "float" and "NATIVE" in r.verify.runtime
-    assert r.verify.max_abs_diff <= 1e-4
-    assert r.verify.vs_runtime_forward <= 1e-4
+    v = r.verify
+    assert r.mode == "float" and v.mode == "float" and "NATIVE" in v.runtime
+    assert v.verdict.level == "verified", v.verdict
+    assert v.noise_floor.within_one_step is None and v.noise_floor.max_abs > 0
+    # Two implementations (the file's runtime, torch) each within one noisy copy's distance.
+    assert v.max_abs_diff <= 2 * v.noise_floor.max_abs, v
+    # forward_export (static) against Hugging Face's padded path: other GEMM shapes, within the floor.
+    assert v.export_vs_forward <= v.noise_floor.max_abs, v
     assert tiny_float.mode is Mode.NO_QUANT
 
 
@@ -338,13 +431,17 @@ def e2b_export(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_e2b_export_280_is_fully_quantized(e2b_export):
-    # Time (<= 10 min) and peak RSS (<= 4 GB) are measured by bench/bench_export.py in a process of
-    # its own; inside a shared pytest session on a busy machine both figures say little.
+def test_e2b_export_280_is_fully_quantized_and_verified(e2b_export):
+    """The issue-3 target on the trained-like e2b: >= 99% of outputs within one step, judged
+    verified against this machine's rounding noise. Time (<= 10 min) and peak RSS (<= 4 GB) are
+    measured by bench/bench_export.py in a process of its own."""
     _, _, r = e2b_export
     assert r.tensors_without_qparams == [], r.unquantized_details
-    assert r.verify.export_vs_forward <= 1e-6
+    assert r.verify.export_vs_forward == 0.0  # same static path, same kernels
     assert r.soft_tokens == 256 and r.bytes > 0
+    assert r.verify.verdict.level == "verified", r.verify.verdict
+    assert r.verify.within_one_step >= 0.99, r.verify
+    assert r.verify.max_steps <= r.verify.noise_floor.max_steps + 1.0, r.verify
 
 
 @pytest.fixture(scope="module")
@@ -355,67 +452,13 @@ def e2b_float_export(tmp_path_factory):
     return q, batch, result
 
 
-def _noise_floor(qmodel, batch, rel=1e-6):
-    """forward_export vs itself with `rel` relative noise on every linear output (GEMM-order-sized)."""
-    import core.wrappers.layers as layers
-
-    module = qmodel.as_export_module(batch["pixel_position_ids"])
-    linear = layers.F.linear
-    gen = torch.Generator().manual_seed(0)
-
-    def noisy(x, w, b=None):
-        y = linear(x, w, b)
-        return y * (1 + rel * torch.randn(y.shape, generator=gen))
-
-    with torch.no_grad():
-        ref = module(batch["pixel_values"])
-        layers.F.linear = noisy
-        try:
-            out = module(batch["pixel_values"])
-        finally:
-            layers.F.linear = linear
-    return (out - ref).abs()
-
-
-@pytest.mark.slow
-def test_e2b_export_280_matches_as_well_as_torch_matches_itself(e2b_export):
-    """The file adds no error beyond the fake-quant model's own sensitivity to float rounding."""
-    q, batch, r = e2b_export
-    step = r.verify.step
-    floor = _noise_floor(q, batch)
-    floor_within = float((floor <= step * (1 + 1e-4)).float().mean())
-    assert r.verify.within_one_step >= 0.8 * floor_within, (r.verify, floor_within)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="random-weight 16-layer e2b in uint8 is chaotic: 1e-6 relative noise on linear outputs alone moves "
-    "most outputs by several steps (see test above), so no runtime with another GEMM order can meet it",
-    strict=False,
-)
-def test_e2b_export_280_within_one_step(e2b_export):
-    _, _, r = e2b_export
-    assert r.verify.within_one_step >= 0.99, r.verify
-    assert r.verify.max_steps <= 3.0, r.verify
-
-
 @pytest.mark.slow
 def test_e2b_float_export_280_matches_as_well_as_torch_matches_itself(e2b_float_export):
-    """Float e2b: the file differs from forward_export by no more than torch differs from itself
-    when every linear output moves by 1e-6 of itself (a GEMM summation-order difference)."""
-    q, batch, r = e2b_float_export
-    assert r.mode == "float" and r.verify.mode == "float" and r.verify.step is None
-    assert r.verify.export_vs_forward <= 1e-6
-    floor = float(_noise_floor(q, batch, rel=1e-6).max())
-    assert r.verify.max_abs_diff <= floor, (r.verify, floor)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="random-weight 16-layer e2b is chaotic in float too: 1e-7 relative noise on linear outputs (below "
-    "float32's epsilon) moves outputs of range 644 by 0.38, so no runtime with another GEMM order gets within 1e-4",
-    strict=False,
-)
-def test_e2b_float_export_280_within_1e4(e2b_float_export):
+    """Float e2b: the file differs from forward_export by no more than two noisy torch copies do,
+    and the static path from the padded one by no more than one (core.verdict's floor)."""
     _, _, r = e2b_float_export
-    assert r.verify.max_abs_diff <= 1e-4, r.verify
+    v = r.verify
+    assert r.mode == "float" and v.mode == "float" and v.step is None
+    assert v.verdict.level == "verified", v.verdict
+    assert v.max_abs_diff <= 2 * v.noise_floor.max_abs, v
+    assert v.export_vs_forward <= v.noise_floor.max_abs, v

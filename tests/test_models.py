@@ -291,3 +291,66 @@ def test_copy_of_folder_loads(tmp_path: Path, tiny: Gemma4VisionModel) -> None:
     folder = _saved_tiny(tmp_path, tiny)
     copy = shutil.copytree(folder, tmp_path / "copy")
     _assert_same_state(tiny, load_model(str(copy)))
+
+
+# --------------------------------------------------------------------------- trained-like behaviour
+def _behaviour(model: Gemma4VisionModel, image: Path, tokens: int = 70) -> tuple[float, list[float]]:
+    """(input-noise gain, per-layer update/residual norm ratios) on one photo.
+
+    Gain: relative L2 change of the output when the pixel values are multiplied by
+    (1 + 1e-3 * N(0, 1)), divided by 1e-3.
+    """
+    from core.images import ImagePreprocessor
+
+    batch = ImagePreprocessor(model.config, max_soft_tokens=tokens)([image])
+    ratios: list[float] = []
+
+    def hook(module, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        ratios.append(float((out - x).norm() / x.norm()))
+
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in model.encoder.layers]
+    try:
+        with torch.no_grad():
+            clean = model(**batch).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+    gen = torch.Generator().manual_seed(1)
+    noisy_pixels = batch["pixel_values"] * (1 + 1e-3 * torch.randn(batch["pixel_values"].shape, generator=gen))
+    with torch.no_grad():
+        noisy = model(pixel_values=noisy_pixels, pixel_position_ids=batch["pixel_position_ids"]).last_hidden_state
+    return float((noisy - clean).norm() / clean.norm()) / 1e-3, ratios
+
+
+def _assert_trained_like(gain: float, ratios: list[float]) -> None:
+    # (a) a 1e-3 input change moves the output by at most 1e-2; (b) every layer updates the
+    # residual stream without rewriting it.
+    assert gain <= 10.0, gain
+    assert all(0.05 <= r <= 0.5 for r in ratios), ratios
+
+
+def test_tiny_behaves_like_a_trained_network(tiny: Gemma4VisionModel, sample_images) -> None:
+    _assert_trained_like(*_behaviour(tiny, sample_images[0]))
+
+
+@pytest.mark.slow
+def test_e2b_behaves_like_a_trained_network_and_the_chaotic_one_is_kept(sample_images) -> None:
+    gain, ratios = _behaviour(load_model("e2b"), sample_images[0])
+    _assert_trained_like(gain, ratios)
+    assert len(ratios) == 16
+    chaotic_gain, chaotic_ratios = _behaviour(load_model("e2b-chaotic"), sample_images[0])
+    assert chaotic_gain > 100 and max(chaotic_ratios) > 1.0, (chaotic_gain, chaotic_ratios)
+
+
+def test_chaotic_variants_keep_the_first_release_weights(tiny: Gemma4VisionModel) -> None:
+    chaotic = load_model("tiny-chaotic")
+    assert chaotic.config._name_or_path == "tiny-chaotic"
+    plain = models.build_seeded_model(tiny_config(), calm=False)
+    _assert_same_state(chaotic, plain)
+    # Only norm scales differ between the two inits; every linear weight is the same draw.
+    for (name, a), (_, b) in zip(tiny.state_dict().items(), chaotic.state_dict().items()):
+        if name.endswith(("q_norm.weight", "k_norm.weight", "post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
+            assert not torch.equal(a, b), name
+        else:
+            assert torch.equal(a, b), name

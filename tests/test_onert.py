@@ -186,3 +186,14 @@ def test_no_batch_matmul_reads_a_constant(exports):
                 assert not any(program.tensor(i).is_constant for i in op.inputs if i >= 0), f"{res.path.name}: op {op.index}"
         # The pooled rows still come out right: the TICO check is unchanged in kind.
         assert res.verify.within_one_step > 0
+
+
+def test_dtype_mismatch_is_a_structural_failure(exports):
+    import dataclasses
+
+    from core.export import structural_problems
+
+    res = exports[("quant", "integer")]
+    assert structural_problems(res) == []
+    bad = dataclasses.replace(res, dtype_mismatches=["STRIDED_SLICE#0: input x is FLOAT32, output y is UINT8"])
+    assert any("change dtype silently" in p and "STRIDED_SLICE#0" in p for p in structural_problems(bad))

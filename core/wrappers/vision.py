@@ -12,6 +12,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from core.errors import ExportError, NotCalibratedError
+from core.quant import meta_kernels
 from core.quant.mode import Mode
 from core.quant.observers import Observer
 from core.wrappers.attention import rope_tables
@@ -333,8 +334,13 @@ class QuantVisionModel(QuantModule):
         finally:
             self.ctx.exporting = previous
 
-    def as_export_module(self, pixel_position_ids: torch.Tensor) -> "VisionExportModule":
+    def as_export_module(self, pixel_position_ids: torch.Tensor | None = None) -> "VisionExportModule":
         """A static module for torch.export: positions fixed, `forward(pixel_values)` only."""
+        if pixel_position_ids is None or not isinstance(pixel_position_ids, torch.Tensor):
+            raise ExportError(
+                "as_export_module needs the pixel positions of the image layout to export: pass "
+                "pixel_position_ids from the preprocessor's output, e.g. pre([image])['pixel_position_ids']"
+            )
         if self.ctx.mode is Mode.CALIB:
             raise ExportError("the model is calibrating: convert it (QUANT) or switch to NO_QUANT before export")
         return VisionExportModule(self, self.build_profile(pixel_position_ids))
@@ -345,6 +351,9 @@ class VisionExportModule(nn.Module):
 
     def __init__(self, qmodel: QuantVisionModel, profile: StaticProfile) -> None:
         super().__init__()
+        # A plain torch.export of this module must not run the real fake-quantize kernels on
+        # zero tensors while tracing (see meta_kernels), whether or not core.export was imported.
+        meta_kernels.register()
         self.qmodel = qmodel
         self.profile = profile
         self.num_patches = profile.num_patches
