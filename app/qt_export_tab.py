@@ -10,6 +10,7 @@ import numpy as np
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
+    QComboBox,
     QAbstractItemView,
     QHeaderView,
     QFileDialog,
@@ -56,6 +57,15 @@ class QtExportTab(QWidget):
         self.path_edit = QLineEdit()
         self.path_edit.setObjectName("exportPath")
         self.path_edit.setPlaceholderText("Output .circle file")
+        self.input_combo = QComboBox()
+        self.input_combo.setObjectName("exportInputCombo")
+        # (label, export_circle input_dtype): integer input by default, a fully integer file.
+        for label, value in (("integer pixels (quantized input)", "integer"), ("float pixels + QUANTIZE op", "float")):
+            self.input_combo.addItem(label, value)
+        self.input_combo.setToolTip(
+            "Integer: the caller feeds round(pixel / scale) + zero point (8-bit pixels as they are for scale 1/255, zp 0). "
+            "Float: the file quantizes its float input itself."
+        )
         self.browse_button = QPushButton("Browse…")
         self.export_button = QPushButton("Export Circle")
         self.export_button.setObjectName("exportButton")
@@ -77,6 +87,8 @@ class QtExportTab(QWidget):
             ("within_one_step", "Within one step"),
             ("max_steps", "Max steps off"),
             ("runtime", "Runtime"),
+            ("onert", "ONE runtime (onert)"),
+            ("input", "Input"),
             ("path", "File"),
             ("bytes", "Size"),
             ("seconds", "Time"),
@@ -112,6 +124,8 @@ class QtExportTab(QWidget):
         path_row.addWidget(QLabel("Output:"))
         path_row.addWidget(self.path_edit, 1)
         path_row.addWidget(self.browse_button)
+        path_row.addWidget(QLabel("Input:"))
+        path_row.addWidget(self.input_combo)
         action_row = QHBoxLayout()
         action_row.addWidget(self.export_button)
         action_row.addWidget(self.progress, 1)
@@ -166,8 +180,10 @@ class QtExportTab(QWidget):
         self.progress.begin(0, "steps", "exporting…")
         self.message.show_message(f"Exporting to {out}…")
 
+        input_dtype = self.input_combo.currentData()
+
         def work(progress, cancel):
-            return session.export(out, progress=progress, cancel=cancel)
+            return session.export(out, progress=progress, cancel=cancel, input_dtype=input_dtype)
 
         self._task = self._host.submit(
             "export", work, on_done=self._on_exported, on_error=self._on_error, on_progress=self.progress.update_progress
@@ -205,6 +221,9 @@ class QtExportTab(QWidget):
         self.verify_labels["within_one_step"].setText(f"{100 * float(verify.within_one_step):.2f}%")
         self.verify_labels["max_steps"].setText(fmt_float(verify.max_steps, 3))
         self.verify_labels["runtime"].setText(str(verify.runtime))
+        self.verify_labels["onert"].setText(verify.onert.summary() if verify.onert is not None else "not run")
+        # The verdict above names any op that changes dtype silently (core.export.structural_problems).
+        self.verify_labels["input"].setText(next((t for t in result.io_tensors if t.startswith("input")), "?"))
         self.verify_labels["path"].setText(str(result.path))
         self.verify_labels["bytes"].setText(f"{fmt_bytes(int(result.bytes))} ({int(result.bytes):,} bytes)")
         self.verify_labels["seconds"].setText(f"{float(result.seconds):.1f} s")

@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--three-way", action="store_true",
         help="also compare torch float, torch fake-quant and the Circle file per module",
     )
+    e.add_argument(
+        "--input", dest="input_dtype", default="integer", choices=("integer", "float"),
+        help="graph input: integer pixels with qparams (default; feed round(x / scale) + zp) "
+        "or float32 followed by a QUANTIZE op",
+    )
     common(e)
 
     s = sub.add_parser("sensitivity", help="keep one layer / module kind in float at a time, rank them")
@@ -521,7 +526,7 @@ def cmd_export(args, progress) -> tuple[dict, str]:
     out = check_output(args.out, "--out")
     _check_soft_tokens(args.max_soft_tokens)
     session = _load(args.session, args.device)
-    res = session.export(ensure_parent(out), max_soft_tokens=args.max_soft_tokens, progress=progress)
+    res = session.export(ensure_parent(out), max_soft_tokens=args.max_soft_tokens, progress=progress, input_dtype=args.input_dtype)
     progress.close()
     doc = {"command": "export", "session": str(args.session), **_export_dict(res)}
     three = None
@@ -534,11 +539,13 @@ def cmd_export(args, progress) -> tuple[dict, str]:
         [
             f"wrote {doc.get('path')} ({doc.get('bytes')} bytes) in {_fmt(doc.get('seconds'))} s",
             "ops: " + ", ".join(f"{k} x{n}" for k, n in sorted((doc.get("op_counts") or {}).items())),
-            f"tensors without qparams: {len(doc.get('tensors_without_qparams') or [])}",
+            f"tensors without qparams: {len(doc.get('tensors_without_qparams') or [])} (graph input and output included)",
+            *(res.io_tensors or []),
             f"verify ({v.get('runtime', '?')}): max abs diff {_fmt(v.get('max_abs_diff'))}, PEIR {_fmt(v.get('peir'))}, "
             f"{100 * float(v.get('within_one_step') or 0):.2f}% of outputs within one step, "
             f"at most {_fmt(v.get('max_steps'))} steps",
             _verdict_line(v.get("verdict")),
+            *([res.verify.onert.summary()] if res.verify is not None and res.verify.onert is not None else []),
             *([f"unquantized: {t} (module {m})" for t, m in (res.unquantized or [])][:20]),
             *(three.summary_lines() if three is not None else []),
         ]

@@ -77,6 +77,8 @@ class VerifyResult:
     # (core.verdict): the same rules on every CPU.
     noise_floor: NoiseFloor | None = None
     verdict: Verdict | None = None
+    # The same file run by ONE's runtime (core.onert.OnertResult); None when not attempted.
+    onert: Any = None
 
 
 @dataclass
@@ -105,6 +107,12 @@ class ExportResult:
     # Fingerprint of the export profile's pixel_position_ids (layout_fingerprint): a three-way
     # check must feed the same image layout.
     layout: str = ""
+    # Ops whose non-constant inputs and output differ in dtype with no QUANTIZE/DEQUANTIZE/CAST
+    # between them: a failure (runtimes refuse or misread them), see summarize_circle.
+    dtype_mismatches: list[str] = field(default_factory=list)
+    # "integer": the graph input is integer with the pixels' qparams (feed core.onert.quantize_input
+    # of the pixel values); "float": float32 input followed by a QUANTIZE op.
+    input_dtype: str = "integer"
 
 
 # --------------------------------------------------------------------------- public API
@@ -123,12 +131,15 @@ def export_circle(
     strict: bool = False,
     circle_optimize: bool = False,
     compile_config: Any = None,
+    input_dtype: str = "integer",
 ) -> ExportResult:
     """Export `qmodel` for one image layout to a static Circle file at `out_path` and verify it.
 
     `example` is a preprocessed batch of one (mapping with pixel_values and pixel_position_ids)
     or its pixel_position_ids; without it, `image` (or a bundled sample) is preprocessed at
     `max_soft_tokens`. `mode` is "quant" or "float" (default: the model's current mode).
+    `input_dtype` "integer" gives a quantized model an integer input with the pixels' qparams,
+    "float" a float32 input followed by a QUANTIZE op.
     The file is verified under a temporary name and renamed onto `out_path` only then: a failure
     or a cancel at any stage leaves any earlier file at `out_path` byte-identical.
     """
@@ -142,6 +153,7 @@ def export_circle(
     _check_writable(out)
 
     export_mode = _resolve_mode(qmodel, mode)
+    input_dtype = _resolve_input_dtype(input_dtype)
     pixel_values, position_ids = _example_tensors(qmodel, example, image, max_soft_tokens, preprocessor)
 
     timings: dict[str, float] = {}
@@ -193,6 +205,11 @@ def export_circle(
             del program
             origins: dict[str, tuple[str, ...] | None] = {}
             circle_bytes = _convert(holder, timings, step, cancel, circle_optimize, compile_config, origins)
+            from core.circle_edit import constant_matmul_as_fully_connected, quantize_float_input
+
+            circle_bytes = constant_matmul_as_fully_connected(circle_bytes)
+            if input_dtype == "float":
+                circle_bytes = quantize_float_input(circle_bytes)
             gc.collect()
 
             # The file is staged beside `out`, verified there, and renamed over `out` only when
@@ -228,6 +245,8 @@ def export_circle(
                     tensor_modules=tensor_modules,
                     unquantized=[(t, tensor_modules.get(t, ROOT_MODULE)) for t in summary["tensors_without_qparams"]],
                     layout=layout_fingerprint(position_ids),
+                    dtype_mismatches=summary["dtype_mismatches"],
+                    input_dtype=input_dtype if export_mode == "quant" else "float",
                 )
                 if verify:
                     t = time.perf_counter()
@@ -255,12 +274,16 @@ def export_circle(
 
 
 def structural_problems(result: ExportResult) -> list[str]:
-    """What makes a written file wrong whatever its numbers: tensors a quantized file leaves float."""
+    """What makes a written file wrong whatever its numbers: tensors a quantized file leaves float,
+    and ops that change dtype silently (ONE's runtime refuses them; TICO's computes through)."""
+    problems: list[str] = []
+    if result.dtype_mismatches:
+        problems.append(f"{len(result.dtype_mismatches)} ops change dtype silently (first: {result.dtype_mismatches[0]})")
     if result.mode != "quant" or not result.tensors_without_qparams:
-        return []
+        return problems
     first = result.tensors_without_qparams[0]
     detail = result.unquantized_details.get(first, "")
-    return [f"{len(result.tensors_without_qparams)} float tensors without qparams (first: {first}{', ' + detail if detail else ''})"]
+    return [f"{len(result.tensors_without_qparams)} float tensors without qparams (first: {first}{', ' + detail if detail else ''})", *problems]
 
 
 def layout_fingerprint(pixel_position_ids: Any) -> str:
@@ -354,7 +377,10 @@ def summarize_circle(data: bytes) -> dict[str, Any]:
             users.setdefault(i, []).append(f"{op.name}#{op.index}")
         for o in op.outputs:
             producers[o] = f"{op.name}#{op.index}"
-    io = set(program.inputs) | set(program.outputs)
+    # A float graph input read only by QUANTIZE ops, or a float output made by DEQUANTIZE, is bridged
+    # explicitly; any other float input or output is an unquantized tensor like any other.
+    bridged = {i for i in program.inputs if users.get(i) and all(u.startswith("QUANTIZE#") for u in users[i])}
+    bridged |= {o for o in program.outputs if producers.get(o, "").startswith("DEQUANTIZE#")}
     missing: list[str] = []
     details: dict[str, str] = {}
     io_tensors: list[str] = []
@@ -364,14 +390,14 @@ def summarize_circle(data: bytes) -> dict[str, Any]:
             q = f"quantized scale={t.quantization.scale[0]:.6g} zp={t.quantization.zero_point[0]}" if t.is_quantized else "float"
             io_tensors.append(f"{kind} {t.name}: {tensor_type_name(t.tensor_type)}{list(t.shape)} ({q})")
     for t in program.tensors:
-        if t.index in io or t.is_quantized:
+        if t.index in bridged or t.is_quantized:
             continue
         if tensor_type_name(t.tensor_type) not in _FLOAT_TYPES:
             continue  # shape/index operands (INT32 perms, slice bounds) carry no data to quantize
         if t.is_constant and t.index not in users:
             continue
         missing.append(t.name)
-        role = "constant" if t.is_constant else f"made by {producers.get(t.index, '?')}"
+        role = "constant" if t.is_constant else "graph input" if t.index in program.inputs else f"made by {producers.get(t.index, '?')}"
         details[t.name] = (
             f"{tensor_type_name(t.tensor_type)}{list(t.shape)} {role}, used by {', '.join(users.get(t.index, [])) or 'nothing'}"
         )
@@ -380,7 +406,38 @@ def summarize_circle(data: bytes) -> dict[str, Any]:
         "tensors_without_qparams": missing,
         "unquantized_details": details,
         "io_tensors": io_tensors,
+        "dtype_mismatches": dtype_mismatches(program),
     }
+
+
+# Ops whose job is to change dtype.
+_CONVERSION_OPS = frozenset({"QUANTIZE", "DEQUANTIZE", "CAST"})
+
+
+def dtype_mismatches(program: Any) -> list[str]:
+    """Ops (other than QUANTIZE/DEQUANTIZE/CAST) with a non-constant input whose dtype differs from
+    their output's: a dtype changed silently (TICO's reference runtime computes through it, ONE's
+    runtime refuses it). `program` is a CircleProgram or the Circle bytes."""
+    from tico.circle.runtime.program import CircleProgram, tensor_type_name
+
+    if isinstance(program, (bytes, bytearray)):
+        program = CircleProgram.from_bytes(bytes(program))
+    found: list[str] = []
+    for op in program.operators:
+        if op.name in _CONVERSION_OPS or not op.outputs:
+            continue
+        out = program.tensor(op.outputs[0])
+        out_type = tensor_type_name(out.tensor_type)
+        for i in op.inputs:
+            if i < 0:
+                continue
+            t = program.tensor(i)
+            if t.is_constant:
+                continue  # shape/index operands and weights; a float constant is caught as unquantized
+            in_type = tensor_type_name(t.tensor_type)
+            if in_type != out_type:
+                found.append(f"{op.name}#{op.index}: input {t.name} is {in_type}, output {out.name} is {out_type}")
+    return found
 
 
 def verify_circle(
@@ -429,6 +486,9 @@ def verify_circle(
     vs_forward = float((got - fwd).abs().max()) if fwd.shape == got.shape else math.inf
     export_vs_forward = float((ref - fwd).abs().max()) if fwd.shape == ref.shape else math.inf
     name = f"tico reference runtime ({exec_mode.name})"
+    from core.onert import check_in_onert
+
+    onert = check_in_onert(data, pixel_values, ref, got.numpy(), step)
     verdict = judge(
         mode=mode, within=within if step is not None else None, max_steps=max_abs / tol if step is not None else None,
         max_abs=max_abs, floor=floor, structural=list(structural),
@@ -444,6 +504,7 @@ def verify_circle(
         step=step,
         output_observer=obs.name if obs is not None else None,
         export_vs_forward=export_vs_forward,
+        onert=onert,
         noise_floor=floor,
         verdict=verdict,
     )
@@ -872,6 +933,16 @@ def _check_writable(out: Path) -> None:
         raise UnwritablePathError(out, f"folder {folder} is not writable")
     if out.exists() and not os.access(out, os.W_OK):
         raise UnwritablePathError(out, "the existing file is read-only")
+
+
+INPUT_DTYPES = ("integer", "float")
+
+
+def _resolve_input_dtype(input_dtype: str | None) -> str:
+    value = "integer" if input_dtype is None else str(input_dtype).lower()
+    if value not in INPUT_DTYPES:
+        raise ExportError(f"unknown input dtype {input_dtype!r}: use 'integer' (quantized pixels) or 'float' (float32 + QUANTIZE)")
+    return value
 
 
 def _resolve_mode(qmodel: Any, mode: str | None) -> str:

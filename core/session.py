@@ -467,7 +467,15 @@ class Session:
         self.last_sensitivity_baseline = baseline
         return ranked
 
-    def export(self, out_path, max_soft_tokens: int | None = None, image=None, progress: Progress | None = None, cancel=None):
+    def export(
+        self,
+        out_path,
+        max_soft_tokens: int | None = None,
+        image=None,
+        progress: Progress | None = None,
+        cancel=None,
+        input_dtype: str = "integer",
+    ):
         """Export a static integer Circle model and verify it (core.export.export_circle)."""
         self._require_calibrated()
         from core.export import export_circle
@@ -484,6 +492,7 @@ class Session:
             max_soft_tokens=mst,
             image=image,
             preprocessor=self.preprocessor if mst == self.max_soft_tokens else None,
+            input_dtype=input_dtype,
         )
 
     # ---- diagnostics (thin entry points; the work lives in the modules named) -----------

@@ -32,6 +32,12 @@ class QuantLinear(QuantModule):
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.fq_weight(self.linear.weight, self.obs_weight, self.weight_fq)
+        if self.ctx.exporting and x.dim() > 2:
+            # ONE's runtime (onert) gives FULLY_CONNECTED a 2-D output whatever keep_num_dims says, so
+            # rank-checking ops after it (RMS_NORM, TRANSPOSE) refuse the file. Explicit 2-D in and
+            # reshape out keep every runtime's shapes equal; the values are the same.
+            y = F.linear(x.reshape(-1, x.shape[-1]), weight, self.linear.bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         return F.linear(x, weight, self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

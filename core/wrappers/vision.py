@@ -378,4 +378,10 @@ class VisionExportModule(nn.Module):
             self.profile.grid,
         )
         with self.qmodel.exporting():
+            # Quantized where the graph starts, before the slice: the converter then gives the graph
+            # input itself the pixels' qparams (an integer input; export_circle may bridge it from
+            # float with a QUANTIZE op). Sliced after, the input stays float and feeds an integer
+            # STRIDED_SLICE, a dtype change no op may make. Fake-quantizing twice changes nothing.
+            embedder = self.qmodel.patch_embedder
+            pixel_values = embedder.fq(pixel_values, embedder.obs_pixels)
             return self.qmodel.forward_static(pixel_values[:, : self.num_patches], profile)
