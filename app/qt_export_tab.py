@@ -382,8 +382,15 @@ class QtExportTab(QWidget):
                 ("×".join(str(int(d)) for d in row.shape) if row.shape is not None else "", str(row.shape)),
                 (str(row.tensor), str(row.tensor)),
             ]
-            off = within is not None and float(within) < 0.99
+            # Marked by core's verdict for the row: beyond torch's own rounding noise for that tensor.
+            verdict = getattr(row, "verdict", "")
+            off = verdict not in ("", "verified")
             tip = f"{row.module}\nCircle tensor: {row.tensor}"
+            floor = getattr(row, "noise_floor", None)
+            if floor is not None and floor.within_one_step is not None:
+                tip += f"\ntorch vs itself under rounding noise: {100 * floor.within_one_step:.2f}% within one step"
+            if verdict:
+                tip += f"\nverdict: {verdict}"
             for c, (text, key) in enumerate(cells):
                 item = _KeyItem(text)
                 item.setData(SORT_ROLE, key)

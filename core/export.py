@@ -252,7 +252,7 @@ def export_circle(
                     t = time.perf_counter()
                     result.verify = verify_circle(
                         written, qmodel, module, pixel_values, position_ids, mode=export_mode, reference=reference, forward=forward,
-                        structural=structural_problems(result),
+                        structural=structural_problems(result, qmodel.kept_float_modules()),
                     )
                     timings["verify"] = time.perf_counter() - t
                     result.verify.seconds = timings["verify"]
@@ -273,17 +273,38 @@ def export_circle(
     return result
 
 
-def structural_problems(result: ExportResult) -> list[str]:
-    """What makes a written file wrong whatever its numbers: tensors a quantized file leaves float,
-    and ops that change dtype silently (ONE's runtime refuses them; TICO's computes through)."""
+def structural_problems(result: ExportResult, kept_float: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """(problems, caveats) of a written file whatever its numbers: tensors a quantized file leaves
+    float and ops that change dtype silently (ONE's runtime refuses them; TICO's computes through).
+    Those inside modules the user keeps in float (`kept_float`) are caveats of that choice, not faults."""
+    import re
+
+    kept = tuple(kept_float)
+
+    def chosen(tensor: str) -> bool:
+        module = result.tensor_modules.get(tensor, "")
+        return any(module == k or module.startswith(k + ".") for k in kept)
+
     problems: list[str] = []
-    if result.dtype_mismatches:
-        problems.append(f"{len(result.dtype_mismatches)} ops change dtype silently (first: {result.dtype_mismatches[0]})")
-    if result.mode != "quant" or not result.tensors_without_qparams:
-        return problems
-    first = result.tensors_without_qparams[0]
-    detail = result.unquantized_details.get(first, "")
-    return [f"{len(result.tensors_without_qparams)} float tensors without qparams (first: {first}{', ' + detail if detail else ''})", *problems]
+    caveats: list[str] = []
+    mismatches = [m for m in result.dtype_mismatches if not any(chosen(t) for t in re.findall(r"(?:input|output) (\S+) is", m))]
+    chosen_mismatches = [m for m in result.dtype_mismatches if m not in mismatches]
+    if mismatches:
+        problems.append(f"{len(mismatches)} ops change dtype silently (first: {mismatches[0]})")
+    if result.mode == "quant":
+        missing = [t for t in result.tensors_without_qparams if not chosen(t)]
+        if missing:
+            detail = result.unquantized_details.get(missing[0], "")
+            problems.insert(0, f"{len(missing)} float tensors without qparams (first: {missing[0]}{', ' + detail if detail else ''})")
+        floats = len(result.tensors_without_qparams) - len(missing)
+        if floats or chosen_mismatches:
+            caveats.append(
+                f"{floats} float tensors and {len(chosen_mismatches)} dtype changes without QUANTIZE/DEQUANTIZE "
+                f"come from the modules kept in float ({', '.join(kept[:3])}{'…' if len(kept) > 3 else ''})"
+            )
+    elif mismatches == [] and chosen_mismatches:
+        caveats.append(f"{len(chosen_mismatches)} dtype changes in modules kept in float")
+    return problems, caveats
 
 
 def layout_fingerprint(pixel_position_ids: Any) -> str:
@@ -449,7 +470,7 @@ def verify_circle(
     mode: str = "quant",
     reference: torch.Tensor | None = None,
     forward: torch.Tensor | None = None,
-    structural: Sequence[str] = (),
+    structural: tuple[Sequence[str], Sequence[str]] | Sequence[str] = (),
 ) -> VerifyResult:
     """Run the Circle bytes in TICO's reference runtime, compare with forward_export and forward,
     and judge the distance against torch's own rounding noise on this machine (core.verdict)."""
@@ -480,6 +501,11 @@ def verify_circle(
     if mode == "quant" and obs is not None and obs.enabled and bool(obs.frozen):
         step = float(obs.scale.max())
     floor = noise_floor(qmodel, module, pixel_values, ref, step)
+    # structural_problems() gives (problems, caveats); a plain list is problems only.
+    if isinstance(structural, tuple) and len(structural) == 2 and all(isinstance(x, (list, tuple)) for x in structural):
+        problems, caveats = structural
+    else:
+        problems, caveats = list(structural), []
     # Float exports have no grid: "within one step" then means within the floor's max |diff|.
     tol = step if step is not None else max(floor.max_abs, 1e-30)
     within = within_one_step(diff, tol)
@@ -491,7 +517,7 @@ def verify_circle(
     onert = check_in_onert(data, pixel_values, ref, got.numpy(), step)
     verdict = judge(
         mode=mode, within=within if step is not None else None, max_steps=max_abs / tol if step is not None else None,
-        max_abs=max_abs, floor=floor, structural=list(structural),
+        max_abs=max_abs, floor=floor, structural=list(problems), caveats=list(caveats),
     )
     return VerifyResult(
         max_abs_diff=max_abs,

@@ -40,6 +40,7 @@ import torch
 from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError
 from core.export import ROOT_MODULE, ExportResult, layout_fingerprint, run_keeping
 from core.inspect import FqTap
+from core.verdict import NoiseFloor, gemm_rounding_error, judge, rounding_noise
 
 Progress = Callable[[int, int, str], None]
 
@@ -96,6 +97,10 @@ class ThreeWayRow:
     observer: str | None = None  # the torch observer whose output was compared
     operator: int = -1  # index of the Circle operator producing the tensor (-1: graph input)
     quantized: bool = True
+    # torch fake-quant against itself under this machine's rounding noise (core.verdict), and the
+    # verdict of fq_vs_circle judged against it: "verified", "check" or "failed".
+    noise_floor: Diff | None = None
+    verdict: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -112,6 +117,8 @@ class ThreeWayRow:
             "fp_vs_fq": self.fp_vs_fq.to_dict(),
             "fq_vs_circle": self.fq_vs_circle.to_dict(),
             "fp_vs_circle": self.fp_vs_circle.to_dict(),
+            "noise_floor": self.noise_floor.to_dict() if self.noise_floor is not None else None,
+            "verdict": self.verdict,
         }
 
 
@@ -167,15 +174,17 @@ class ThreeWayResult:
         width = max([len(r.module) for r in self.rows] + [6])
         lines.append(
             f"{'module':<{width}}  {'fp-vs-fq peir':>13}  {'fq-vs-circle peir':>17}  {'<=1 step':>8}  "
-            f"{'max steps':>9}  {'fp-vs-circle peir':>17}  tensor"
+            f"{'max steps':>9}  {'noise <=1':>9}  {'verdict':>8}  {'fp-vs-circle peir':>17}  tensor"
         )
         for r in self.rows:
             d = r.fq_vs_circle
             within = f"{100 * d.within_one_step:7.2f}%" if d.within_one_step is not None else f"{'float':>8}"
             steps = f"{d.max_steps:9.2f}" if d.max_steps is not None else f"{'-':>9}"
+            n = r.noise_floor
+            noise = f"{100 * n.within_one_step:8.2f}%" if n is not None and n.within_one_step is not None else f"{'-':>9}"
             lines.append(
-                f"{r.module:<{width}}  {r.fp_vs_fq.peir:13.3e}  {d.peir:17.3e}  {within}  {steps}  "
-                f"{r.fp_vs_circle.peir:17.3e}  {r.tensor}"
+                f"{r.module:<{width}}  {r.fp_vs_fq.peir:13.3e}  {d.peir:17.3e}  {within}  {steps}  {noise}  "
+                f"{r.verdict or '-':>8}  {r.fp_vs_circle.peir:17.3e}  {r.tensor}"
             )
         for module, why in self.unmatched:
             lines.append(f"not compared: {module}: {why}")
@@ -247,7 +256,7 @@ def three_way_check(
 
     with _model_mode(qmodel, _export_mode(qmodel, quantized_file)):
         targets = _output_targets(qmodel, modules)
-        fp, fq, fp_out, fq_out = _torch_outputs(qmodel, targets, pixel_values, position_ids)
+        fp, fq, fp_out, fq_out, floors, rel = _torch_outputs(qmodel, targets, pixel_values, position_ids)
 
     # ---- pairing: module -> Circle tensor index
     step("pairing tensors")
@@ -285,12 +294,12 @@ def three_way_check(
         check_cancel()
         tensor, operator = program.tensor(index), producer.get(index, -1)
         for module, observer in readers.get(index, ()):
-            rows.append(_row(module, observer, tensor, operator, fp[observer], fq[observer], value))
+            rows.append(_row(module, observer, tensor, operator, fp[observer], fq[observer], value, floors.get(observer), rel))
             uses[observer] -= 1
             if not uses[observer]:
                 del fp[observer], fq[observer]
         if index == final_index:
-            final_row.append(_row(ROOT_MODULE, None, tensor, operator, fp_out, fq_out, value))
+            final_row.append(_row(ROOT_MODULE, None, tensor, operator, fp_out, fq_out, value, floors.get(ROOT_MODULE), rel))
 
     compared, runtime_name, intermediates = _run_circle(data, pixel_values, wanted, compare)
 
@@ -387,8 +396,23 @@ class _Outputs(FqTap):
             self.store[obs.name] = y.detach().float().cpu().clone()
 
 
+class _NoisyDiffs(FqTap):
+    """On a pass under rounding noise, compares each chosen observer's first value with its clean twin."""
+
+    def __init__(self, qmodel: Any, clean: Mapping[str, torch.Tensor]):
+        super().__init__(qmodel, self._compare)
+        self.clean = clean
+        self.diffs: dict[str, Diff] = {}
+
+    def _compare(self, obs: Any, y: torch.Tensor) -> None:
+        if obs.name in self.clean and obs.name not in self.diffs:
+            scale = float(obs.scale.max()) if obs.enabled and bool(obs.frozen) and self.qmodel.ctx.mode.name == "QUANT" else None
+            self.diffs[obs.name] = _diff(self.clean[obs.name], y.detach().float().cpu(), scale)
+
+
 def _torch_outputs(qmodel, targets, pixel_values, position_ids):
-    """FP and fake-quant values of every target observer plus both final outputs."""
+    """FP and fake-quant values of every target observer plus both final outputs, and the fake-quant
+    pass against itself under this machine's rounding noise (core.verdict), per observer and final."""
     names = {obs for _, obs in targets}
     saved = qmodel.observer_flags()
     inputs = {"pixel_values": pixel_values, "pixel_position_ids": position_ids}
@@ -402,9 +426,16 @@ def _torch_outputs(qmodel, targets, pixel_values, position_ids):
             with _Outputs(qmodel, names) as cap:
                 fq_out = qmodel(**inputs, static=True).last_hidden_state.detach().float().cpu()
             fq = cap.store
+            rel = gemm_rounding_error(qmodel, int((position_ids[0] >= 0).all(dim=-1).sum()))
+            with _NoisyDiffs(qmodel, fq) as noisy, rounding_noise(qmodel, rel, seed=1):
+                noisy_out = qmodel(**inputs, static=True).last_hidden_state.detach().float().cpu()
+            floors = noisy.diffs
+            last = qmodel.observers()[-1] if qmodel.observers() else None
+            out_scale = float(last.scale.max()) if last is not None and last.enabled and bool(last.frozen) and qmodel.ctx.mode.name == "QUANT" else None
+            floors[ROOT_MODULE] = _diff(fq_out, noisy_out, out_scale)
     finally:
         qmodel.set_observer_flags(saved)
-    return fp, fq, fp_out, fq_out
+    return fp, fq, fp_out, fq_out, floors, rel
 
 
 def _export_mode(qmodel: Any, quantized_file: bool) -> str:
@@ -532,7 +563,7 @@ def _run_circle(
 
 
 # --------------------------------------------------------------------------- metrics
-def _row(module, observer, tensor, operator, fp, fq, circle) -> ThreeWayRow:
+def _row(module, observer, tensor, operator, fp, fq, circle, floor: Diff | None = None, rel: float = 0.0) -> ThreeWayRow:
     from tico.circle.runtime.program import tensor_type_name
 
     c = torch.from_numpy(np.asarray(circle, dtype=np.float32).copy())
@@ -548,6 +579,14 @@ def _row(module, observer, tensor, operator, fp, fq, circle) -> ThreeWayRow:
         zps = np.asarray(q.zero_point).reshape(-1) if q.zero_point is not None else np.zeros(1, np.int64)
         scale = float(scales.max()) if scales.size else None
         zero_point = int(zps[0]) if zps.size else None
+    fq_vs_circle = _diff(fq, c, scale)
+    verdict = ""
+    if floor is not None:
+        verdict = judge(
+            mode="quant" if scale else "float",
+            within=fq_vs_circle.within_one_step, max_steps=fq_vs_circle.max_steps, max_abs=fq_vs_circle.max_abs,
+            floor=NoiseFloor(rel, floor.within_one_step, floor.max_steps, floor.max_abs, 1, int(fq.numel())),
+        ).level
     return ThreeWayRow(
         tensor=tensor.name,
         module=module,
@@ -556,11 +595,13 @@ def _row(module, observer, tensor, operator, fp, fq, circle) -> ThreeWayRow:
         scale=scale,
         zero_point=zero_point,
         fp_vs_fq=_diff(fp, fq),
-        fq_vs_circle=_diff(fq, c, scale),
+        fq_vs_circle=fq_vs_circle,
         fp_vs_circle=_diff(fp, c),
         observer=observer,
         operator=int(operator),
         quantized=quantized,
+        noise_floor=floor,
+        verdict=verdict,
     )
 
 

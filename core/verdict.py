@@ -133,14 +133,17 @@ def rounding_noise(qmodel: Any, rel: float, seed: int = 0) -> Iterator[None]:
 
     try:
         for module in qmodel.quant_modules():
-            if "fq" in module.__dict__:
-                continue  # already tapped by someone else: leave it alone
+            # A tap already in place (core.inspect.FqTap) is wrapped, so it sees the noisy values,
+            # and put back on exit.
+            patched.append((module, module.__dict__.get("fq")))
             module.fq = wrap(module.fq)
-            patched.append(module)
         yield
     finally:
-        for module in patched:
-            module.__dict__.pop("fq", None)
+        for module, previous in patched:
+            if previous is None:
+                module.__dict__.pop("fq", None)
+            else:
+                module.fq = previous
 
 
 @torch.no_grad()
@@ -189,9 +192,14 @@ def judge(
     max_abs: float,
     floor: NoiseFloor | None,
     structural: list[str] | None = None,
+    caveats: list[str] | None = None,
 ) -> Verdict:
-    """The verdict of one verification: the file's distance from torch against torch's own noise floor."""
+    """The verdict of one verification: the file's distance from torch against torch's own noise floor.
+
+    `structural` problems fail the file whatever its numbers; `caveats` (consequences of the user's
+    own choices, such as modules kept in float) turn an otherwise verified file into "check"."""
     structural = [s for s in (structural or []) if s]
+    caveats = [c for c in (caveats or []) if c]
     if mode == "quant" and within is not None and floor is not None and floor.within_one_step is not None:
         summary = (
             f"{100 * within:.2f}% of outputs within one quantization step (max {max_steps:.1f} steps); "
@@ -215,7 +223,7 @@ def judge(
         allowed_steps = (floor.max_steps or 0.0) + 1.0
         steps = max_steps or 0.0
         if within >= p - slack and steps <= allowed_steps:
-            return Verdict("verified", summary, "", "")
+            return _verified(summary, caveats)
         beyond, floor_beyond = 1.0 - within, (1.0 - p) + slack
         if beyond > BROKEN_FACTOR * floor_beyond or steps > BROKEN_FACTOR * allowed_steps:
             return Verdict(
@@ -234,7 +242,7 @@ def judge(
     if max_abs <= allowed * 2.0:
         # Float: the file and torch are two implementations, torch-with-noise is one against one
         # noisy copy, so the file may differ by up to the sum of two such distances.
-        return Verdict("verified", summary, "", "")
+        return _verified(summary, caveats)
     if max_abs > BROKEN_FACTOR * 2.0 * allowed:
         return Verdict(
             "failed", summary,
@@ -242,3 +250,15 @@ def judge(
             "run the three-way check to find the first module that departs",
         )
     return Verdict("check", summary, "the file is further from torch than rounding noise explains", "run the three-way check")
+
+
+def _verified(summary: str, caveats: list[str]) -> Verdict:
+    """Numbers within the noise: verified, or check when the user's own choices leave the file not fully integer."""
+    if not caveats:
+        return Verdict("verified", summary, "", "")
+    return Verdict(
+        "check", summary,
+        "the numbers match, but " + "; ".join(caveats),
+        "a device runtime needs QUANTIZE/DEQUANTIZE around float modules (ONE's onert refuses a silent dtype "
+        "change): quantize those modules (e.g. int16) for a fully integer file",
+    )

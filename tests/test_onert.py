@@ -196,6 +196,11 @@ def test_dtype_mismatch_is_a_structural_failure(exports):
     from core.export import structural_problems
 
     res = exports[("quant", "integer")]
-    assert structural_problems(res) == []
+    assert structural_problems(res) == ([], [])
     bad = dataclasses.replace(res, dtype_mismatches=["STRIDED_SLICE#0: input x is FLOAT32, output y is UINT8"])
-    assert any("change dtype silently" in p and "STRIDED_SLICE#0" in p for p in structural_problems(bad))
+    problems, caveats = structural_problems(bad)
+    assert any("change dtype silently" in p and "STRIDED_SLICE#0" in p for p in problems) and caveats == []
+    # Inside a module the user keeps in float it is a caveat of that choice, not a fault.
+    kept = dataclasses.replace(bad, tensor_modules={**res.tensor_modules, "y": "encoder.layers.1.mlp.down_proj"})
+    problems, caveats = structural_problems(kept, ["encoder.layers.1.mlp.down_proj"])
+    assert problems == [] and caveats and "kept in float" in caveats[0]

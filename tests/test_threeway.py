@@ -96,8 +96,11 @@ def test_circle_matches_fake_quant_within_a_few_steps_while_fp_differs(exported)
     for row in tw.rows:
         assert row.quantized and row.scale and row.scale > 0 and row.dtype.startswith(("UINT", "INT"))
         d = row.fq_vs_circle
-        assert d.max_steps is not None and d.max_steps <= 8.0, row
-        assert d.within_one_step >= 0.98, row
+        # Each row is judged against torch's own rounding noise for that tensor on this machine.
+        n = row.noise_floor
+        assert n is not None and n.within_one_step is not None, row
+        assert row.verdict == "verified", row
+        assert d.max_steps is not None and d.max_steps <= n.max_steps + 1.0, row
         # The quantization error itself is real (not zero) and dominates what the file adds.
         assert row.fp_vs_fq.max_abs > 0, row
         assert row.fp_vs_circle.peir > 0
@@ -154,10 +157,12 @@ def test_float_module_tensors_are_listed_with_their_module(exported_with_float):
     assert row.fq_vs_circle.within_one_step is None
     assert row.tensor in dict(r.unquantized)
     assert any(FLOAT_MODULE in line and "module" in line for line in tw.summary_lines())
-    # The rest is still quantized and still within a few steps.
+    # The export says so: the numbers verify, the kept-float module is a caveat (amber), not a fault.
+    assert r.verify.verdict.level == "check" and "kept in float" in r.verify.verdict.reason, r.verify.verdict
+    # The rest is still quantized and within torch's own rounding noise, row by row.
     for other in tw.rows:
         if other.module not in (FLOAT_MODULE, "encoder.layers.1.mlp"):
-            assert other.quantized and other.fq_vs_circle.max_steps <= 8.0, other
+            assert other.quantized and other.verdict == "verified", other
 
 
 # ------------------------------------------------------------------ failures: one-line core.errors
@@ -218,5 +223,7 @@ def test_float_export_compares_float_with_float(sample_images, tmp_path):
     for row in tw.rows:
         assert not row.quantized and row.fq_vs_circle.max_steps is None
         assert row.fp_vs_fq.max_abs == 0.0
-        assert row.fq_vs_circle.max_abs <= 1e-4, row
+        # Float rows: within two noisy torch copies' distance (core.verdict's float rule).
+        assert row.noise_floor is not None and row.verdict == "verified", row
+        assert row.fq_vs_circle.max_abs <= 2 * max(row.noise_floor.max_abs, 1e-30), row
     assert tw.rows[-1].fq_vs_circle.max_abs == pytest.approx(r.verify.max_abs_diff, abs=1e-6)

@@ -76,6 +76,11 @@ def test_structural_problems_fail_whatever_the_numbers():
     assert v.level == "failed" and "without qparams" in v.reason
 
 
+def test_caveats_of_the_users_choices_read_check_not_failed():
+    v = judge(mode="quant", within=1.0, max_steps=1.0, max_abs=0.1, floor=_floor(), caveats=["2 float tensors come from kept-float modules"])
+    assert v.level == "check" and "kept-float" in v.reason and "int16" in v.advice
+
+
 def test_float_verdict_against_the_floor():
     floor = _floor(within=None, steps=None, max_abs=1e-4)
     assert judge(mode="float", within=None, max_steps=None, max_abs=1.5e-4, floor=floor).level == "verified"

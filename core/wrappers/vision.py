@@ -214,6 +214,10 @@ class QuantVisionModel(QuantModule):
             ]
         )
 
+    def kept_float_modules(self) -> list[str]:
+        """Modules with at least one observer kept float (by the config or set_keep_float), forward order."""
+        return list(dict.fromkeys(obs.module_name for obs in self.observers() if not obs.enabled))
+
     def observer_flags(self) -> list[bool]:
         """Every observer's enabled flag, in forward order (for set_observer_flags)."""
         return [bool(obs.enabled) for obs in self.observers()]
