@@ -152,6 +152,8 @@ class QtCalibrationTab(QWidget):
         super().__init__()
         self._host = host
         self._task = None
+        self.restored = False  # the last run was cancelled and the earlier calibration put back
+        self.in_force = None  # the session's calibration in force after the last run
         self._thumbs: dict[str, QImage] = {}
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(1)  # torch owns the cores during calibration
@@ -497,6 +499,9 @@ class QtCalibrationTab(QWidget):
         if session is None:
             self.message.show_message("The model is still loading.", "error")
             return
+        if self._host.settings_pending():
+            self.message.show_message("Apply the changed settings first (Apply settings in the panel).", "error")
+            return
         statuses = list(self.entries_by_status().values())
         usable = sum(s in ("ok", "used") for s in statuses)
         if usable == 0:
@@ -508,7 +513,9 @@ class QtCalibrationTab(QWidget):
 
         def work(progress, cancel):
             result = session.calibrate(progress=progress, cancel=cancel, batch_size=1)
-            return result, self._snapshot(session), getattr(session, "state", "")
+            # session.calibration is the calibration now in force: the earlier one when a
+            # cancelled re-run was rolled back, this run's otherwise.
+            return result, self._snapshot(session), getattr(session, "state", ""), getattr(session, "calibration", None)
 
         self._task = self._host.submit(
             "calibrate",
@@ -516,6 +523,7 @@ class QtCalibrationTab(QWidget):
             on_done=self._on_calibrated,
             on_error=self._on_calibrate_error,
             on_progress=self.progress.update_progress,
+            on_started=self.progress.mark_started,
         )
 
     def cancel(self) -> None:
@@ -528,12 +536,22 @@ class QtCalibrationTab(QWidget):
         return self._task is not None
 
     def _on_calibrated(self, payload) -> None:
-        result, entries, state = payload
+        result, entries, state, in_force = payload
         self._task = None
-        self.calibrate_button.setEnabled(True)
+        self.in_force = in_force
+        # A cancelled re-calibration is rolled back by the core: the earlier statistics are in force.
+        self.restored = bool(result.cancelled and state == "calibrated" and in_force is not None and in_force is not result)
+        self._host.refresh_calibrate_enabled()
         self.show_entries(entries)
         secs = getattr(result, "seconds", 0.0) or 0.0
-        if result.cancelled:
+        if self.restored:
+            text = (
+                f"Cancelled after {result.images_done}/{result.total_images} images; the earlier calibration "
+                f"({in_force.images_done}/{in_force.total_images} images) is restored, unchanged."
+            )
+            self.progress.end(f"cancelled at {result.images_done}/{result.total_images} · earlier calibration kept")
+            self.message.show_message(text, "info")
+        elif result.cancelled:
             # Say what the core actually kept rather than what we hope it kept.
             kept = (
                 "the statistics of the completed images are kept."
@@ -550,7 +568,7 @@ class QtCalibrationTab(QWidget):
 
     def _on_calibrate_error(self, exc: BaseException) -> None:
         self._task = None
-        self.calibrate_button.setEnabled(True)
+        self._host.refresh_calibrate_enabled()
         self.progress.end("failed")
         self._on_error(exc)
 

@@ -126,6 +126,13 @@ class QtTaskProgress(QWidget):
         self.bar.setFormat(text)
         self.cancel_button.setEnabled(True)
 
+    def mark_started(self) -> None:
+        """The worker has started the task: measure the rate from now, not from begin().
+
+        A task queued behind another (a Calibrate behind a run being cancelled) would otherwise
+        count the wait as work and show an ETA of hours."""
+        self._t0 = time.monotonic()
+
     def update_progress(self, done: int, total: int, message: str = "") -> None:
         """Show done/total, the rate-based ETA and the core's message."""
         total = max(int(total), 0)

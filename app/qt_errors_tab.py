@@ -301,6 +301,15 @@ class QtDivergenceBanner(QFrame):
         self.busy = False
         self.locate_button.setText("Locate divergence")
 
+    def set_waiting(self, text: str) -> None:
+        """Say what the banner waits for (an evaluation runs; the locator follows it)."""
+        self.result = None
+        self.located = None
+        self.text_label.setText(f"First divergence: {text}")
+        self.text_label.setToolTip("")
+        self.show_button.setEnabled(False)
+        self._set_look("idle")
+
     def set_error(self, text: str) -> None:
         """Say why the locator failed."""
         self.result = None
@@ -642,7 +651,9 @@ class QtErrorsTab(QWidget):
         if self.result is not None:
             self.previous_end_to_end = self.result.end_to_end
         self.evaluate_button.setEnabled(False)
-        self.progress.begin(0, "modules", "evaluating…")
+        # The core reports evaluated images (one float and one quantized pass each), not modules.
+        self.progress.begin(0, "images", "evaluating…")
+        self.banner.set_waiting("waits for the evaluation, then locates itself…")
         self.message.show_message(
             "Evaluating" + (f" with {len(keep)} module(s) kept in float" if keep else "") + "…"
         )
@@ -673,7 +684,7 @@ class QtErrorsTab(QWidget):
         self._eval_task = None
         self.evaluate_button.setEnabled(True)
         self.evaluate_button.setText("Re-evaluate")
-        self.progress.end("evaluated")
+        self.progress.end(f"evaluated on {len(getattr(result, 'images', []) or [])} images")
         self.set_result(result)
         # Queued before the signal, so whoever waits for the runner to go idle sees them too.
         self._start_diagnostics()
@@ -683,6 +694,7 @@ class QtErrorsTab(QWidget):
         self._eval_task = None
         self.evaluate_button.setEnabled(True)
         self.progress.end("failed")
+        self.banner.clear()  # nothing is being located any more: "evaluate to locate it" is true again
         self.message.show_message(error_text(exc), "error")
 
     def clear(self) -> None:

@@ -204,13 +204,12 @@ class QtMainWindow(QMainWindow):
         self.session = None
         self._deferred: list[Callable[[], None]] = []
         self._applied: dict[str, Any] = {}
-        self._current_task = ""
         # Per-module overrides that came from an A/B comparison ("Apply merged config"); the
         # panel cannot show them, so they are kept here and added to every config it builds.
         self.extra_overrides: dict[str, Any] = {}
         self.runner = SessionRunner(self)
         self.runner.sigBusyChanged.connect(self._on_busy_changed)
-        self.runner.sigTaskStarted.connect(self._on_task_started)
+        self.runner.sigQueueChanged.connect(self.refresh_status)
 
         # tabs
         self.calibration_tab = QtCalibrationTab(self)
@@ -326,7 +325,12 @@ class QtMainWindow(QMainWindow):
             f"images: {len(statuses)} ({statuses.count('rejected')} rejected)" if statuses else "images: 0"
         )
         state = getattr(s, "state", "loading") if s is not None else "loading"
-        mode = f"{self._current_task}…" if self._current_task else state
+        # The task the worker runs now, not the one submitted last; what waits is named apart.
+        running = self.runner.running()
+        queued = self.runner.queued()
+        mode = f"{running}…" if running else state
+        if queued:
+            mode += f" (queued: {', '.join(queued)})"
         self.status_mode.setText(f"mode: {mode}")
         summary = self.model_panel.summary
         summary["state"].setText(mode)
@@ -338,13 +342,7 @@ class QtMainWindow(QMainWindow):
         """Put a failure in the status bar; the tabs show it in place as well."""
         self.statusBar().showMessage(error_text(exc), 15000)
 
-    def _on_busy_changed(self, busy: bool) -> None:
-        if not busy:
-            self._current_task = ""
-        self.refresh_status()
-
-    def _on_task_started(self, name: str) -> None:
-        self._current_task = name
+    def _on_busy_changed(self, _busy: bool) -> None:
         self.refresh_status()
 
     # -- settings persistence -----------------------------------------------------------
@@ -496,11 +494,13 @@ class QtMainWindow(QMainWindow):
         if keep_message:
             current = self.model_panel.settings()
             self.model_panel.apply_button.setEnabled(bool(self._applied) and current != self._applied or self.session is None)
+            self.refresh_calibrate_enabled()
             return
         self.model_panel.dirty_label.setStyleSheet("color: #b26a00;")
         current = self.model_panel.settings()
         dirty = bool(self._applied) and current != self._applied
         self.model_panel.apply_button.setEnabled(dirty or (self.session is None and not self.runner.busy))
+        self.refresh_calibrate_enabled()
         calibrated = getattr(self.session, "state", "") == "calibrated"
         if dirty and calibrated:
             self.model_panel.dirty_label.setText("Applying re-prepares the model and drops the calibration statistics.")
@@ -508,6 +508,24 @@ class QtMainWindow(QMainWindow):
             self.model_panel.dirty_label.setText("Settings changed; press Apply.")
         else:
             self.model_panel.dirty_label.setText("")
+
+    def settings_pending(self) -> bool:
+        """Whether the panel shows settings that are not applied to the session yet."""
+        return bool(self._applied) and self.model_panel.settings() != self._applied
+
+    def refresh_calibrate_enabled(self) -> None:
+        """Calibrate only when it would calibrate what the panel shows, and is not running already."""
+        button = self.calibration_tab.calibrate_button
+        if self.calibration_tab.running:
+            button.setEnabled(False)
+            return
+        pending = self.settings_pending()
+        button.setEnabled(self.session is not None and not pending)
+        button.setToolTip(
+            "Apply the changed settings first: Calibrate would calibrate the model as it was"
+            if pending
+            else "Calibrate on the usable images"
+        )
 
     def apply_settings(self) -> None:
         """Apply the panel: reload the model if it changed, else re-prepare with the new config."""
@@ -573,6 +591,12 @@ class QtMainWindow(QMainWindow):
 
     @Slot(object)
     def _on_calibrated(self, result) -> None:
+        if result.cancelled and self.calibration_tab.restored:
+            # The core put the earlier statistics back: the summary, ranges and errors shown
+            # still describe them, so nothing is redrawn or re-evaluated.
+            self.statusBar().showMessage("Calibration cancelled; the earlier calibration is restored.", 8000)
+            self.refresh_status()
+            return
         secs = float(getattr(result, "seconds", 0.0) or 0.0)
         tail = " (cancelled)" if result.cancelled else ""
         self.model_panel.summary["calibration"].setText(

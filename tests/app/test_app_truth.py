@@ -1,0 +1,134 @@
+"""The window always tells the truth (issue 13, item 4): what it says matches what the core did.
+
+Driven as a user drives it (pytest-qt, offscreen, the real core on the tiny model at 70 soft tokens).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QPushButton
+
+import app.qt_common
+from app.qt_common import QtTaskProgress
+from app.qt_main_window import QtMainWindow
+from core.session import Session
+
+LONG = 180_000  # ms; calibration, evaluation and the locator share 2 busy cores in CI
+
+
+def _wait_idle(qtbot, window, timeout=LONG):
+    qtbot.waitUntil(lambda: window.session is not None and not window.runner.busy, timeout=timeout)
+
+
+class _SlowSession(Session):
+    """The real Session, with a pause per image so Cancel and the progress text can be caught mid-run."""
+
+    def _batches(self, entries, batch_size=1):
+        for batch in super()._batches(entries, batch_size):
+            time.sleep(0.3)
+            yield batch
+
+
+@pytest.fixture
+def make_window(qtbot, qsettings):
+    """A main window on the tiny model at 70 soft tokens, shown at 1280x800."""
+
+    def make(images=(), slow=False) -> QtMainWindow:
+        factory = (lambda spec, cfg, mst: _SlowSession(spec, cfg, mst)) if slow else None
+        window = QtMainWindow(
+            model_spec="tiny", images=list(images), max_soft_tokens=70, settings=qsettings, session_factory=factory
+        )
+        qtbot.addWidget(window)
+        window.resize(1280, 800)
+        window.show()
+        _wait_idle(qtbot, window)
+        return window
+
+    return make
+
+
+def _calibrate(qtbot, window) -> None:
+    with qtbot.waitSignal(window.errors_tab.sigEvaluated, timeout=LONG):
+        qtbot.mouseClick(window.findChild(QPushButton, "calibrateButton"), Qt.LeftButton)
+    _wait_idle(qtbot, window)
+
+
+def test_cancelled_recalibration_says_the_earlier_one_is_restored(make_window, sample_images, qtbot):
+    window = make_window(sample_images[:3], slow=True)
+    _calibrate(qtbot, window)
+    summary = window.model_panel.summary["calibration"].text()
+    assert summary.startswith("3/3 images")
+    evaluated = window.errors_tab.result
+    tab = window.calibration_tab
+    qtbot.mouseClick(tab.calibrate_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: tab.progress.bar.value() >= 1, timeout=LONG)
+    with qtbot.waitSignal(tab.sigCalibrated, timeout=LONG) as blocker:
+        qtbot.mouseClick(tab.cancel_button, Qt.LeftButton)
+    assert blocker.args[0].cancelled
+    text = tab.message.text()
+    assert "earlier calibration (3/3 images) is restored" in text and "completed images are kept" not in text
+    # The summary still names the earlier calibration, and nothing is re-run on unchanged statistics.
+    assert window.model_panel.summary["calibration"].text() == summary
+    assert not window.runner.busy
+    assert window.errors_tab.result is evaluated
+    assert window.session.state == "calibrated" and tab.calibrate_button.isEnabled()
+
+
+def test_eta_counts_from_when_the_task_started(qtbot, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(app.qt_common.time, "monotonic", lambda: clock[0])
+    progress = QtTaskProgress()
+    qtbot.addWidget(progress)
+    progress.begin(25, "images", "calibrating…")
+    clock[0] += 600  # queued behind a run being cancelled
+    progress.mark_started()
+    clock[0] += 2
+    progress.update_progress(1, 25)
+    assert progress.bar.format().startswith("1/25 images · ETA 0:48")
+
+
+def test_state_names_the_running_task_and_what_is_queued(make_window, qtbot):
+    window = make_window()
+    gate = threading.Event()
+    window.submit("first job", lambda: gate.wait(60), takes_progress=False)
+    window.submit("second job", lambda: None, takes_progress=False)
+    state = window.model_panel.summary["state"]
+    try:
+        qtbot.waitUntil(lambda: state.text().startswith("first job…"), timeout=10_000)
+        assert "queued: second job" in state.text()
+        assert window.status_mode.text() == f"mode: {state.text()}"
+    finally:
+        gate.set()
+    _wait_idle(qtbot, window)
+    assert state.text() == window.session.state
+
+
+def test_evaluation_progress_counts_images_and_the_banner_waits(make_window, sample_images, qtbot):
+    window = make_window(sample_images[:3], slow=True)
+    tab = window.errors_tab
+    with qtbot.waitSignal(window.calibration_tab.sigCalibrated, timeout=LONG):
+        qtbot.mouseClick(window.calibration_tab.calibrate_button, Qt.LeftButton)
+    # The window has queued the evaluation; the locator follows it.
+    assert "evaluate to locate" not in tab.banner.text_label.text()
+    assert "waits for the evaluation" in tab.banner.text_label.text()
+    qtbot.waitUntil(lambda: "/3 " in tab.progress.bar.format(), timeout=LONG)
+    assert "/3 images" in tab.progress.bar.format()
+    _wait_idle(qtbot, window)
+    assert tab.progress.bar.format() == "evaluated on 3 images"
+
+
+def test_calibrate_waits_for_changed_settings_to_be_applied(make_window, sample_images, qtbot):
+    window = make_window(sample_images[:1])
+    button = window.calibration_tab.calibrate_button
+    assert button.isEnabled()
+    panel = window.model_panel
+    panel.activation_combo.setCurrentIndex(panel.activation_combo.findText("int16"))
+    assert not button.isEnabled()
+    assert "Apply the changed settings first" in button.toolTip()
+    qtbot.mouseClick(panel.apply_button, Qt.LeftButton)
+    _wait_idle(qtbot, window)
+    assert button.isEnabled() and window.session.config.activation.dtype == "int16"
