@@ -259,8 +259,8 @@ class QtMainWindow(QMainWindow):
         self._restore_window()
         self._ready = True
 
-        default_export = Path(self.last_folder("export")) / f"gemma4_vision_{model_spec if model_spec in SPECS else 'model'}.circle"
-        self.export_tab.path_edit.setText(str(default_export))
+        self._auto_export_path = self.default_export_path(model_spec)
+        self.export_tab.path_edit.setText(self._auto_export_path)
         self._load_session(self.model_panel.settings(), images=list(images or []))
 
     # -- menu and status ----------------------------------------------------------------
@@ -351,6 +351,28 @@ class QtMainWindow(QMainWindow):
         home = QStandardPaths.writableLocation(QStandardPaths.HomeLocation) or str(Path.home())
         value = self.settings.value(f"folders/{key}", home)
         return str(value) if value and Path(str(value)).is_dir() else home
+
+    def default_export_path(self, model_spec: str) -> str:
+        """Where an export goes unless the user chose: named for the model, in the folder of the
+        last export, else Documents, else the folder the app was started from (home last)."""
+        name = model_spec if model_spec in SPECS else (Path(model_spec).name or "model")
+        folder = self.settings.value("folders/export")
+        if not (folder and Path(str(folder)).is_dir()):
+            documents = QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation)
+            cwd = Path.cwd()
+            if documents and Path(documents).is_dir():
+                folder = documents
+            elif os.access(cwd, os.W_OK) and cwd != Path(cwd.anchor):
+                folder = str(cwd)
+            else:
+                folder = self.last_folder("export")
+        return str(Path(str(folder)) / f"gemma4_vision_{name}.circle")
+
+    def _follow_model_in_export_path(self, model_spec: str) -> None:
+        # Only a path the window chose itself follows the model; one the user typed stays.
+        if self.export_tab.path_edit.text() == self._auto_export_path:
+            self._auto_export_path = self.default_export_path(model_spec)
+            self.export_tab.path_edit.setText(self._auto_export_path)
 
     def remember_folder(self, key: str, folder: str) -> None:
         """Remember the folder of a dialog for next time."""
@@ -446,12 +468,14 @@ class QtMainWindow(QMainWindow):
         self._applied = dict(settings)
         self._reset_summary()
         self._show_model_info()
+        self._follow_model_in_export_path(str(getattr(session, "model_spec", settings["model_spec"])))
         self.calibration_tab.show_entries(entries)
         self.ranges_tab.clear()
         self.errors_tab.clear()
         self._on_config_changed()
         if getattr(session, "state", "") == "calibrated":
             self.ranges_tab.refresh()
+            self._show_calibration(getattr(session, "calibration", None))
         self._on_settings_edited()
         self.refresh_status()
         deferred, self._deferred = self._deferred, []
@@ -461,6 +485,19 @@ class QtMainWindow(QMainWindow):
     def _reset_summary(self) -> None:
         for key in ("calibration", "end_to_end", "export"):
             self.model_panel.summary[key].setText("—")
+        self.export_tab.set_calibration(None)
+
+    def _show_calibration(self, calibration) -> None:
+        """The summary line and the Export tab for the calibration now in force."""
+        if calibration is None:
+            text = "a loaded session"
+        else:
+            secs = float(getattr(calibration, "seconds", 0.0) or 0.0)
+            tail = " (cancelled)" if calibration.cancelled else ""
+            text = f"{calibration.images_done}/{calibration.total_images} images in {secs:.1f} s{tail}"
+            self.model_panel.summary["calibration"].setText(text)
+        used = [p for p, status in self.calibration_tab.entries_by_status().items() if status == "used"]
+        self.export_tab.set_calibration(text, used)
 
     def _on_session_failed(self, exc: BaseException) -> None:
         text = error_text(exc)
@@ -597,17 +634,17 @@ class QtMainWindow(QMainWindow):
             self.statusBar().showMessage("Calibration cancelled; the earlier calibration is restored.", 8000)
             self.refresh_status()
             return
-        secs = float(getattr(result, "seconds", 0.0) or 0.0)
-        tail = " (cancelled)" if result.cancelled else ""
-        self.model_panel.summary["calibration"].setText(
-            f"{result.images_done}/{result.total_images} images in {secs:.1f} s{tail}"
-        )
         self.refresh_status()
         # The worker has finished, so reading the state here races with nothing.
         if getattr(self.session, "state", "") == "calibrated":
+            self._show_calibration(result)
             self.ranges_tab.refresh()
             self.errors_tab.evaluate()
             self.ab_tab.clear()  # A's statistics changed: the comparison no longer holds
+        else:
+            self.model_panel.summary["calibration"].setText(
+                f"none ({result.images_done}/{result.total_images} images, cancelled)"
+            )
 
     def after_recalibration(self, result, entries: list) -> None:
         """Show a recalibration started outside the Calibration tab (exclude / include an image)."""

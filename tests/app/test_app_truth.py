@@ -132,3 +132,64 @@ def test_calibrate_waits_for_changed_settings_to_be_applied(make_window, sample_
     qtbot.mouseClick(panel.apply_button, Qt.LeftButton)
     _wait_idle(qtbot, window)
     assert button.isEnabled() and window.session.config.activation.dtype == "int16"
+
+
+def test_export_tab_after_calibration_and_its_layout_choice(make_window, sample_images, qtbot, monkeypatch):
+    from pathlib import Path
+
+    from core.errors import ExportError
+    from core.grid import patch_layout
+
+    window = make_window(sample_images[:2])
+    tab = window.export_tab
+    assert tab.message.text().startswith("Calibrate first")
+    home = Path.home()
+    assert Path(tab.path_edit.text()).parent != home and Path(tab.path_edit.text()).name == "gemma4_vision_tiny.circle"
+    _calibrate(qtbot, window)
+    assert not tab.message.text().startswith("Calibrate first") and "Ready to export" in tab.message.text()
+    # The file is built for one calibration image's patch grid, the first by default; the tab says which.
+    assert [tab.layout_combo.itemData(i) for i in range(tab.layout_combo.count())] == [str(p) for p in sample_images[:2]]
+    session = window.session
+
+    def grid(path):
+        return patch_layout(session.qmodel, session.preprocessor([path])["pixel_position_ids"]).grid
+
+    rows, cols = grid(sample_images[0])
+    assert tab.layout_label.text() == f"the file is fixed to {rows}×{cols} patches of {sample_images[0].name}"
+    tab.layout_combo.setCurrentIndex(1)
+    _wait_idle(qtbot, window)
+    rows, cols = grid(sample_images[1])
+    assert tab.layout_label.text() == f"the file is fixed to {rows}×{cols} patches of {sample_images[1].name}"
+    asked = {}
+
+    def fake_export(out, image=None, **_kw):
+        asked["image"] = image
+        raise ExportError("stopped by the test", out)
+
+    monkeypatch.setattr(session, "export", fake_export)
+    qtbot.mouseClick(tab.export_button, Qt.LeftButton)
+    _wait_idle(qtbot, window)
+    assert asked["image"] == str(sample_images[1])
+
+
+def test_default_export_path_follows_the_model(make_window, sample_images, qtbot):
+    def factory(spec, cfg, mst):
+        # A tiny model standing in for e2b: the test is about the file name, not the model's size.
+        session = Session("tiny", cfg, mst)
+        session.model_spec = spec
+        return session
+
+    window = make_window()
+    window._session_factory = factory
+    assert window.export_tab.path_edit.text().endswith("gemma4_vision_tiny.circle")
+    panel = window.model_panel
+    panel.model_combo.setCurrentIndex(panel.model_combo.findData("e2b"))
+    qtbot.mouseClick(panel.apply_button, Qt.LeftButton)
+    _wait_idle(qtbot, window)
+    assert window.export_tab.path_edit.text().endswith("gemma4_vision_e2b.circle")
+    # A path the user typed is theirs: it does not follow the model.
+    window.export_tab.path_edit.setText("/tmp/mine.circle")
+    panel.model_combo.setCurrentIndex(panel.model_combo.findData("tiny"))
+    qtbot.mouseClick(panel.apply_button, Qt.LeftButton)
+    _wait_idle(qtbot, window)
+    assert window.export_tab.path_edit.text() == "/tmp/mine.circle"
