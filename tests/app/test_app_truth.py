@@ -193,3 +193,59 @@ def test_default_export_path_follows_the_model(make_window, sample_images, qtbot
     qtbot.mouseClick(panel.apply_button, Qt.LeftButton)
     _wait_idle(qtbot, window)
     assert window.export_tab.path_edit.text() == "/tmp/mine.circle"
+
+
+def test_ranges_summary_names_the_widest_range_and_log_mode_draws_both_ends(make_window, sample_images, qtbot):
+    import numpy as np
+
+    from app.qt_common import scalar
+
+    window = make_window(sample_images[:2])
+    window.resize(1400, 900)
+    _calibrate(qtbot, window)
+    tab = window.ranges_tab
+    records = window.session.observer_table()
+    n_out = sum(r.outlier for r in records)
+    mags = [max(abs(scalar(r.min, "min")), abs(scalar(r.max, "max"))) for r in records]
+    widest = records[int(np.nanargmax(mags))]
+    text = tab.summary.text()
+    assert f"{n_out} with outlier values" in text and f"widest: #{int(np.nanargmax(mags))} {widest.name}" in text
+    assert f"{n_out} outliers" not in text
+    # Log mode: |min| is drawn as measured, not as a flat line at the floor.
+    tab.log_radio.click()
+    mins = np.abs([scalar(r.min, "min") for r in records])
+    shown = np.asarray(tab._min_curve.yData, dtype=float)
+    keep = mins > 0
+    np.testing.assert_allclose(shown[keep], mins[keep])
+    assert np.unique(shown[np.isfinite(shown)]).size > 1
+
+
+@pytest.fixture
+def ranges_at_1400(make_window, sample_images, qtbot):
+    window = make_window(sample_images[:2])
+    window.resize(1400, 900)
+    _calibrate(qtbot, window)
+    window.tabs.setCurrentWidget(window.ranges_tab)
+    qtbot.waitUntil(lambda: window.ranges_tab.table.isVisible())
+    return window
+
+
+def test_ranges_table_shows_min_and_max_at_1400(ranges_at_1400):
+    table = ranges_at_1400.ranges_tab.table
+    for column in (6, 7):  # Min, Max
+        x = table.columnViewportPosition(column)
+        assert 0 <= x and x + table.columnWidth(column) <= table.viewport().width(), column
+
+
+def test_ranges_panes_keep_their_width_when_a_row_is_selected(ranges_at_1400, qtbot):
+    window = ranges_at_1400
+    tab = window.ranges_tab
+    table = tab.table
+    lower = tab.table_tabs.parentWidget()
+    before = lower.sizes()
+    for row in (3, 40):
+        index = table.model().index(row, 1)
+        table.scrollTo(index)
+        qtbot.mouseClick(table.viewport(), Qt.LeftButton, pos=table.visualRect(index).center())
+        _wait_idle(qtbot, window)
+        assert lower.sizes() == before
