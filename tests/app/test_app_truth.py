@@ -249,3 +249,28 @@ def test_ranges_panes_keep_their_width_when_a_row_is_selected(ranges_at_1400, qt
         qtbot.mouseClick(table.viewport(), Qt.LeftButton, pos=table.visualRect(index).center())
         _wait_idle(qtbot, window)
         assert lower.sizes() == before
+
+
+def test_heatmap_fills_its_view_when_the_errors_tab_is_first_opened(make_window, sample_images, qtbot):
+    window = make_window(sample_images[:2])
+    assert window.tabs.currentWidget() is window.calibration_tab
+    _calibrate(qtbot, window)  # the maps arrive while the Errors tab is hidden
+    heatmap = window.errors_tab.heatmap
+    qtbot.waitUntil(lambda: heatmap.heatmap is not None, timeout=LONG)
+    window.tabs.setCurrentWidget(window.errors_tab)
+    window.errors_tab.detail_tabs.setCurrentWidget(heatmap)
+    qtbot.waitUntil(lambda: heatmap.view.isVisible())
+    h, w = heatmap.photo_item.image.shape[:2]
+
+    def fitted() -> bool:
+        (x0, x1), (y0, y1) = heatmap.vb.viewRange()
+        contains = x0 <= 0 and x1 >= w and y0 <= 0 and y1 >= h
+        # Aspect locked: one side is tight, the other may have room. A speck has room on both.
+        return contains and min((x1 - x0) / w, (y1 - y0) / h) < 1.2
+
+    qtbot.waitUntil(fitted, timeout=5_000)
+    # After the user zooms in, Fit brings the whole image back.
+    heatmap.vb.scaleBy((0.2, 0.2))
+    assert not fitted()
+    qtbot.mouseClick(heatmap.fit_button, Qt.LeftButton)
+    qtbot.waitUntil(fitted, timeout=5_000)
