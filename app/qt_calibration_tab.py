@@ -43,7 +43,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text
+from app.qt_common import QtMessageLine, QtTaskProgress, error_text, plural
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -357,12 +357,13 @@ class QtCalibrationTab(QWidget):
         if list(existing) != wanted:
             self.model.clear()
             existing = {}
+        names = [Path(str(e.path)).name for e in entries]
         for entry in entries:
             key = str(entry.path)
             if key in existing:
                 item = self.model.item(existing[key])
             else:
-                item = QStandardItem(Path(key).name)
+                item = QStandardItem(self._caption(Path(key), names))
                 item.setData(key, PATH_ROLE)
                 item.setEditable(False)
                 self.model.appendRow(item)
@@ -375,6 +376,13 @@ class QtCalibrationTab(QWidget):
         current = self.grid.currentIndex()
         self._show_preview(self.model.itemFromIndex(current) if current.isValid() else None)
         self._update_counts()
+
+    @staticmethod
+    def _caption(path: Path, names: list[str]) -> str:
+        # Two files of the same name from different folders must not look the same in the grid.
+        if names.count(path.name) > 1:
+            return f"{path.parent.name}/{path.name}"
+        return path.name
 
     def entries_by_status(self) -> dict[str, str]:
         """Map path -> status as shown (for tests and the status bar)."""
@@ -487,7 +495,7 @@ class QtCalibrationTab(QWidget):
         n_bad = statuses.count("rejected")
         n_excluded = statuses.count("excluded")
         self.count_label.setText(
-            f"{len(statuses)} images · {n_ok} usable · {n_used} used · {n_bad} rejected"
+            f"{plural(len(statuses), 'image')} · {n_ok} usable · {n_used} used · {n_bad} rejected"
             + (f" · {n_excluded} excluded" if n_excluded else "")
         )
         self._host.refresh_status()
@@ -562,8 +570,8 @@ class QtCalibrationTab(QWidget):
             self.progress.end(f"cancelled at {result.images_done}/{result.total_images}")
             self.message.show_message(text, "error" if not result.images_done else "info")
         else:
-            self.progress.end(f"done: {result.images_done} images in {secs:.1f} s")
-            self.message.show_message(f"Calibrated on {result.images_done} image(s) in {secs:.1f} s.", "ok")
+            self.progress.end(f"done: {plural(result.images_done, 'image')} in {secs:.1f} s")
+            self.message.show_message(f"Calibrated on {plural(result.images_done, 'image')} in {secs:.1f} s.", "ok")
         self.sigCalibrated.emit(result)
 
     def _on_calibrate_error(self, exc: BaseException) -> None:

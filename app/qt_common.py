@@ -56,6 +56,11 @@ def scalar(value, reduce: str = "max") -> float:
     return float(arr.min() if reduce == "min" else arr.max())
 
 
+def plural(n: int, word: str) -> str:
+    """'1 image', '3 images'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def fmt_bytes(n: int) -> str:
     """Human file size."""
     size = float(n)

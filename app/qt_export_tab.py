@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPushButton,
+    QSizePolicy,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
@@ -125,12 +126,14 @@ class QtExportTab(QWidget):
 
         path_row = QHBoxLayout()
         path_row.addWidget(QLabel("Output:"))
-        path_row.addWidget(self.path_edit, 1)
+        path_row.addWidget(self.path_edit, 2)
         path_row.addWidget(self.browse_button)
-        layout_row = QHBoxLayout()
-        layout_row.addWidget(QLabel("Input layout of:"))
-        layout_row.addWidget(self.layout_combo)
-        layout_row.addWidget(self.layout_label, 1)
+        # On the path's row: a row of its own would push the window past a 768 px screen.
+        path_row.addWidget(QLabel("Input layout of:"))
+        path_row.addWidget(self.layout_combo)
+        path_row.addWidget(self.layout_label, 1)
+        self.layout_label.setWordWrap(True)
+        self.layout_label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         action_row = QHBoxLayout()
         action_row.addWidget(self.export_button)
         action_row.addWidget(self.progress, 1)
@@ -152,7 +155,6 @@ class QtExportTab(QWidget):
 
         layout = QVBoxLayout(self)
         layout.addLayout(path_row)
-        layout.addLayout(layout_row)
         layout.addLayout(action_row)
         layout.addWidget(self.message)
         layout.addWidget(self.body_splitter, 1)

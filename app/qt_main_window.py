@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import psutil
-from PySide6.QtCore import QSettings, QStandardPaths, Qt, QTimer, Slot
+from PySide6.QtCore import QSettings, QSize, QStandardPaths, Qt, QTimer, Slot
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
+    QApplication,
     QComboBox,
     QDockWidget,
     QFileDialog,
@@ -82,6 +83,12 @@ class QtModelPanel(QWidget):
         self.model_combo.setObjectName("modelCombo")
         for title, spec in MODEL_CHOICES:
             self.model_combo.addItem(title, spec)
+            self.model_combo.setItemData(
+                self.model_combo.count() - 1,
+                "Weights drawn from a fixed seed, not trained: the shapes and cost are real, the accuracy is not. "
+                "Open a checkpoint folder for a trained model.",
+                Qt.ToolTipRole,
+            )
         self.open_checkpoint_button = QPushButton("Open checkpoint folder…")
         self.model_info = QLabel("loading…")
         self.model_info.setWordWrap(True)
@@ -384,10 +391,19 @@ class QtMainWindow(QMainWindow):
         if geometry is not None:
             self.restoreGeometry(geometry)
         else:
-            self.resize(1360, 860)
+            self.resize(self.default_size())
         if state is not None:
             self.restoreState(state)
         self.dock.setMinimumWidth(250)
+
+    def default_size(self) -> QSize:
+        """1360x860, or less: what the screen's free area holds (a 1280x800 or 1366x768 laptop)."""
+        screen = self.screen() or QApplication.primaryScreen()
+        if screen is None:
+            return QSize(1360, 860)
+        free = screen.availableGeometry()
+        # Leave room for the window frame and title bar, which the size does not include.
+        return QSize(min(1360, free.width() - 16), min(860, free.height() - 40))
 
     def _save_window(self) -> None:
         self.settings.setValue("window/geometry", self.saveGeometry())
@@ -523,6 +539,10 @@ class QtMainWindow(QMainWindow):
             parts.append(f"{info['layers']} layers")
         if info.get("hidden_size") is not None:
             parts.append(f"hidden {info['hidden_size']}")
+        spec = str(getattr(self.session, "model_spec", self.model_panel.model_spec()))
+        if spec in SPECS:
+            # Built-in weights are drawn from a seed, not trained: low SQNR here says nothing of the quantizer.
+            parts.append("random weights (seeded), not a trained model")
         self.model_panel.model_info.setText(" · ".join(parts))
 
     def _on_settings_edited(self, *_args, keep_message: bool = False) -> None:

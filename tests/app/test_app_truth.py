@@ -274,3 +274,33 @@ def test_heatmap_fills_its_view_when_the_errors_tab_is_first_opened(make_window,
     assert not fitted()
     qtbot.mouseClick(heatmap.fit_button, Qt.LeftButton)
     qtbot.waitUntil(fitted, timeout=5_000)
+
+
+def test_same_named_files_are_told_apart_and_counts_are_plural_right(make_window, sample_images, tmp_path, qtbot):
+    import shutil
+
+    from test_app_window import drop_paths
+
+    for folder, source in (("a", sample_images[0]), ("b", sample_images[1])):
+        (tmp_path / folder).mkdir()
+        shutil.copy(source, tmp_path / folder / "photo.jpg")
+    window = make_window([tmp_path / "a" / "photo.jpg"])
+    tab = window.calibration_tab
+    assert tab.count_label.text().startswith("1 image ·")
+    drop_paths(window.findChild(type(tab.drop_zone), "dropZone"), [tmp_path / "b" / "photo.jpg"])
+    _wait_idle(qtbot, window)
+    assert [tab.model.item(r).text() for r in range(tab.model.rowCount())] == ["a/photo.jpg", "b/photo.jpg"]
+    assert tab.count_label.text().startswith("2 images ·")
+
+
+def test_window_fits_the_screen_and_says_the_weights_are_random(make_window, qtbot):
+    window = make_window()
+    free = window.screen().availableGeometry()
+    size = window.default_size()
+    assert size.width() <= free.width() and size.height() <= free.height()
+    # The window can shrink onto a 1280x800 screen and a 1366x768 one with a 28 px panel.
+    least = window.minimumSizeHint()
+    assert least.width() <= 1280 and least.height() <= 740, least
+    assert "random weights" in window.model_panel.model_info.text()
+    combo = window.model_panel.model_combo
+    assert "not trained" in combo.itemData(combo.findData("tiny"), Qt.ToolTipRole)
