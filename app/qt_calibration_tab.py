@@ -43,7 +43,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text
+from app.qt_common import QtMessageLine, QtTaskProgress, error_text, plural
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -152,6 +152,8 @@ class QtCalibrationTab(QWidget):
         super().__init__()
         self._host = host
         self._task = None
+        self.restored = False  # the last run was cancelled and the earlier calibration put back
+        self.in_force = None  # the session's calibration in force after the last run
         self._thumbs: dict[str, QImage] = {}
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(1)  # torch owns the cores during calibration
@@ -355,12 +357,13 @@ class QtCalibrationTab(QWidget):
         if list(existing) != wanted:
             self.model.clear()
             existing = {}
+        names = [Path(str(e.path)).name for e in entries]
         for entry in entries:
             key = str(entry.path)
             if key in existing:
                 item = self.model.item(existing[key])
             else:
-                item = QStandardItem(Path(key).name)
+                item = QStandardItem(self._caption(Path(key), names))
                 item.setData(key, PATH_ROLE)
                 item.setEditable(False)
                 self.model.appendRow(item)
@@ -373,6 +376,13 @@ class QtCalibrationTab(QWidget):
         current = self.grid.currentIndex()
         self._show_preview(self.model.itemFromIndex(current) if current.isValid() else None)
         self._update_counts()
+
+    @staticmethod
+    def _caption(path: Path, names: list[str]) -> str:
+        # Two files of the same name from different folders must not look the same in the grid.
+        if names.count(path.name) > 1:
+            return f"{path.parent.name}/{path.name}"
+        return path.name
 
     def entries_by_status(self) -> dict[str, str]:
         """Map path -> status as shown (for tests and the status bar)."""
@@ -485,7 +495,7 @@ class QtCalibrationTab(QWidget):
         n_bad = statuses.count("rejected")
         n_excluded = statuses.count("excluded")
         self.count_label.setText(
-            f"{len(statuses)} images · {n_ok} usable · {n_used} used · {n_bad} rejected"
+            f"{plural(len(statuses), 'image')} · {n_ok} usable · {n_used} used · {n_bad} rejected"
             + (f" · {n_excluded} excluded" if n_excluded else "")
         )
         self._host.refresh_status()
@@ -496,6 +506,9 @@ class QtCalibrationTab(QWidget):
         session = self._host.session
         if session is None:
             self.message.show_message("The model is still loading.", "error")
+            return
+        if self._host.settings_pending():
+            self.message.show_message("Apply the changed settings first (Apply settings in the panel).", "error")
             return
         statuses = list(self.entries_by_status().values())
         usable = sum(s in ("ok", "used") for s in statuses)
@@ -508,7 +521,9 @@ class QtCalibrationTab(QWidget):
 
         def work(progress, cancel):
             result = session.calibrate(progress=progress, cancel=cancel, batch_size=1)
-            return result, self._snapshot(session), getattr(session, "state", "")
+            # session.calibration is the calibration now in force: the earlier one when a
+            # cancelled re-run was rolled back, this run's otherwise.
+            return result, self._snapshot(session), getattr(session, "state", ""), getattr(session, "calibration", None)
 
         self._task = self._host.submit(
             "calibrate",
@@ -516,6 +531,7 @@ class QtCalibrationTab(QWidget):
             on_done=self._on_calibrated,
             on_error=self._on_calibrate_error,
             on_progress=self.progress.update_progress,
+            on_started=self.progress.mark_started,
         )
 
     def cancel(self) -> None:
@@ -528,12 +544,22 @@ class QtCalibrationTab(QWidget):
         return self._task is not None
 
     def _on_calibrated(self, payload) -> None:
-        result, entries, state = payload
+        result, entries, state, in_force = payload
         self._task = None
-        self.calibrate_button.setEnabled(True)
+        self.in_force = in_force
+        # A cancelled re-calibration is rolled back by the core: the earlier statistics are in force.
+        self.restored = bool(result.cancelled and state == "calibrated" and in_force is not None and in_force is not result)
+        self._host.refresh_calibrate_enabled()
         self.show_entries(entries)
         secs = getattr(result, "seconds", 0.0) or 0.0
-        if result.cancelled:
+        if self.restored:
+            text = (
+                f"Cancelled after {result.images_done}/{result.total_images} images; the earlier calibration "
+                f"({in_force.images_done}/{in_force.total_images} images) is restored, unchanged."
+            )
+            self.progress.end(f"cancelled at {result.images_done}/{result.total_images} · earlier calibration kept")
+            self.message.show_message(text, "info")
+        elif result.cancelled:
             # Say what the core actually kept rather than what we hope it kept.
             kept = (
                 "the statistics of the completed images are kept."
@@ -544,13 +570,13 @@ class QtCalibrationTab(QWidget):
             self.progress.end(f"cancelled at {result.images_done}/{result.total_images}")
             self.message.show_message(text, "error" if not result.images_done else "info")
         else:
-            self.progress.end(f"done: {result.images_done} images in {secs:.1f} s")
-            self.message.show_message(f"Calibrated on {result.images_done} image(s) in {secs:.1f} s.", "ok")
+            self.progress.end(f"done: {plural(result.images_done, 'image')} in {secs:.1f} s")
+            self.message.show_message(f"Calibrated on {plural(result.images_done, 'image')} in {secs:.1f} s.", "ok")
         self.sigCalibrated.emit(result)
 
     def _on_calibrate_error(self, exc: BaseException) -> None:
         self._task = None
-        self.calibrate_button.setEnabled(True)
+        self._host.refresh_calibrate_enabled()
         self.progress.end("failed")
         self._on_error(exc)
 

@@ -56,6 +56,11 @@ def scalar(value, reduce: str = "max") -> float:
     return float(arr.min() if reduce == "min" else arr.max())
 
 
+def plural(n: int, word: str) -> str:
+    """'1 image', '3 images'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def fmt_bytes(n: int) -> str:
     """Human file size."""
     size = float(n)
@@ -125,6 +130,13 @@ class QtTaskProgress(QWidget):
         self.bar.setValue(0)
         self.bar.setFormat(text)
         self.cancel_button.setEnabled(True)
+
+    def mark_started(self) -> None:
+        """The worker has started the task: measure the rate from now, not from begin().
+
+        A task queued behind another (a Calibrate behind a run being cancelled) would otherwise
+        count the wait as work and show an ETA of hours."""
+        self._t0 = time.monotonic()
 
     def update_progress(self, done: int, total: int, message: str = "") -> None:
         """Show done/total, the rate-based ETA and the core's message."""

@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QSizePolicy,
     QSplitter,
     QTabWidget,
     QTableWidget,
@@ -34,7 +35,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float
+from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, plural
 from app.qt_heatmap import QtPatchHeatmap
 
 if TYPE_CHECKING:
@@ -300,6 +301,15 @@ class QtDivergenceBanner(QFrame):
         """The locator finished (well or not)."""
         self.busy = False
         self.locate_button.setText("Locate divergence")
+
+    def set_waiting(self, text: str) -> None:
+        """Say what the banner waits for (an evaluation runs; the locator follows it)."""
+        self.result = None
+        self.located = None
+        self.text_label.setText(f"First divergence: {text}")
+        self.text_label.setToolTip("")
+        self.show_button.setEnabled(False)
+        self._set_look("idle")
 
     def set_error(self, text: str) -> None:
         """Say why the locator failed."""
@@ -571,6 +581,10 @@ class QtErrorsTab(QWidget):
             "local: the unit quantized alone on the float model's input (the error it adds itself)"
         )
         div_title.setMinimumHeight(self.metric_combo.sizeHint().height())
+        # Long one-line texts wrap instead of setting the window's minimum width (1280 px screens).
+        for label in (div_title, self.end_to_end_label):
+            label.setWordWrap(True)
+            label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         dl.addWidget(div_title)
         dl.addWidget(self.divergence_plot, 1)
 
@@ -642,7 +656,9 @@ class QtErrorsTab(QWidget):
         if self.result is not None:
             self.previous_end_to_end = self.result.end_to_end
         self.evaluate_button.setEnabled(False)
-        self.progress.begin(0, "modules", "evaluating…")
+        # The core reports evaluated images (one float and one quantized pass each), not modules.
+        self.progress.begin(0, "images", "evaluating…")
+        self.banner.set_waiting("waits for the evaluation, then locates itself…")
         self.message.show_message(
             "Evaluating" + (f" with {len(keep)} module(s) kept in float" if keep else "") + "…"
         )
@@ -673,7 +689,7 @@ class QtErrorsTab(QWidget):
         self._eval_task = None
         self.evaluate_button.setEnabled(True)
         self.evaluate_button.setText("Re-evaluate")
-        self.progress.end("evaluated")
+        self.progress.end(f"evaluated on {plural(len(getattr(result, 'images', []) or []), 'image')}")
         self.set_result(result)
         # Queued before the signal, so whoever waits for the runner to go idle sees them too.
         self._start_diagnostics()
@@ -683,6 +699,7 @@ class QtErrorsTab(QWidget):
         self._eval_task = None
         self.evaluate_button.setEnabled(True)
         self.progress.end("failed")
+        self.banner.clear()  # nothing is being located any more: "evaluate to locate it" is true again
         self.message.show_message(error_text(exc), "error")
 
     def clear(self) -> None:
@@ -720,7 +737,7 @@ class QtErrorsTab(QWidget):
         self._apply_widths()
         self._update_chart()
         e2e = result.end_to_end
-        text = f"End-to-end: SQNR {e2e.sqnr_db:.2f} dB · PEIR {fmt_float(e2e.peir)}"
+        text = f"End-to-end: SQNR {e2e.sqnr_db:.2f} dB · PEIR {fmt_float(e2e.peir)} (good: tens of dB on a trained model)"
         if self.previous_end_to_end is not None:
             old = self.previous_end_to_end
             delta = e2e.sqnr_db - old.sqnr_db
@@ -729,6 +746,13 @@ class QtErrorsTab(QWidget):
                 f"PEIR {fmt_float(old.peir)} → {fmt_float(e2e.peir)}"
             )
         self.end_to_end_label.setText(text)
+        # A number needs a yardstick: say what good looks like, and that random weights are no test of it.
+        self.end_to_end_label.setToolTip(
+            "SQNR: signal-to-quantization-noise ratio of the final output, higher is better. "
+            "uint8 activations on a trained model typically give tens of dB (20–40 dB); under ~10 dB the "
+            "quantized output is mostly noise. The built-in models have random (seeded) weights, which "
+            "amplify noise far more than trained ones: judge the quantizer on a real checkpoint."
+        )
         self.image_combo.blockSignals(True)
         self.image_combo.clear()
         self.image_combo.addItem("All images")

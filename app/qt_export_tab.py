@@ -12,6 +12,7 @@ from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QComboBox,
     QAbstractItemView,
+    QComboBox,
     QHeaderView,
     QFileDialog,
     QFormLayout,
@@ -22,6 +23,7 @@ from PySide6.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPushButton,
+    QSizePolicy,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
@@ -73,7 +75,21 @@ class QtExportTab(QWidget):
         self.export_button.setToolTip("Export the quantized model to Circle and verify it (Ctrl+E)")
         self.progress = QtTaskProgress(cancel_name="exportCancelButton")
         self.message = QtMessageLine()
-        self.message.show_message("Calibrate first, then export a fully integer Circle model.")
+        self.message.show_message(self.NOT_CALIBRATED)
+        # A static Circle file is traced for one image's patch grid (its positions, mask and
+        # pooling are baked in); the user picks which calibration image's layout it is built for.
+        self.layout_combo = QComboBox()
+        self.layout_combo.setObjectName("exportLayoutImage")
+        self.layout_combo.setToolTip(
+            "The static file is fixed to this image's patch grid; images with another aspect ratio need their own export"
+        )
+        self.layout_combo.setMinimumContentsLength(18)
+        self.layout_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.layout_label = QLabel("")
+        self.layout_label.setObjectName("exportLayoutLabel")
+        self.layout_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self._grid_task = None
+        self._grids: dict[str, tuple[int, int]] = {}  # image path -> (rows, cols) at the session's soft tokens
 
         self.verify_labels: dict[str, QLabel] = {}
         verify_box = QGroupBox("Verification (Circle runtime vs fake-quant torch)")
@@ -122,11 +138,17 @@ class QtExportTab(QWidget):
 
         path_row = QHBoxLayout()
         path_row.addWidget(QLabel("Output:"))
-        path_row.addWidget(self.path_edit, 1)
+        path_row.addWidget(self.path_edit, 2)
         path_row.addWidget(self.browse_button)
-        path_row.addWidget(QLabel("Input:"))
-        path_row.addWidget(self.input_combo)
+        # On the path's row: a row of its own would push the window past a 768 px screen.
+        path_row.addWidget(QLabel("Input layout of:"))
+        path_row.addWidget(self.layout_combo)
+        path_row.addWidget(self.layout_label, 1)
+        self.layout_label.setWordWrap(True)
+        self.layout_label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         action_row = QHBoxLayout()
+        action_row.addWidget(QLabel("Input:"))
+        action_row.addWidget(self.input_combo)
         action_row.addWidget(self.export_button)
         action_row.addWidget(self.progress, 1)
 
@@ -155,6 +177,64 @@ class QtExportTab(QWidget):
         self.export_button.clicked.connect(self.export)
         self.progress.cancel_button.clicked.connect(self.cancel)
         self.netron_button.clicked.connect(self._on_open_netron)
+        self.layout_combo.currentIndexChanged.connect(self._on_layout_image)
+
+    NOT_CALIBRATED = "Calibrate first, then export a fully integer Circle model."
+
+    def set_calibration(self, text: str | None, images: list[str] | None = None) -> None:
+        """Say whether the session can be exported (text: its calibration; None: not calibrated)
+        and list the calibration images whose patch grid the file can be built for."""
+        self._grids = {}
+        self.layout_combo.blockSignals(True)
+        self.layout_combo.clear()
+        for path in images or []:
+            self.layout_combo.addItem(Path(path).name, path)
+            self.layout_combo.setItemData(self.layout_combo.count() - 1, path, Qt.ToolTipRole)
+        self.layout_combo.blockSignals(False)
+        self.layout_combo.setEnabled(bool(images))
+        if text is None:
+            self.message.show_message(self.NOT_CALIBRATED)
+            self.layout_label.setText("")
+            return
+        self.message.show_message(f"Ready to export: calibrated on {text}. Choose the output file and press Export Circle.")
+        self._on_layout_image()
+
+    def layout_image(self) -> str | None:
+        """Path of the image whose patch grid the exported file is built for."""
+        data = self.layout_combo.currentData()
+        return None if data is None else str(data)
+
+    def _on_layout_image(self, *_args) -> None:
+        path = self.layout_image()
+        session = self._host.session
+        if path is None or session is None:
+            self.layout_label.setText("")
+            return
+        if path in self._grids:
+            self._show_grid(path)
+            return
+        self.layout_label.setText(f"reading the patch grid of {Path(path).name}…")
+
+        def work():
+            from core.grid import patch_layout  # noqa: PLC0415 - the core is imported lazily
+
+            batch = session.preprocessor([path])
+            return path, patch_layout(session.qmodel, batch["pixel_position_ids"]).grid
+
+        def done(payload) -> None:
+            shown, grid = payload
+            self._grids[shown] = grid
+            if shown == self.layout_image():
+                self._show_grid(shown)
+
+        def failed(exc: BaseException) -> None:
+            self.layout_label.setText(error_text(exc))
+
+        self._host.submit("reading patch grid", work, takes_progress=False, on_done=done, on_error=failed)
+
+    def _show_grid(self, path: str) -> None:
+        rows, cols = self._grids[path]
+        self.layout_label.setText(f"the file is fixed to {rows}×{cols} patches of {Path(path).name}")
 
     def choose_path(self) -> None:
         """Pick the output file."""
@@ -181,9 +261,10 @@ class QtExportTab(QWidget):
         self.message.show_message(f"Exporting to {out}…")
 
         input_dtype = self.input_combo.currentData()
+        image = self.layout_image()
 
         def work(progress, cancel):
-            return session.export(out, progress=progress, cancel=cancel, input_dtype=input_dtype)
+            return session.export(out, image=image, progress=progress, cancel=cancel, input_dtype=input_dtype)
 
         self._task = self._host.submit(
             "export", work, on_done=self._on_exported, on_error=self._on_error, on_progress=self.progress.update_progress

@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
     QGraphicsRectItem,
     QHBoxLayout,
     QLabel,
+    QPushButton,
     QSlider,
     QVBoxLayout,
     QWidget,
@@ -54,23 +55,26 @@ class QtPatchHeatmap(QWidget):
         self.image_combo = QComboBox()
         self.image_combo.setObjectName("heatmapImageCombo")
         self.image_combo.setToolTip("Image whose patch errors are shown (computed once per image, then cached)")
-        self.image_combo.setMinimumContentsLength(14)
+        self.image_combo.setMinimumContentsLength(8)
         self.image_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self.module_combo = QComboBox()
         self.module_combo.setObjectName("heatmapModuleCombo")
         self.module_combo.setToolTip(
             "Module whose output error is mapped; follows the module selected in the table when it has a patch or token map"
         )
-        self.module_combo.setMinimumContentsLength(18)
+        self.module_combo.setMinimumContentsLength(10)
         self.module_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self.opacity_slider = QSlider(Qt.Horizontal)
         self.opacity_slider.setObjectName("heatmapOpacity")
         self.opacity_slider.setRange(0, 100)
         self.opacity_slider.setValue(DEFAULT_OPACITY)
-        self.opacity_slider.setFixedWidth(110)
+        self.opacity_slider.setFixedWidth(80)
         self.opacity_slider.setToolTip("Opacity of the error map over the photo")
         self.opacity_label = QLabel(f"{DEFAULT_OPACITY}%")
         self.opacity_label.setMinimumWidth(34)
+        self.fit_button = QPushButton("Fit")
+        self.fit_button.setObjectName("heatmapFitButton")
+        self.fit_button.setToolTip("Show the whole image again after zooming or panning")
 
         self.title = QLabel("Evaluate to see where in the image the error is")
         self.title.setObjectName("heatmapTitle")
@@ -92,6 +96,7 @@ class QtPatchHeatmap(QWidget):
         self.plot.hideButtons()
         self.vb = self.plot.getViewBox()
         self.vb.setAspectLocked(True)
+        self.vb.setDefaultPadding(0.02)
         self.vb.invertY(True)  # row 0 at the top, as in the photo
         self.photo_item = pg.ImageItem(axisOrder="row-major")
         self.error_item = pg.ImageItem(axisOrder="row-major")
@@ -127,6 +132,7 @@ class QtPatchHeatmap(QWidget):
         top.addWidget(QLabel("Opacity:"))
         top.addWidget(self.opacity_slider)
         top.addWidget(self.opacity_label)
+        top.addWidget(self.fit_button)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(top)
@@ -135,6 +141,7 @@ class QtPatchHeatmap(QWidget):
         layout.addWidget(self.hover_label)
 
         self.opacity_slider.valueChanged.connect(self._on_opacity)
+        self.fit_button.clicked.connect(self.fit)
         self.image_combo.currentIndexChanged.connect(self._on_image_combo)
         self.module_combo.currentIndexChanged.connect(self._on_module_combo)
         self.view.scene().sigMouseMoved.connect(self._on_mouse_moved)
@@ -253,7 +260,7 @@ class QtPatchHeatmap(QWidget):
         self.peak_rect.setRect(QRectF(left, top, right - left, bottom - top))
         self.peak_rect.setVisible(True)
         self.peak_marker.setData([(left + right) / 2], [(top + bottom) / 2])
-        self.vb.autoRange(padding=0.02)
+        self.fit()
         rows, cols = np.asarray(hm.grid).shape
         px, py = (int(v) for v in hm.peak_xy)
         unit = "patch" if hm.level == "patch" else "soft token (k×k patches)"
@@ -261,6 +268,19 @@ class QtPatchHeatmap(QWidget):
             f"{module_title(module)} on {hm.image_id} · per {unit} · {cols}×{rows} patches, {w}×{h} px · "
             f"peak {fmt_float(hm.row_error[int(hm.peak_row)])} at patch x {px}, y {py} (outlined)"
         )
+
+    def fit(self) -> None:
+        """Fit the photo in the view, and keep it fitted as the view is resized or first shown.
+
+        A one-off autoRange while the tab is hidden fits a view of the wrong size (the photo
+        ends up a speck once shown); auto-range stays on until the user pans or zooms."""
+        self.vb.autoRange(padding=0.02)
+        self.vb.enableAutoRange()  # autoRange() turned it off
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt override
+        super().showEvent(event)
+        if self.heatmap is not None and any(self.vb.autoRangeEnabled()):
+            self.vb.autoRange(padding=0.02)
 
     # -- view to model ------------------------------------------------------------------
     def _on_opacity(self, value: int) -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import psutil
-from PySide6.QtCore import QSettings, QStandardPaths, Qt, QTimer, Slot
+from PySide6.QtCore import QSettings, QSize, QStandardPaths, Qt, QTimer, Slot
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
+    QApplication,
     QComboBox,
     QDockWidget,
     QFileDialog,
@@ -82,6 +83,12 @@ class QtModelPanel(QWidget):
         self.model_combo.setObjectName("modelCombo")
         for title, spec in MODEL_CHOICES:
             self.model_combo.addItem(title, spec)
+            self.model_combo.setItemData(
+                self.model_combo.count() - 1,
+                "Weights drawn from a fixed seed, not trained: the shapes and cost are real, the accuracy is not. "
+                "Open a checkpoint folder for a trained model.",
+                Qt.ToolTipRole,
+            )
         self.open_checkpoint_button = QPushButton("Open checkpoint folder…")
         self.model_info = QLabel("loading…")
         self.model_info.setWordWrap(True)
@@ -204,13 +211,12 @@ class QtMainWindow(QMainWindow):
         self.session = None
         self._deferred: list[Callable[[], None]] = []
         self._applied: dict[str, Any] = {}
-        self._current_task = ""
         # Per-module overrides that came from an A/B comparison ("Apply merged config"); the
         # panel cannot show them, so they are kept here and added to every config it builds.
         self.extra_overrides: dict[str, Any] = {}
         self.runner = SessionRunner(self)
         self.runner.sigBusyChanged.connect(self._on_busy_changed)
-        self.runner.sigTaskStarted.connect(self._on_task_started)
+        self.runner.sigQueueChanged.connect(self.refresh_status)
 
         # tabs
         self.calibration_tab = QtCalibrationTab(self)
@@ -260,8 +266,8 @@ class QtMainWindow(QMainWindow):
         self._restore_window()
         self._ready = True
 
-        default_export = Path(self.last_folder("export")) / f"gemma4_vision_{model_spec if model_spec in SPECS else 'model'}.circle"
-        self.export_tab.path_edit.setText(str(default_export))
+        self._auto_export_path = self.default_export_path(model_spec)
+        self.export_tab.path_edit.setText(self._auto_export_path)
         self._load_session(self.model_panel.settings(), images=list(images or []))
 
     # -- menu and status ----------------------------------------------------------------
@@ -326,7 +332,12 @@ class QtMainWindow(QMainWindow):
             f"images: {len(statuses)} ({statuses.count('rejected')} rejected)" if statuses else "images: 0"
         )
         state = getattr(s, "state", "loading") if s is not None else "loading"
-        mode = f"{self._current_task}…" if self._current_task else state
+        # The task the worker runs now, not the one submitted last; what waits is named apart.
+        running = self.runner.running()
+        queued = self.runner.queued()
+        mode = f"{running}…" if running else state
+        if queued:
+            mode += f" (queued: {', '.join(queued)})"
         self.status_mode.setText(f"mode: {mode}")
         summary = self.model_panel.summary
         summary["state"].setText(mode)
@@ -338,13 +349,7 @@ class QtMainWindow(QMainWindow):
         """Put a failure in the status bar; the tabs show it in place as well."""
         self.statusBar().showMessage(error_text(exc), 15000)
 
-    def _on_busy_changed(self, busy: bool) -> None:
-        if not busy:
-            self._current_task = ""
-        self.refresh_status()
-
-    def _on_task_started(self, name: str) -> None:
-        self._current_task = name
+    def _on_busy_changed(self, _busy: bool) -> None:
         self.refresh_status()
 
     # -- settings persistence -----------------------------------------------------------
@@ -353,6 +358,28 @@ class QtMainWindow(QMainWindow):
         home = QStandardPaths.writableLocation(QStandardPaths.HomeLocation) or str(Path.home())
         value = self.settings.value(f"folders/{key}", home)
         return str(value) if value and Path(str(value)).is_dir() else home
+
+    def default_export_path(self, model_spec: str) -> str:
+        """Where an export goes unless the user chose: named for the model, in the folder of the
+        last export, else Documents, else the folder the app was started from (home last)."""
+        name = model_spec if model_spec in SPECS else (Path(model_spec).name or "model")
+        folder = self.settings.value("folders/export")
+        if not (folder and Path(str(folder)).is_dir()):
+            documents = QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation)
+            cwd = Path.cwd()
+            if documents and Path(documents).is_dir():
+                folder = documents
+            elif os.access(cwd, os.W_OK) and cwd != Path(cwd.anchor):
+                folder = str(cwd)
+            else:
+                folder = self.last_folder("export")
+        return str(Path(str(folder)) / f"gemma4_vision_{name}.circle")
+
+    def _follow_model_in_export_path(self, model_spec: str) -> None:
+        # Only a path the window chose itself follows the model; one the user typed stays.
+        if self.export_tab.path_edit.text() == self._auto_export_path:
+            self._auto_export_path = self.default_export_path(model_spec)
+            self.export_tab.path_edit.setText(self._auto_export_path)
 
     def remember_folder(self, key: str, folder: str) -> None:
         """Remember the folder of a dialog for next time."""
@@ -364,10 +391,19 @@ class QtMainWindow(QMainWindow):
         if geometry is not None:
             self.restoreGeometry(geometry)
         else:
-            self.resize(1360, 860)
+            self.resize(self.default_size())
         if state is not None:
             self.restoreState(state)
         self.dock.setMinimumWidth(250)
+
+    def default_size(self) -> QSize:
+        """1360x860, or less: what the screen's free area holds (a 1280x800 or 1366x768 laptop)."""
+        screen = self.screen() or QApplication.primaryScreen()
+        if screen is None:
+            return QSize(1360, 860)
+        free = screen.availableGeometry()
+        # Leave room for the window frame and title bar, which the size does not include.
+        return QSize(min(1360, free.width() - 16), min(860, free.height() - 40))
 
     def _save_window(self) -> None:
         self.settings.setValue("window/geometry", self.saveGeometry())
@@ -448,12 +484,14 @@ class QtMainWindow(QMainWindow):
         self._applied = dict(settings)
         self._reset_summary()
         self._show_model_info()
+        self._follow_model_in_export_path(str(getattr(session, "model_spec", settings["model_spec"])))
         self.calibration_tab.show_entries(entries)
         self.ranges_tab.clear()
         self.errors_tab.clear()
         self._on_config_changed()
         if getattr(session, "state", "") == "calibrated":
             self.ranges_tab.refresh()
+            self._show_calibration(getattr(session, "calibration", None))
         self._on_settings_edited()
         self.refresh_status()
         deferred, self._deferred = self._deferred, []
@@ -463,6 +501,19 @@ class QtMainWindow(QMainWindow):
     def _reset_summary(self) -> None:
         for key in ("calibration", "end_to_end", "export"):
             self.model_panel.summary[key].setText("—")
+        self.export_tab.set_calibration(None)
+
+    def _show_calibration(self, calibration) -> None:
+        """The summary line and the Export tab for the calibration now in force."""
+        if calibration is None:
+            text = "a loaded session"
+        else:
+            secs = float(getattr(calibration, "seconds", 0.0) or 0.0)
+            tail = " (cancelled)" if calibration.cancelled else ""
+            text = f"{calibration.images_done}/{calibration.total_images} images in {secs:.1f} s{tail}"
+            self.model_panel.summary["calibration"].setText(text)
+        used = [p for p, status in self.calibration_tab.entries_by_status().items() if status == "used"]
+        self.export_tab.set_calibration(text, used)
 
     def _on_session_failed(self, exc: BaseException) -> None:
         text = error_text(exc)
@@ -488,6 +539,10 @@ class QtMainWindow(QMainWindow):
             parts.append(f"{info['layers']} layers")
         if info.get("hidden_size") is not None:
             parts.append(f"hidden {info['hidden_size']}")
+        spec = str(getattr(self.session, "model_spec", self.model_panel.model_spec()))
+        if spec in SPECS:
+            # Built-in weights are drawn from a seed, not trained: low SQNR here says nothing of the quantizer.
+            parts.append("random weights (seeded), not a trained model")
         self.model_panel.model_info.setText(" · ".join(parts))
 
     def _on_settings_edited(self, *_args, keep_message: bool = False) -> None:
@@ -496,11 +551,13 @@ class QtMainWindow(QMainWindow):
         if keep_message:
             current = self.model_panel.settings()
             self.model_panel.apply_button.setEnabled(bool(self._applied) and current != self._applied or self.session is None)
+            self.refresh_calibrate_enabled()
             return
         self.model_panel.dirty_label.setStyleSheet("color: #b26a00;")
         current = self.model_panel.settings()
         dirty = bool(self._applied) and current != self._applied
         self.model_panel.apply_button.setEnabled(dirty or (self.session is None and not self.runner.busy))
+        self.refresh_calibrate_enabled()
         calibrated = getattr(self.session, "state", "") == "calibrated"
         if dirty and calibrated:
             self.model_panel.dirty_label.setText("Applying re-prepares the model and drops the calibration statistics.")
@@ -508,6 +565,24 @@ class QtMainWindow(QMainWindow):
             self.model_panel.dirty_label.setText("Settings changed; press Apply.")
         else:
             self.model_panel.dirty_label.setText("")
+
+    def settings_pending(self) -> bool:
+        """Whether the panel shows settings that are not applied to the session yet."""
+        return bool(self._applied) and self.model_panel.settings() != self._applied
+
+    def refresh_calibrate_enabled(self) -> None:
+        """Calibrate only when it would calibrate what the panel shows, and is not running already."""
+        button = self.calibration_tab.calibrate_button
+        if self.calibration_tab.running:
+            button.setEnabled(False)
+            return
+        pending = self.settings_pending()
+        button.setEnabled(self.session is not None and not pending)
+        button.setToolTip(
+            "Apply the changed settings first: Calibrate would calibrate the model as it was"
+            if pending
+            else "Calibrate on the usable images"
+        )
 
     def apply_settings(self) -> None:
         """Apply the panel: reload the model if it changed, else re-prepare with the new config."""
@@ -573,17 +648,23 @@ class QtMainWindow(QMainWindow):
 
     @Slot(object)
     def _on_calibrated(self, result) -> None:
-        secs = float(getattr(result, "seconds", 0.0) or 0.0)
-        tail = " (cancelled)" if result.cancelled else ""
-        self.model_panel.summary["calibration"].setText(
-            f"{result.images_done}/{result.total_images} images in {secs:.1f} s{tail}"
-        )
+        if result.cancelled and self.calibration_tab.restored:
+            # The core put the earlier statistics back: the summary, ranges and errors shown
+            # still describe them, so nothing is redrawn or re-evaluated.
+            self.statusBar().showMessage("Calibration cancelled; the earlier calibration is restored.", 8000)
+            self.refresh_status()
+            return
         self.refresh_status()
         # The worker has finished, so reading the state here races with nothing.
         if getattr(self.session, "state", "") == "calibrated":
+            self._show_calibration(result)
             self.ranges_tab.refresh()
             self.errors_tab.evaluate()
             self.ab_tab.clear()  # A's statistics changed: the comparison no longer holds
+        else:
+            self.model_panel.summary["calibration"].setText(
+                f"none ({result.images_done}/{result.total_images} images, cancelled)"
+            )
 
     def after_recalibration(self, result, entries: list) -> None:
         """Show a recalibration started outside the Calibration tab (exclude / include an image)."""

@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QPushButton,
     QRadioButton,
+    QSizePolicy,
     QSplitter,
     QTableView,
     QTableWidgetItem,
@@ -86,7 +87,8 @@ class ObserverTableModel(QAbstractTableModel):
     ]
 
     # Column widths in characters; set once, because measuring hundreds of rows stalls the UI.
-    WIDTHS = (5, 42, 30, 15, 7, 9, 11, 11, 11, 10, 11, 24, 24)
+    # The observer name is elided (its tooltip has it whole) so Min and Max, beside it, fit at 1280 px.
+    WIDTHS = (5, 26, 24, 15, 7, 9, 10, 10, 11, 10, 11, 24, 24)
     NUMERIC = frozenset({"index", "min", "max", "scale", "zero_point", "outlier_ratio"})
 
     def __init__(self, parent=None) -> None:
@@ -309,11 +311,13 @@ class QtRangesTab(QWidget):
         filter_row = QHBoxLayout()
         filter_row.addWidget(self.filter_edit, 1)
         filter_row.addWidget(self.outliers_only)
-        filter_row.addWidget(self.summary)
+        self.summary.setWordWrap(True)
+        self.summary.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         table_box = QWidget()
         tl = QVBoxLayout(table_box)
         tl.setContentsMargins(0, 0, 0, 0)
         tl.addLayout(filter_row)
+        tl.addWidget(self.summary)
         tl.addWidget(self.table, 1)
         self.table_tabs = QTabWidget()
         self.table_tabs.setObjectName("rangesTableTabs")
@@ -346,10 +350,10 @@ class QtRangesTab(QWidget):
         lower.addWidget(self.table_tabs)
         lower.addWidget(detail)
         lower.addWidget(self.source_box)
-        lower.setStretchFactor(0, 3)
+        lower.setStretchFactor(0, 4)
         lower.setStretchFactor(1, 2)
         lower.setStretchFactor(2, 2)
-        lower.setSizes([600, 300, 330])
+        lower.setSizes([640, 280, 300])
         self.splitter = QSplitter(Qt.Vertical)
         self.splitter.addWidget(chart_box)
         self.splitter.addWidget(lower)
@@ -391,7 +395,17 @@ class QtRangesTab(QWidget):
         self.model.set_records(self.records, prepared)
         self._apply_widths()
         n_out = sum(bool(getattr(r, "outlier", False)) for r in self.records)
-        self.summary.setText(f"{len(self.records)} observers · {n_out} outliers")
+        # "Outlier" is the core's per-observer test (a few values far beyond that observer's own
+        # bulk); a range far wider than its neighbours' is something else, so the widest is named
+        # beside the count instead of being hidden behind "0 outliers".
+        from core.inspect import OUTLIER_PERCENTILE, OUTLIER_RATIO_THRESHOLD  # noqa: PLC0415 - torch stays off the UI start
+
+        self.summary.setText(f"{len(self.records)} observers · {n_out} with outlier values" + self._widest_text())
+        self.summary.setToolTip(
+            f"An observer has outlier values when its largest |value| is over {OUTLIER_RATIO_THRESHOLD:g}× "
+            f"the {OUTLIER_PERCENTILE:g}th percentile of its own values (highlighted rows, orange points). "
+            "A range that is simply wider than the others' is not counted; the widest is named here."
+        )
         self._update_chart()
         note, self._after_note = self._after_note, ""
         if note and self.records:
@@ -406,6 +420,15 @@ class QtRangesTab(QWidget):
             self.select_observer(names.index(keep) if keep in names else 0)
         else:
             self._clear_source("Calibrate to see which image set each range.")
+
+    def _widest_text(self) -> str:
+        if not self.records:
+            return ""
+        mags = [max(abs(scalar(r.min, "min")), abs(scalar(r.max, "max"))) for r in self.records]
+        mags = [m if m == m else -1.0 for m in mags]  # NaN (an empty observer) never wins
+        i = int(np.argmax(mags))
+        rec = self.records[i]
+        return f" · widest: #{i} {rec.name} [{fmt_float(scalar(rec.min, 'min'))}, {fmt_float(scalar(rec.max, 'max'))}]"
 
     def _apply_widths(self) -> None:
         char = self.table.fontMetrics().horizontalAdvance("0")
@@ -430,16 +453,19 @@ class QtRangesTab(QWidget):
         log = self.log_radio.isChecked()
         self.plot.setLogMode(x=False, y=log)
         if log:
-            mag = np.maximum(np.abs(mins), np.abs(maxs))
-            mag = np.where(mag > 0, mag, np.nan)
-            floor = np.nanmin(mag) if n and np.isfinite(mag).any() else 1.0
-            self._max_curve.setData(x, np.nan_to_num(mag, nan=floor))
-            self._min_curve.setData(x, np.full(n, floor))
-            self.plot.setLabel("left", "max(|min|, |max|)")
+            # Both ends as magnitudes, each as measured; a zero end has no logarithm, so it is a gap.
+            def magnitude(v: np.ndarray) -> np.ndarray:
+                v = np.abs(v)
+                return np.where(v > 0, v, np.nan)
+
+            self._max_curve.setData(x, magnitude(maxs), connect="finite")
+            self._min_curve.setData(x, magnitude(mins), connect="finite")
+            self.plot.setLabel("left", "|min| and |max| (log)")
         else:
             self._max_curve.setData(x, maxs)
             self._min_curve.setData(x, mins)
             self.plot.setLabel("left", "range")
+        self._fill.setVisible(not log)  # a band between |min| and |max| would mean nothing
         out = np.array([bool(getattr(r, "outlier", False)) for r in self.records], dtype=bool)
         if n and out.any():
             ys = np.maximum(np.abs(mins), np.abs(maxs)) if log else maxs
@@ -592,6 +618,11 @@ class QtRangesTab(QWidget):
         sl.addWidget(self.source_caption)
         sl.addWidget(self.exclude_button)
         sl.addWidget(self.recal_progress)
+        # Long names (one unbreakable word) would widen their pane on every selection: the texts
+        # wrap within the width the user gave the pane instead of setting it.
+        for label in (self.detail_title, self.detail_text, self.min_caption, self.max_caption, self.source_caption):
+            label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+            label.setMinimumWidth(1)
 
     def _which(self) -> str:
         return "min" if self.source_min_radio.isChecked() else "max"

@@ -40,12 +40,14 @@ class Task:
     on_done: Callable[[Any], None] | None = None
     on_error: Callable[[BaseException], None] | None = None
     on_progress: Callable[[int, int, str], None] | None = None
+    on_started: Callable[[], None] | None = None
     started_at: float = 0.0
 
 
 class _SessionWorker(QObject):
     """Lives in the worker thread; runs one task per queued ``run_task`` call."""
 
+    sigStarted = Signal(int)  # task id
     sigProgress = Signal(int, int, int, str)  # task id, done, total, message
     sigFinished = Signal(int, object)  # task id, result
     sigFailed = Signal(int, object, str)  # task id, exception, traceback text
@@ -58,6 +60,7 @@ class _SessionWorker(QObject):
         def progress(done: int, total: int, message: str = "") -> None:
             self.sigProgress.emit(task.task_id, int(done), int(total), str(message))
 
+        self.sigStarted.emit(task.task_id)
         kwargs: dict[str, Any] = {}
         if task.takes_progress:
             kwargs = {"progress": progress, "cancel": task.token}
@@ -74,18 +77,22 @@ class SessionRunner(QObject):
     """Queue of Session calls executed in order on one worker thread."""
 
     sigBusyChanged = Signal(bool)
+    # Emitted when the worker *starts* a task (not when it is queued), so "running" means running.
     sigTaskStarted = Signal(str)
+    sigQueueChanged = Signal()
     _sigSubmit = Signal(object)
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._ids = itertools.count(1)
         self._tasks: dict[int, Task] = {}
+        self._running: int | None = None
         self._thread = QThread()
         self._thread.setObjectName("ptq-session-worker")
         self._worker = _SessionWorker()
         self._worker.moveToThread(self._thread)
         self._sigSubmit.connect(self._worker.run_task)
+        self._worker.sigStarted.connect(self._on_started)
         self._worker.sigProgress.connect(self._on_progress)
         self._worker.sigFinished.connect(self._on_finished)
         self._worker.sigFailed.connect(self._on_failed)
@@ -102,6 +109,15 @@ class SessionRunner(QObject):
         """Names of the queued and running tasks, oldest first."""
         return [t.name for t in self._tasks.values()]
 
+    def running(self) -> str:
+        """Name of the task the worker is running now ("" when none has started)."""
+        task = self._tasks.get(self._running) if self._running is not None else None
+        return task.name if task is not None else ""
+
+    def queued(self) -> list[str]:
+        """Names of the tasks waiting behind the running one, oldest first."""
+        return [t.name for tid, t in self._tasks.items() if tid != self._running]
+
     def submit(
         self,
         name: str,
@@ -111,6 +127,7 @@ class SessionRunner(QObject):
         on_done: Callable[[Any], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
         on_progress: Callable[[int, int, str], None] | None = None,
+        on_started: Callable[[], None] | None = None,
     ) -> Task:
         """Queue ``fn`` (called with progress=, cancel= when takes_progress) on the worker."""
         task = Task(
@@ -121,14 +138,15 @@ class SessionRunner(QObject):
             on_done=on_done,
             on_error=on_error,
             on_progress=on_progress,
+            on_started=on_started,
             started_at=time.monotonic(),
         )
         was_busy = self.busy
         self._tasks[task.task_id] = task
         if not was_busy:
             self.sigBusyChanged.emit(True)
-        self.sigTaskStarted.emit(name)
         self._sigSubmit.emit(task)
+        self.sigQueueChanged.emit()
         return task
 
     def cancel_all(self) -> None:
@@ -145,9 +163,24 @@ class SessionRunner(QObject):
 
     def _finish(self, task_id: int) -> Task | None:
         task = self._tasks.pop(task_id, None)
+        if task_id == self._running:
+            self._running = None
         if not self._tasks:
             self.sigBusyChanged.emit(False)
+        self.sigQueueChanged.emit()
         return task
+
+    @Slot(int)
+    def _on_started(self, task_id: int) -> None:
+        task = self._tasks.get(task_id)
+        if task is None:
+            return
+        self._running = task_id
+        task.started_at = time.monotonic()
+        if task.on_started is not None:
+            task.on_started()
+        self.sigTaskStarted.emit(task.name)
+        self.sigQueueChanged.emit()
 
     @Slot(int, int, int, str)
     def _on_progress(self, task_id: int, done: int, total: int, message: str) -> None:
