@@ -43,7 +43,7 @@ def _held_out(paths):
     return images + [ImageOps.mirror(i) for i in images] + [i.crop((0, 0, i.width // 2, i.height)) for i in images]
 
 
-@pytest.mark.parametrize("spec", ["tiny", "e2b"])
+@pytest.mark.parametrize("spec", ["tiny", pytest.param("e2b", marks=pytest.mark.slow)])
 def test_no_quant_is_bit_exact_single_and_padded_batch(spec, sample_images):
     model = load_model(spec)
     pre = ImagePreprocessor(model.config, max_soft_tokens=70)
