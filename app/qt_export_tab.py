@@ -98,16 +98,13 @@ class QtExportTab(QWidget):
             ("verdict", "Result"),
             ("advice", "What to do"),
             ("noise_floor", "Torch vs itself"),
-            ("max_abs_diff", "Max |diff|"),
-            ("peir", "PEIR"),
+            ("max_abs_diff", "Max |diff| (PEIR)"),
             ("within_one_step", "Within one step"),
-            ("max_steps", "Max steps off"),
             ("runtime", "Runtime"),
             ("onert", "ONE runtime (onert)"),
             ("input", "Input"),
             ("path", "File"),
-            ("bytes", "Size"),
-            ("seconds", "Time"),
+            ("bytes", "Size, time"),
         ):
             label = QLabel("—")
             label.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -297,17 +294,18 @@ class QtExportTab(QWidget):
                 f"{share}max |diff| {fmt_float(floor.max_abs)} under {floor.rel:.2g} relative rounding noise "
                 f"(this machine's float32 GEMM error), worst of {floor.draws} runs"
             )
-        self.verify_labels["max_abs_diff"].setText(fmt_float(verify.max_abs_diff))
-        self.verify_labels["peir"].setText(fmt_float(verify.peir))
-        self.verify_labels["within_one_step"].setText(f"{100 * float(verify.within_one_step):.2f}%")
-        self.verify_labels["max_steps"].setText(fmt_float(verify.max_steps, 3))
+        self.verify_labels["max_abs_diff"].setText(f"{fmt_float(verify.max_abs_diff)} (PEIR {fmt_float(verify.peir)})")
+        self.verify_labels["within_one_step"].setText(
+            f"{100 * float(verify.within_one_step):.2f}% (at most {fmt_float(verify.max_steps, 3)} steps off)"
+        )
         self.verify_labels["runtime"].setText(str(verify.runtime))
         self.verify_labels["onert"].setText(verify.onert.summary() if verify.onert is not None else "not run")
         # The verdict above names any op that changes dtype silently (core.export.structural_problems).
         self.verify_labels["input"].setText(next((t for t in result.io_tensors if t.startswith("input")), "?"))
         self.verify_labels["path"].setText(str(result.path))
-        self.verify_labels["bytes"].setText(f"{fmt_bytes(int(result.bytes))} ({int(result.bytes):,} bytes)")
-        self.verify_labels["seconds"].setText(f"{float(result.seconds):.1f} s")
+        self.verify_labels["bytes"].setText(
+            f"{fmt_bytes(int(result.bytes))} ({int(result.bytes):,} bytes), exported and verified in {float(result.seconds):.1f} s"
+        )
         self.ops_table.setSortingEnabled(False)
         ops = sorted(result.op_counts.items(), key=lambda kv: (-kv[1], kv[0]))
         self.ops_table.setRowCount(len(ops))
