@@ -40,3 +40,20 @@ def test_ab_tab_shows_what_it_does_until_the_first_comparison(make_window, sampl
     _calibrate(qtbot, window)
     empty_state()
     assert "A changed since the last comparison" in tab.empty_label.text()
+
+
+def test_threeway_headers_are_readable_and_say_what_they_mean(make_window, qtbot):
+    window = make_window()
+    tab = window.export_tab
+    window.tabs.setCurrentWidget(tab)
+    table = tab.threeway_table
+    qtbot.waitUntil(table.isVisible)
+    header = table.horizontalHeader()
+    lines = max(len(table.horizontalHeaderItem(c).text().splitlines()) for c in range(table.columnCount()))
+    assert header.height() >= lines * header.fontMetrics().height()  # two-line headers get two lines
+    # Not cut off: every column is as wide as its header's text needs.
+    cut = [name for c, name in enumerate(tab.THREEWAY_COLUMNS) if table.columnWidth(c) < header.sectionSizeHint(c)]
+    assert not cut
+    assert all(table.horizontalHeaderItem(c).toolTip() for c in range(table.columnCount()))
+    peir = tab.THREEWAY_COLUMNS.index("Fake-quant vs Circle PEIR")
+    assert "Fake-quant vs Circle PEIR" in table.horizontalHeaderItem(peir).toolTip()
