@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QSplitter,
+    QStackedWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
@@ -206,7 +207,7 @@ class QtABTab(QWidget):
         ll.addWidget(win_box)
         ll.addStretch(1)
 
-        self.summary_label = QLabel("Calibrate A, set up B and press “Calibrate B and compare”.")
+        self.summary_label = QLabel()  # filled by show_result; the empty state speaks before that
         self.summary_label.setObjectName("abSummary")
         self.summary_label.setWordWrap(True)
         self.summary_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -261,12 +262,23 @@ class QtABTab(QWidget):
         right.setSizes([380, 320])
         body = QSplitter(Qt.Horizontal)
         body.addWidget(left)
-        outputs = QWidget()
-        ol = QVBoxLayout(outputs)
+        results = QWidget()
+        ol = QVBoxLayout(results)
         ol.setContentsMargins(0, 0, 0, 0)
         ol.addWidget(self.summary_label)
         ol.addWidget(right, 1)
-        body.addWidget(outputs)
+        # Until a comparison exists the charts would be empty 0-1 axes; say what the tab does instead.
+        self.empty_label = QLabel()
+        self.empty_label.setObjectName("abEmptyState")
+        self.empty_label.setWordWrap(True)
+        self.empty_label.setAlignment(Qt.AlignCenter)
+        self.empty_label.setMargin(24)
+        self.empty_label.setStyleSheet("font-size: 13px; color: palette(dark);")
+        self.outputs = QStackedWidget()
+        self.outputs.addWidget(self.empty_label)
+        self.outputs.addWidget(results)
+        self._show_empty(stale=False)
+        body.addWidget(self.outputs)
         body.setStretchFactor(0, 0)
         body.setStretchFactor(1, 1)
         body.setSizes([300, 900])
@@ -373,6 +385,7 @@ class QtABTab(QWidget):
 
     def clear(self) -> None:
         """Forget the comparison (A changed)."""
+        had_result = self.result is not None
         self.result = None
         self.names = []
         self.table.setRowCount(0)
@@ -380,10 +393,25 @@ class QtABTab(QWidget):
             item.setData([], [])
         self.delta_bars.setOpts(x=[], height=[], brushes=None)
         self._cursor.setVisible(False)
-        self.summary_label.setText("A changed: compare again.")
+        self._show_empty(stale=had_result)
         self.winning_label.setText("—")
         for b in (self.export_yaml_button, self.export_json_button, self.apply_button):
             b.setEnabled(False)
+
+    def _show_empty(self, stale: bool) -> None:
+        # "compare again" only when there was a comparison to drop; a first visit gets the how-to.
+        first = (
+            "<b>A changed since the last comparison</b>, so it was cleared: press "
+            "“Calibrate B and compare” again.<br><br>" if stale else ""
+        )
+        self.empty_label.setText(
+            f"{first}<b>Compare two quantization configs, module by module.</b><br>"
+            "A is the session's config (calibrate it on the Calibration tab). Set up B on the left "
+            "(activations, weights, observer, per-module overrides) and press “Calibrate B and compare”: "
+            "B is calibrated on the same images, without touching A, and the SQNR of both is charted "
+            "per module and end to end. The overrides where B wins can then be exported or applied."
+        )
+        self.outputs.setCurrentWidget(self.empty_label)
 
     # -- showing a result -------------------------------------------------------------------
     @staticmethod
@@ -397,6 +425,7 @@ class QtABTab(QWidget):
     def show_result(self, result) -> None:
         """Fill the chart, the table and the summary from an ABResult."""
         self.result = result
+        self.outputs.setCurrentIndex(1)
         modules = list(result.modules)
         self.names = [m.name for m in modules]
         n = len(modules)

@@ -394,14 +394,18 @@ class QtDivergenceChart(pg.PlotWidget):
                 curve.setData([], [])
         unit = getattr(result, "unit", "layer")
         step = max(1, int(np.ceil(n / (10 if unit == "layer" else 8))))
-        self.getAxis("bottom").setTicks([[(i, _short_unit(e.name, unit)) for i, e in enumerate(self.entries) if i % step == 0]])
         located = getattr(result, "located", None) if result is not None else None
         names = [e.name for e in self.entries]
-        if located is not None and located.name in names:
-            self.marker.setValue(names.index(located.name))
-            self.marker.setVisible(True)
-        else:
-            self.marker.setVisible(False)
+        marked = names.index(located.name) if located is not None and located.name in names else None
+        # The marked unit always gets its label (the one the banner names); regular labels too close
+        # to it would print over it, so they give way.
+        ticks = [i for i in range(n) if i % step == 0 and (marked is None or abs(i - marked) >= step)]
+        if marked is not None:
+            ticks = sorted(ticks + [marked])
+        self.getAxis("bottom").setTicks([[(i, _short_unit(names[i], unit)) for i in ticks]])
+        if marked is not None:
+            self.marker.setValue(marked)
+        self.marker.setVisible(marked is not None)
         self.setLabel("bottom", f"{unit} (forward order; click to select)" if result is not None else "unit")
         self.enableAutoRange()
         if n:

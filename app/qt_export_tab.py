@@ -362,6 +362,27 @@ class QtExportTab(QWidget):
         "FP vs Circle PEIR", "dtype", "Scale", "Zero point", "Shape", "Tensor",
     )
     NUMERIC_COLUMNS = frozenset({0, 2, 3, 4, 5, 6, 8, 9})
+    # Column names above are the keys; the header shows two short lines and the tooltip the full meaning,
+    # because the one-line names were cut off ("vs fake-quant PI") at any usable column width.
+    _PEIR = "PEIR = max|a − b| / (max a − min a), a the reference: the peak error over the reference's range."
+    THREEWAY_HEADERS = {
+        "#": ("#", "Forward (Circle operator) order."),
+        "Module": ("Module", "The torch module whose output this Circle tensor is."),
+        "FP vs fake-quant PEIR": ("PEIR\nfloat→fake-quant", f"FP vs fake-quant PEIR: fake-quant torch against float, "
+                                  f"the quantization error itself. {_PEIR}"),
+        "Fake-quant vs Circle PEIR": ("PEIR\nfake-quant→Circle", f"Fake-quant vs Circle PEIR: the Circle file against "
+                                      f"fake-quant torch, what export and the runtime add. {_PEIR}"),
+        "Within one step": ("Within\none step", "Share of the Circle tensor's values within one quantization step "
+                            "(its scale) of fake-quant torch."),
+        "Max steps": ("Max\nsteps", "The largest Circle vs fake-quant difference, in quantization steps (scale)."),
+        "FP vs Circle PEIR": ("PEIR\nfloat→Circle", f"FP vs Circle PEIR: the Circle file against float, "
+                              f"everything together. {_PEIR}"),
+        "dtype": ("dtype", "The Circle tensor's dtype."),
+        "Scale": ("Scale", "The Circle tensor's quantization scale."),
+        "Zero point": ("Zero\npoint", "The Circle tensor's quantization zero point."),
+        "Shape": ("Shape", "The Circle tensor's shape."),
+        "Tensor": ("Circle tensor", "The tensor's name in the Circle file."),
+    }
 
     def _build_threeway(self) -> None:
         self._threeway_task = None
@@ -382,6 +403,12 @@ class QtExportTab(QWidget):
         self.threeway_table.setSelectionMode(QAbstractItemView.ExtendedSelection)
         self.threeway_table.horizontalHeader().setSectionResizeMode(QHeaderView.Interactive)
         self.threeway_table.horizontalHeader().setStretchLastSection(True)
+        for c, name in enumerate(self.THREEWAY_COLUMNS):
+            text, tip = self.THREEWAY_HEADERS[name]
+            header = QTableWidgetItem(text)
+            header.setToolTip(tip)
+            self.threeway_table.setHorizontalHeaderItem(c, header)
+        self.threeway_table.resizeColumnsToContents()  # empty: every column as wide as its header
         self.threeway_box = QGroupBox("Three-way check: float vs fake-quant torch vs Circle, per tensor")
         tl = QVBoxLayout(self.threeway_box)
         row = QHBoxLayout()

@@ -20,7 +20,8 @@ First divergence (``locate_divergence``): along forward order, for every unit,
 - output_sqnr_db  the same at its output (the cumulative error)
 - local_sqnr_db   the unit run quantized on its *FP* input, compared with its FP output (the
                   error it adds by itself, nothing inherited)
-- jump_db         input_sqnr_db - output_sqnr_db (how much SQNR the unit loses)
+- jump_db         min(input_sqnr_db, reference) - output_sqnr_db (how much SQNR the unit
+                  loses; the reference is below)
 
 A unit whose input carries no error at all (the patch embedder reads raw pixels, or everything
 before it is kept float) has an infinite input SQNR, and an infinite jump would flag the first
@@ -452,21 +453,26 @@ class DivergenceResult:
         }
 
     def summary_line(self) -> str:
-        """One line naming the located unit and whether it adds or amplifies the error."""
+        """One line naming the located unit, its loss in numbers that add up, and whether it adds or amplifies."""
         e = self.located
         if e is None:
             return "first divergence: none (no unit loses SQNR)"
         if e.jump_db == math.inf or (math.isinf(e.output_sqnr_db) and e.output_sqnr_db > 0):
             return f"first divergence: none (no quantization error reaches {e.name})"
+        # The loss is printed as the difference of the two numbers printed beside it, so that a
+        # reader's subtraction agrees with it (it differs from jump_db by rounding, under 0.1 dB).
+        out = round(e.output_sqnr_db, 1)
         if e.input_sqnr_db > self.reference_db:  # a clean input: the jump starts at the reference
-            io = f"{_db(self.reference_db)} dB reference (input {_db(e.input_sqnr_db)} dB) -> {_db(e.output_sqnr_db)} dB"
+            start = round(self.reference_db, 1)
+            inp = "carries no error" if math.isinf(e.input_sqnr_db) else f"at {_db(e.input_sqnr_db)} dB, is cleaner"
+            src = (f"the {start:.1f} dB reference (its input {inp} than the reference, the median SQNR a unit keeps "
+                   f"when it alone is quantized, so it counts as {start:.1f} dB)")
         else:
-            io = f"{_db(e.input_sqnr_db)} -> {_db(e.output_sqnr_db)} dB"
-        if e.adds_error:
-            how = f"adds the error itself: {_db(e.local_sqnr_db)} dB SQNR run alone on float input"
-        else:
-            how = f"amplifies inherited error: {_db(e.local_sqnr_db)} dB SQNR run alone on float input"
-        return f"first divergence: {e.name} (loses {e.jump_db:.1f} dB, {io}; {how})"
+            start = round(e.input_sqnr_db, 1)
+            src = f"{start:.1f} dB at its input"
+        how = "adds the error itself" if e.adds_error else "amplifies inherited error"
+        return (f"first divergence: {e.name} loses {start - out:.1f} dB SQNR, from {src} to {out:.1f} dB at its "
+                f"output; it {how} ({_db(e.local_sqnr_db)} dB SQNR when run alone on float input)")
 
 
 def _db(x: float) -> str:

@@ -211,7 +211,7 @@ def test_locator_finds_the_int4_layer(int4_session, sample_images):
     assert e[D.MODEL].output_sqnr_db == pytest.approx(cmp_.end_to_end.sqnr_db, abs=1e-3)
     assert e[D.MODEL].cumulative_mse == pytest.approx(cmp_.end_to_end.mse, rel=1e-4)
     line = res.summary_line()
-    assert line.startswith("first divergence: encoder.layers.1 (") and "\n" not in line
+    assert line.startswith("first divergence: encoder.layers.1 loses ") and "\n" not in line
     doc = json.loads(json.dumps(res.to_dict()))
     assert doc["located"]["name"] == "encoder.layers.1" and len(doc["entries"]) == 5
     assert doc["entries"][0]["input_sqnr_db"] is None  # inf -> null

@@ -41,3 +41,26 @@ def qsettings(tmp_path):
     from PySide6.QtCore import QSettings
 
     return QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
+
+
+@pytest.fixture
+def make_window(qtbot, qsettings):
+    """A main window on the tiny model at 70 soft tokens, shown at 1280x800, idle once its session is loaded."""
+    from app.qt_main_window import QtMainWindow
+
+    def make(images=(), session_factory=None) -> QtMainWindow:
+        window = QtMainWindow(
+            model_spec="tiny",
+            images=list(images),
+            max_soft_tokens=70,
+            settings=qsettings,
+            session_factory=session_factory,
+        )
+        qtbot.addWidget(window)  # alive until pytest-qt closes it after the test
+        window.resize(1280, 800)
+        window.show()
+        # Loading the model runs in the worker; 180 s because the CI's 2 cores are shared.
+        qtbot.waitUntil(lambda: window.session is not None and not window.runner.busy, timeout=180_000)
+        return window
+
+    return make

@@ -5,7 +5,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QWidget
 
-from tests.app.test_app_window import _wait_idle, make_window  # noqa: F401 - fixture
+from tests.app.test_app_window import _wait_idle
 
 
 def test_keep_float_typo_is_refused_and_the_session_is_kept(make_window, sample_images, qtbot):

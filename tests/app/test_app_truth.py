@@ -14,7 +14,6 @@ from PySide6.QtWidgets import QPushButton
 
 import app.qt_common
 from app.qt_common import QtTaskProgress
-from app.qt_main_window import QtMainWindow
 from core.session import Session
 
 LONG = 180_000  # ms; calibration, evaluation and the locator share 2 busy cores in CI
@@ -33,22 +32,8 @@ class _SlowSession(Session):
             yield batch
 
 
-@pytest.fixture
-def make_window(qtbot, qsettings):
-    """A main window on the tiny model at 70 soft tokens, shown at 1280x800."""
-
-    def make(images=(), slow=False) -> QtMainWindow:
-        factory = (lambda spec, cfg, mst: _SlowSession(spec, cfg, mst)) if slow else None
-        window = QtMainWindow(
-            model_spec="tiny", images=list(images), max_soft_tokens=70, settings=qsettings, session_factory=factory
-        )
-        qtbot.addWidget(window)
-        window.resize(1280, 800)
-        window.show()
-        _wait_idle(qtbot, window)
-        return window
-
-    return make
+def _slow(spec, cfg, mst) -> Session:
+    return _SlowSession(spec, cfg, mst)
 
 
 def _calibrate(qtbot, window) -> None:
@@ -58,7 +43,7 @@ def _calibrate(qtbot, window) -> None:
 
 
 def test_cancelled_recalibration_says_the_earlier_one_is_restored(make_window, sample_images, qtbot):
-    window = make_window(sample_images[:3], slow=True)
+    window = make_window(sample_images[:3], session_factory=_slow)
     _calibrate(qtbot, window)
     summary = window.model_panel.summary["calibration"].text()
     assert summary.startswith("3/3 images")
@@ -108,7 +93,7 @@ def test_state_names_the_running_task_and_what_is_queued(make_window, qtbot):
 
 
 def test_evaluation_progress_counts_images_and_the_banner_waits(make_window, sample_images, qtbot):
-    window = make_window(sample_images[:3], slow=True)
+    window = make_window(sample_images[:3], session_factory=_slow)
     tab = window.errors_tab
     with qtbot.waitSignal(window.calibration_tab.sigCalibrated, timeout=LONG):
         qtbot.mouseClick(window.calibration_tab.calibrate_button, Qt.LeftButton)

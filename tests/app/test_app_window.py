@@ -21,29 +21,6 @@ def _wait_idle(qtbot, window, timeout=LONG):
     qtbot.waitUntil(lambda: window.session is not None and not window.runner.busy, timeout=timeout)
 
 
-@pytest.fixture
-def make_window(qtbot, qsettings):
-    """A main window on the tiny model at 70 soft tokens (small and fast)."""
-    made: list[QtMainWindow] = []  # alive until pytest-qt closes them after the test
-
-    def make(images=(), session_factory=None) -> QtMainWindow:
-        window = QtMainWindow(
-            model_spec="tiny",
-            images=list(images),
-            max_soft_tokens=70,
-            settings=qsettings,
-            session_factory=session_factory,
-        )
-        qtbot.addWidget(window)
-        made.append(window)
-        window.resize(1280, 800)
-        window.show()
-        _wait_idle(qtbot, window)
-        return window
-
-    return make
-
-
 def drop_paths(widget: QWidget, paths: list[Path]) -> QDropEvent:
     """Drag file URLs onto widget and drop them, as the desktop does."""
     mime = QMimeData()
