@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from core import cli
 from core.errors import ConfigError, ModelLoadError, SessionFileError
-from tests.test_cli_diag import MST, run, session_dir  # noqa: F401 - session_dir is a fixture (tiny, calibrated)
+from tests.conftest import MST
+from tests.test_cli_diag import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
