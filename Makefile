@@ -37,11 +37,12 @@ define ensure_debs
 	fi
 endef
 
-.PHONY: help venv sysdeps sysdeps-test test run clean
+.PHONY: help venv sysdeps sysdeps-test lint test run clean
 
 help:
 	@echo "make run    start the PTQ Studio GUI"
-	@echo "make test   run the whole test suite headless"
+	@echo "make test   make lint, then the whole test suite headless"
+	@echo "make lint   ruff and the import-linter layering contracts (pyproject.toml)"
 	@echo "make venv   create $(VENV) and install ptq-studio[test] (editable)"
 
 venv: $(STAMP)
@@ -66,7 +67,13 @@ sysdeps-test:
 sysdeps:
 	$(call ensure_debs,$(SYSDEPS_RUN))
 
-test: venv sysdeps-test
+# The layering is enforced, not described: core never imports app or Qt, quant sits below
+# wrappers, wrappers below analysis and export (contracts in pyproject.toml).
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint sysdeps-test
 	PY=$(VENV)/bin/python $(TEST_ENV) bash scripts/run_tests.sh
 
 # Without a display (a bare server, a container) the window opens on a virtual X server instead.
@@ -79,5 +86,5 @@ run: venv sysdeps
 	fi
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .import_linter_cache .grimp_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

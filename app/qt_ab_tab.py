@@ -27,9 +27,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from core.errors import ConfigError, PTQStudioError
-
 from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, results_table
+from core.errors import ConfigError, PTQStudioError
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow

@@ -27,10 +27,10 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSizePolicy,
     QSplitter,
-    QTabWidget,
+    QTableView,
     QTableWidget,
     QTableWidgetItem,
-    QTableView,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )

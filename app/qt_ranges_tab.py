@@ -37,10 +37,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, results_table, scalar
 from core.errors import PTQStudioError
 from core.quant.dtypes import get_dtype
-
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, results_table, scalar
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.qt_main_window import QtMainWindow
     from core.resources import sample_images
 
-    app = QApplication.instance() or QApplication([])
+    _qapp = QApplication.instance() or QApplication([])  # held: Qt needs it alive while windows exist
     work = Path(tempfile.mkdtemp(prefix="ptq-shots-"))
     settings = QSettings(str(work / "settings.ini"), QSettings.IniFormat)
     window = QtMainWindow(model_spec="tiny", images=sample_images(), max_soft_tokens=280, settings=settings)

@@ -106,10 +106,10 @@ def worker_ours(args) -> None:
 
 
 def worker_tico(args) -> None:
-    import torch
-
     import tico.quantization
     import tico.quantization.config.ptq
+    import torch
+
     from core.export import _convert
     from core.models import load_model
 

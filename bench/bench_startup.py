@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 0.5
 
-# What the `ptq-studio` console script runs (pyproject: ptq-studio = "core.cli:main").
-_ENTRY = "import sys; from core.cli import main; sys.exit(main())"
+# What the `ptq-studio` console script runs (pyproject: ptq-studio = "ptq_studio.launcher:main").
+_ENTRY = "import sys; from ptq_studio.launcher import main; sys.exit(main())"
 
 CASES = {
     "ptq-studio --help": [sys.executable, "-c", _ENTRY, "--help"],

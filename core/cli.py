@@ -1,5 +1,6 @@
 """`ptq-studio` command line: quantize, report, export, sensitivity, and the diagnostics commands
-images, locate, recalibrate, ab (core.cli_diag). No argument opens the GUI.
+images, locate, recalibrate, ab (core.cli_diag). The console script's launcher
+(ptq_studio.launcher) opens the GUI when given no argument; here no argument is a usage error.
 
 Exit codes: 0 success; 2 user error (bad arguments, no usable image, unreadable session,
 unwritable output), one line on stderr; 1 internal failure (short message; --debug shows the
@@ -662,12 +663,8 @@ def _fail(as_json: bool, command: str | None, kind: str, line: str, message: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `ptq-studio` console script."""
+    """The headless command line (ptq_studio.launcher calls it for any argument list)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        from app.main import main as gui_main  # the GUI only when asked for: the CLI stays Qt-free
-
-        return int(gui_main() or 0)
     debug = "--debug" in argv
     wants_json = "--json" in argv
     try:

@@ -368,9 +368,9 @@ def heatmap_chart(heatmap, title: str | None = None, target: int = 640) -> Image
 
 def _outline(d: ImageDraw.ImageDraw, box, left: int, top: int, zoom: float) -> None:
     """A pixel box of the resized image, drawn at `zoom` and offset: two bright lines, one dark."""
-    l, t, r, b = (v * zoom for v in box)
+    x0, y0, x1, y1 = (v * zoom for v in box)
     for k in range(3):
-        d.rectangle([left + l - k, top + t - k, left + r + k - 1, top + b + k - 1], outline=PEAK if k < 2 else (0, 0, 0))
+        d.rectangle([left + x0 - k, top + y0 - k, left + x1 + k - 1, top + y1 + k - 1], outline=PEAK if k < 2 else (0, 0, 0))
 
 
 def _fmt_err(v: float) -> str:

@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from core.io import atomic_write_text, recover_folder, staged_folder
 from core.inspect import (
     CompareResult,
     ModuleError,
@@ -46,6 +45,7 @@ from core.inspect import (
     observer_table,
     sensitivity,
 )
+from core.io import atomic_write_text, recover_folder, staged_folder
 from core.models import SPECS
 
 FORMAT = "ptq-studio-session"

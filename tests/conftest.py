@@ -96,6 +96,22 @@ def sample_images() -> list[Path]:
     return paths
 
 
+# Soft tokens per image of the session_dir fixture (and of the CLI tests that quantize): small, so
+# a calibration takes about a second.
+MST = 70
+
+
+@pytest.fixture(scope="module")
+def session_dir(tmp_path_factory, sample_images) -> Path:
+    """A tiny session calibrated on three sample images, saved once per test module."""
+    from core.session import Session
+
+    s = Session("tiny", max_soft_tokens=MST)
+    s.add_images(sample_images[:3])
+    s.calibrate()
+    return s.save(tmp_path_factory.mktemp("cli_diag") / "s")
+
+
 @pytest.fixture
 def bad_images(tmp_path: Path, sample_images: list[Path]) -> dict[str, Path]:
     """One file per kind of bad input (name -> path); see BAD_IMAGE_REASONS."""

@@ -386,11 +386,22 @@ def test_progress_is_drawn_only_on_a_terminal():
     assert "2/2" in loud.text and loud.text.endswith("\n")
 
 
-def test_no_arguments_opens_the_gui(monkeypatch):
+def test_no_arguments_opens_the_gui(monkeypatch, capsys):
     import types
+
+    from ptq_studio import launcher
 
     calls = []
     fake = types.ModuleType("app.main")
     fake.main = lambda: calls.append("gui") or 0
     monkeypatch.setitem(sys.modules, "app.main", fake)
-    assert cli.main([]) == 0 and calls == ["gui"]
+    assert launcher.main([]) == 0 and calls == ["gui"]
+    # Any argument goes to the headless CLI, never the GUI.
+    assert launcher.main(["--version"]) == 0 and calls == ["gui"]
+    assert capsys.readouterr().out.startswith("ptq-studio ")
+
+
+def test_cli_without_a_command_is_a_usage_error(capsys):
+    # core.cli knows nothing of the GUI (the launcher opens it): no command is exit 2, one line.
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err.startswith("ptq-studio: choose a command")

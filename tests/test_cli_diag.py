@@ -7,7 +7,6 @@ call it wraps.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,16 +14,6 @@ import yaml
 
 from core import cli
 from core.session import Session
-
-MST = 70
-
-
-@pytest.fixture(scope="module")
-def session_dir(tmp_path_factory, sample_images) -> Path:
-    s = Session("tiny", max_soft_tokens=MST)
-    s.add_images(sample_images[:3])
-    s.calibrate()
-    return s.save(tmp_path_factory.mktemp("cli_diag") / "s")
 
 
 def run(capfd, *args) -> tuple[int, str, str]:

@@ -327,8 +327,8 @@ def test_heatmap_png(session, sample_images, tmp_path):
     zoom = max(1.0, 640 / max(h, w))
     assert rgb.shape[1] >= w * zoom + 100 and rgb.shape[0] >= h * zoom
     left, top = 12, 74  # where heatmap_chart puts the image
-    l, t, r, b = (int(round(v * zoom)) for v in hm.peak_box())
-    assert tuple(rgb[top + (t + b) // 2, left + l]) == PEAK  # the peak's outline
+    x0, y0, _, y1 = (int(round(v * zoom)) for v in hm.peak_box())
+    assert tuple(rgb[top + (y0 + y1) // 2, left + x0]) == PEAK  # the peak's outline
     # the colour bar: brightest (max) at the top, darkest (min) at the bottom
     bar_x = left + int(round(w * zoom)) + 20 + 9
     assert rgb[top + 2, bar_x].sum() > 600 and rgb[top + max(120, int(round(h * zoom)) - 20) - 3, bar_x].sum() < 60

@@ -111,8 +111,9 @@ def test_quantize_input_gives_8_bit_pixels_back():
 
 def test_bridge_float_ops_keeps_tico_results(exports):
     """Bridging integer ops into float (the onert check's copy) changes no value in TICO's runtime."""
-    from core.export import _run_lean
     from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
+
+    from core.export import _run_lean
 
     data = exports[("quant", "integer")].path.read_bytes()
     bridged, counts = bridge_float_ops(data, ["GELU", "RMS_NORM"])

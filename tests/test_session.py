@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from core.cancel import CancelToken
-from core.errors import NotCalibratedError, SessionFileError, UnwritablePathError
+from core.errors import SessionFileError, UnwritablePathError
 from core.session import FORMAT_VERSION, MANIFEST, OBSERVERS, Session, checkpoint_hash
 
 MST = 70

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from core import cli
 from core.errors import ConfigError, ModelLoadError, SessionFileError
-from tests.test_cli_diag import MST, run, session_dir  # noqa: F401 - session_dir is a fixture (tiny, calibrated)
+from tests.conftest import MST
+from tests.test_cli_diag import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _PROBE = """
 import json, sys
-from core.cli import main
+from ptq_studio.launcher import main
 rc = main(sys.argv[1:]) if len(sys.argv) > 1 else None
 heavy = sorted(m for m in ("torch", "transformers", "tico", "PySide6", "numpy", "PIL") if m in sys.modules)
 print(json.dumps({"rc": rc, "heavy": heavy}))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
+import tico  # noqa: F401  (registers torch.ops.circle_custom.rms_norm, the Circle RMS_NORM op)
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import tico  # noqa: F401  (registers torch.ops.circle_custom.rms_norm, the Circle RMS_NORM op)
 
 from core.wrappers.base import QuantContext, QuantModule
 
