@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
@@ -21,6 +22,7 @@ from PySide6.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSplitter,
     QTableWidget,
@@ -91,7 +93,17 @@ class QtExportTab(QWidget):
 
         self.verify_labels: dict[str, QLabel] = {}
         verify_box = QGroupBox("Verification (Circle runtime vs fake-quant torch)")
-        form = QFormLayout(verify_box)
+        # The rows wrap; in a scroll area each keeps the height its text needs instead of being
+        # squeezed (and cut mid-line) when the splitter gives the box less room.
+        verify_body = QWidget()
+        form = QFormLayout(verify_body)
+        form.setContentsMargins(0, 0, 0, 0)
+        verify_scroll = QScrollArea()
+        verify_scroll.setWidgetResizable(True)
+        verify_scroll.setFrameShape(QFrame.NoFrame)
+        verify_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        verify_scroll.setWidget(verify_body)
+        QVBoxLayout(verify_box).addWidget(verify_scroll)
         for key, title in (
             ("verdict", "Result"),
             ("advice", "What to do"),
