@@ -31,12 +31,19 @@ trap 'rm -f "$log"' EXIT
 for attempt in 1 2; do
     # Not a pipe into tee: a helper process that outlives a stopped pytest (QtWebEngine's
     # zygote) would hold the pipe open and stall the run. tail follows the file until pytest ends.
-    "$PY" -m pytest -q -o timeout=300 tests/app "$@" >"$log" 2>&1 &
+    # pytest-timeout's thread needs the GIL to fire; a deadlock in which a thread holds the GIL
+    # while it waits on a Qt mutex would never end. So the whole GUI run is also bounded from
+    # outside: SIGABRT makes faulthandler dump every thread's stack, SIGKILL follows 30 s later.
+    timeout --signal=ABRT --kill-after=30 "${GUI_TESTS_LIMIT:-900}" \
+        "$PY" -m pytest -q -o timeout=300 tests/app "$@" >"$log" 2>&1 &
     pid=$!
     tail -n +1 -f --pid="$pid" "$log"
     wait "$pid"
     rc=$?
-    if [ "$rc" -eq 0 ] || ! grep -q "+ Timeout +" "$log"; then
+    hung=0
+    grep -q "+ Timeout +" "$log" && hung=1
+    case "$rc" in 124|134|137) hung=1 ;; esac
+    if [ "$rc" -eq 0 ] || [ "$hung" -eq 0 ]; then
         exit "$rc"
     fi
     echo "GUI tests: a test hung (stacks above); running the GUI tests again in a fresh process" >&2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -30,6 +31,11 @@ def no_thread_left_running():
         qthreads = live_threads()
         extra = [t for t in threading.enumerate() if t.is_alive() and t not in before and t.name.startswith("ptq-")]
         if not qthreads and not extra:
+            # Collect the closed window's Qt wrappers here, on the GUI thread. Left in reference
+            # cycles, they were collected by whichever thread next triggered the cyclic GC: a
+            # later test's worker, whose ~QObject then waited for the GIL while the GUI thread,
+            # deleting a QMenu, waited for that QObject's mutex (a deadlock seen in CI).
+            gc.collect()
             return
         time.sleep(0.05)
     pytest.fail(f"test left threads running: {[t.objectName() for t in qthreads] + [t.name for t in extra]}")
