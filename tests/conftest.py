@@ -101,15 +101,20 @@ def sample_images() -> list[Path]:
 MST = 70
 
 
+def calibrated_tiny(images, max_soft_tokens: int = MST):
+    """A Session on the tiny model calibrated on `images` (the setup many test modules share)."""
+    from core.session import Session
+
+    s = Session("tiny", max_soft_tokens=max_soft_tokens)
+    s.add_images(images)
+    s.calibrate()
+    return s
+
+
 @pytest.fixture(scope="module")
 def session_dir(tmp_path_factory, sample_images) -> Path:
     """A tiny session calibrated on three sample images, saved once per test module."""
-    from core.session import Session
-
-    s = Session("tiny", max_soft_tokens=MST)
-    s.add_images(sample_images[:3])
-    s.calibrate()
-    return s.save(tmp_path_factory.mktemp("cli_diag") / "s")
+    return calibrated_tiny(sample_images[:3]).save(tmp_path_factory.mktemp("cli_diag") / "s")
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from core.models import load_model
 from core.provenance import ExtremeLocation, NoLocationError, locate_extreme, rank_images, row_axis
 from core.ptq import calibrate, prepare
 from core.session import MANIFEST, Session
+from tests.conftest import calibrated_tiny
 
 MST = 70
 
@@ -39,10 +40,7 @@ def _same_stats(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def calibrated(sample_images) -> Session:
-    s = Session("tiny", max_soft_tokens=MST)
-    s.add_images(sample_images[:3])
-    s.calibrate()
-    return s
+    return calibrated_tiny(sample_images[:3], MST)
 
 
 def _capture_fp_tensors(session, path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 from core.cancel import CancelToken
 from core.errors import SessionFileError, UnwritablePathError
 from core.session import FORMAT_VERSION, MANIFEST, OBSERVERS, Session, checkpoint_hash
+from tests.conftest import calibrated_tiny
 
 MST = 70
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,10 +41,7 @@ def _outputs(session: Session, paths) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def calibrated_session(sample_images) -> Session:
-    s = Session("tiny", max_soft_tokens=MST)
-    s.add_images(sample_images[:3])
-    s.calibrate()
-    return s
+    return calibrated_tiny(sample_images[:3], MST)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import core.images as images_mod
 import core.io as cio
 from core.session import MANIFEST, Session
+from tests.conftest import calibrated_tiny
 
 MST = 70
 
@@ -18,10 +19,7 @@ MST = 70
 
 @pytest.fixture(scope="module")
 def calibrated(sample_images) -> Session:
-    s = Session("tiny", max_soft_tokens=MST)
-    s.add_images(sample_images[:1])
-    s.calibrate()
-    return s
+    return calibrated_tiny(sample_images[:1], MST)
 
 
 # ------------------------------------------------------------------------------------ images

@@ -24,10 +24,16 @@ def test_gemm_rounding_error_is_measured_not_assumed():
     assert gemm_rounding_error(q, rows=256) == rel  # seeded inputs: the same machine says the same
 
 
-def test_rounding_noise_perturbs_only_inside_and_only_slightly():
+@pytest.fixture
+def float_export_module():
+    """(prepared tiny model, its export module for one photo at 70 soft tokens, that photo's batch)."""
     q = prepare(load_model("tiny"))
     batch = ImagePreprocessor(q.config, max_soft_tokens=70)([resource_path("samples/astronaut.jpg")])
-    module = q.as_export_module(batch["pixel_position_ids"])
+    return q, q.as_export_module(batch["pixel_position_ids"]), batch
+
+
+def test_rounding_noise_perturbs_only_inside_and_only_slightly(float_export_module):
+    q, module, batch = float_export_module
     with torch.no_grad():
         clean = module(batch["pixel_values"])
         with rounding_noise(q, 1e-6, seed=1):
@@ -39,10 +45,8 @@ def test_rounding_noise_perturbs_only_inside_and_only_slightly():
     assert not any("fq" in m.__dict__ for m in q.quant_modules())
 
 
-def test_noise_floor_of_a_float_model_has_no_steps():
-    q = prepare(load_model("tiny"))
-    batch = ImagePreprocessor(q.config, max_soft_tokens=70)([resource_path("samples/astronaut.jpg")])
-    module = q.as_export_module(batch["pixel_position_ids"])
+def test_noise_floor_of_a_float_model_has_no_steps(float_export_module):
+    q, module, batch = float_export_module
     with torch.no_grad():
         ref = module(batch["pixel_values"])
         floor = noise_floor(q, module, batch["pixel_values"], ref, None)
