@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtWidgets import QApplication  # noqa: PLC0415
 
     from app.qt_main_window import QtMainWindow  # noqa: PLC0415
-    from core.resources import sample_images  # noqa: PLC0415
+    from core.data.resources import sample_images  # noqa: PLC0415
 
     app = QApplication.instance() or QApplication(argv)
     app.setApplicationName("PTQ Studio")

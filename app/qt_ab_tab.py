@@ -339,7 +339,7 @@ class QtABTab(QWidget):
         self.message.show_message("Calibrating B on the session's images…")
 
         def work(progress, cancel):
-            from core.abtest import calibrate_b, compare_ab  # noqa: PLC0415
+            from core.analysis.abtest import calibrate_b, compare_ab  # noqa: PLC0415
 
             def phase(name):
                 return lambda done, total, message="": progress(done, total, f"{name}{' · ' + message if message else ''}")
@@ -494,7 +494,7 @@ class QtABTab(QWidget):
             f"(PEIR A {fmt_float(ea.peir)}, B {fmt_float(eb.peir)}): {verdict}; "
             f"per module B wins {wins}, A wins {losses}, {n - wins - losses} ties.{notes}"
         )
-        from core.abtest import describe_config  # noqa: PLC0415
+        from core.analysis.abtest import describe_config  # noqa: PLC0415
 
         self.summary_label.setToolTip(f"A: {describe_config(result.config_a)}\nB: {describe_config(result.config_b)}")
         self._update_winning()
@@ -567,7 +567,7 @@ class QtABTab(QWidget):
         result = self.result
 
         def work():
-            from core.config_export import write_tico_ptq_yaml  # noqa: PLC0415
+            from core.export.config_export import write_tico_ptq_yaml  # noqa: PLC0415
 
             write_tico_ptq_yaml(path, overrides, base=result.config_a, modules=result.module_names)
             return path
@@ -584,7 +584,7 @@ class QtABTab(QWidget):
         tensor_modules = dict(getattr(exported, "tensor_modules", None) or {})
 
         def work():
-            from core.config_export import one_name_map, write_one_quant_config  # noqa: PLC0415
+            from core.export.config_export import one_name_map, write_one_quant_config  # noqa: PLC0415
 
             name_map = one_name_map(tensor_modules, result.module_names) if tensor_modules else None
             write_one_quant_config(path, overrides, name_map, base=result.config_a, modules=result.module_names)

@@ -223,7 +223,7 @@ class QtExportTab(QWidget):
         self.layout_label.setText(f"reading the patch grid of {Path(path).name}…")
 
         def work():
-            from core.grid import patch_layout  # noqa: PLC0415 - the core is imported lazily
+            from core.data.grid import patch_layout  # noqa: PLC0415 - the core is imported lazily
 
             batch = session.preprocessor([path])
             return path, patch_layout(session.qmodel, batch["pixel_position_ids"]).grid
@@ -288,7 +288,7 @@ class QtExportTab(QWidget):
         self.export_button.setEnabled(True)
         self.progress.end(f"exported in {float(result.seconds):.1f} s")
         verify = result.verify
-        # The verdict is core's (core.verdict): the file against torch's own rounding noise, measured
+        # The verdict is core's (core.export.verdict): the file against torch's own rounding noise, measured
         # on this machine, so it means the same on every CPU.
         verdict = verify.verdict
         mark, colour = _VERDICT_LOOK[verdict.level]
@@ -310,7 +310,7 @@ class QtExportTab(QWidget):
         )
         self.verify_labels["runtime"].setText(str(verify.runtime))
         self.verify_labels["onert"].setText(verify.onert.summary() if verify.onert is not None else "not run")
-        # The verdict above names any op that changes dtype silently (core.export.structural_problems).
+        # The verdict above names any op that changes dtype silently (core.export.pipeline.structural_problems).
         self.verify_labels["input"].setText(next((t for t in result.io_tensors if t.startswith("input")), "?"))
         self.verify_labels["path"].setText(str(result.path))
         self.verify_labels["bytes"].setText(
@@ -441,7 +441,7 @@ class QtExportTab(QWidget):
         self.threeway_note.setText(f"Running {Path(str(result.path)).name} beside the float and fake-quant models…")
 
         def work(progress, cancel):
-            from core.threeway import three_way_session  # noqa: PLC0415 - the core is imported lazily
+            from core.analysis.threeway import three_way_session  # noqa: PLC0415 - the core is imported lazily
 
             return three_way_session(session, result, progress=progress, cancel=cancel)
 

@@ -54,7 +54,7 @@ def _check_keep_float(session, config) -> None:
     qmodel = getattr(session, "qmodel", None)
     if qmodel is None:  # stand-in sessions of the tests have no wrapped model
         return
-    from core.abtest import owner_modules  # noqa: PLC0415
+    from core.analysis.abtest import owner_modules  # noqa: PLC0415
 
     config.check_globs(owner_modules(qmodel), "keep-float")
 

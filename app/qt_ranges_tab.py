@@ -397,7 +397,7 @@ class QtRangesTab(QWidget):
         # "Outlier" is the core's per-observer test (a few values far beyond that observer's own
         # bulk); a range far wider than its neighbours' is something else, so the widest is named
         # beside the count instead of being hidden behind "0 outliers".
-        from core.inspect import OUTLIER_PERCENTILE, OUTLIER_RATIO_THRESHOLD  # noqa: PLC0415 - torch stays off the UI start
+        from core.analysis.inspect import OUTLIER_PERCENTILE, OUTLIER_RATIO_THRESHOLD  # noqa: PLC0415 - torch stays off the UI start
 
         self.summary.setText(f"{len(self.records)} observers · {n_out} with outlier values" + self._widest_text())
         self.summary.setToolTip(
@@ -667,7 +667,7 @@ class QtRangesTab(QWidget):
         generation = self._generation
 
         def work():
-            from core.provenance import locate_extreme  # noqa: PLC0415 - the core is imported lazily
+            from core.analysis.provenance import locate_extreme  # noqa: PLC0415 - the core is imported lazily
 
             return generation, key, locate_extreme(session, name, which=which)
 
@@ -907,7 +907,7 @@ class QtRangesTab(QWidget):
             return
 
         def work():
-            from core.provenance import rank_images  # noqa: PLC0415
+            from core.analysis.provenance import rank_images  # noqa: PLC0415
 
             return rank_images(session)
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtWidgets import QApplication
 
     from app.qt_main_window import QtMainWindow
-    from core.resources import sample_images
+    from core.data.resources import sample_images
 
     _qapp = QApplication.instance() or QApplication([])  # held: Qt needs it alive while windows exist
     work = Path(tempfile.mkdtemp(prefix="ptq-shots-"))

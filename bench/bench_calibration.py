@@ -27,9 +27,9 @@ PHASES = ["fp_eager", "fp_sdpa", "ours_calib", "ours_quant", "tico_calib", "tico
 def _worker(phase: str, tokens: int, model_spec: str) -> dict:
     import torch
 
-    from core.images import ImagePreprocessor
+    from core.data.images import ImagePreprocessor
+    from core.data.resources import sample_images
     from core.models import load_model
-    from core.resources import sample_images
 
     torch.manual_seed(0)
     model = load_model(model_spec)

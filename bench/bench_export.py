@@ -37,8 +37,8 @@ def _maxrss_gb() -> float:
 
 
 def _calibration(config, tokens: int, count: int):
-    from core.images import ImagePreprocessor
-    from core.resources import sample_images
+    from core.data.images import ImagePreprocessor
+    from core.data.resources import sample_images
 
     pre = ImagePreprocessor(config, max_soft_tokens=tokens)
     images = sample_images()
@@ -50,7 +50,7 @@ def _calibration(config, tokens: int, count: int):
 def worker_ours(args) -> None:
     import torch
 
-    from core.export import export_circle
+    from core.export.pipeline import export_circle
     from core.models import load_model
     from core.ptq import calibrate, convert, prepare
 
@@ -110,7 +110,7 @@ def worker_tico(args) -> None:
     import tico.quantization.config.ptq
     import torch
 
-    from core.export import _convert
+    from core.export.pipeline import _convert
     from core.models import load_model
 
     torch.manual_seed(0)

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtWidgets import QApplication
 
     from app.qt_main_window import QtMainWindow
-    from core.resources import sample_images
+    from core.data.resources import sample_images
 
     app = QApplication.instance() or QApplication([])
     settings = QSettings(str(Path(os.environ.get("TMPDIR", "/tmp")) / "ptq-bench-gui.ini"), QSettings.IniFormat)

@@ -46,7 +46,7 @@ def make_photos(folder: Path, count: int, scale: float, seed: int = 0) -> list[P
     """count JPEG copies of the bundled samples, each with a few random pixels changed."""
     from PIL import Image
 
-    from core.resources import sample_images
+    from core.data.resources import sample_images
 
     rng = random.Random(seed)
     sources = []

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from core.inspect import (
+from core.analysis.inspect import (
     CompareResult,
     ModuleError,
     ObserverRecord,
@@ -183,7 +183,7 @@ class Session:
         device: str = "cpu",
     ):
         from core.config import PTQConfig
-        from core.images import ImagePreprocessor
+        from core.data.images import ImagePreprocessor
         from core.models import describe_model, load_model
 
         self.model_spec = str(model_spec)
@@ -246,7 +246,7 @@ class Session:
         """Open paths (folders expanded); accepted / rejected entries (duplicates of `known` rejected)."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        from core.images import LoadedImage
+        from core.data.images import LoadedImage
 
         known = set(known)
         accepted: list[ImageEntry] = []
@@ -432,7 +432,7 @@ class Session:
             raise _errors().NotCalibratedError("the session is not calibrated yet: run calibrate first")
 
     def observer_table(self) -> list[ObserverRecord]:
-        """One record per observer, in forward order (see core.inspect.ObserverRecord)."""
+        """One record per observer, in forward order (see core.analysis.inspect.ObserverRecord)."""
         return observer_table(self.qmodel)
 
     def evaluate(self, images=None, progress: Progress | None = None, cancel=None, keep_float=None) -> CompareResult:
@@ -476,9 +476,9 @@ class Session:
         cancel=None,
         input_dtype: str = "integer",
     ):
-        """Export a static integer Circle model and verify it (core.export.export_circle)."""
+        """Export a static integer Circle model and verify it (core.export.pipeline.export_circle)."""
         self._require_calibrated()
-        from core.export import export_circle
+        from core.export.pipeline import export_circle
 
         mst = int(max_soft_tokens or self.max_soft_tokens)
         if image is None:
@@ -498,32 +498,32 @@ class Session:
     # ---- diagnostics (thin entry points; the work lives in the modules named) -----------
 
     def image_error_maps(self, image, progress: Progress | None = None, cancel=None):
-        """Per-patch FP-vs-quant error of every module on one image (core.diagnostics)."""
-        from core.diagnostics import image_error_maps
+        """Per-patch FP-vs-quant error of every module on one image (core.analysis.diagnostics)."""
+        from core.analysis.diagnostics import image_error_maps
 
         return image_error_maps(self, image, progress=progress, cancel=cancel)
 
     def locate_divergence(self, images=None, unit: str = "layer", progress: Progress | None = None, cancel=None):
-        """The unit where the error jumps most, local vs inherited error (core.diagnostics)."""
-        from core.diagnostics import locate_divergence
+        """The unit where the error jumps most, local vs inherited error (core.analysis.diagnostics)."""
+        from core.analysis.diagnostics import locate_divergence
 
         return locate_divergence(self, images=images, unit=unit, progress=progress, cancel=cancel)
 
     def locate_extreme(self, observer_name: str, which: str = "max"):
-        """The image and patch where an observer's min or max occurred (core.provenance)."""
-        from core.provenance import locate_extreme
+        """The image and patch where an observer's min or max occurred (core.analysis.provenance)."""
+        from core.analysis.provenance import locate_extreme
 
         return locate_extreme(self, observer_name, which)
 
     def rank_images(self):
-        """Calibration images by how many observer extremes they set (core.provenance)."""
-        from core.provenance import rank_images
+        """Calibration images by how many observer extremes they set (core.analysis.provenance)."""
+        from core.analysis.provenance import rank_images
 
         return rank_images(self)
 
     def three_way(self, export, image=None, progress: Progress | None = None, cancel=None):
-        """Torch FP vs torch fake-quant vs the Circle file, per module (core.threeway)."""
-        from core.threeway import three_way_session
+        """Torch FP vs torch fake-quant vs the Circle file, per module (core.analysis.threeway)."""
+        from core.analysis.threeway import three_way_session
 
         return three_way_session(self, export, image=image, progress=progress, cancel=cancel)
 
@@ -629,7 +629,7 @@ class Session:
             raise _session_error(mpath, f"corrupt ({type(e).__name__}: {_one_line(e)})") from None
         except _errors().PTQStudioError as e:
             raise _session_error(mpath, f"invalid config ({_one_line(e)})") from None
-        from core.images import SUPPORTED_SOFT_TOKENS
+        from core.data.images import SUPPORTED_SOFT_TOKENS
 
         if mst not in SUPPORTED_SOFT_TOKENS:
             raise _session_error(

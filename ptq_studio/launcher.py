@@ -1,4 +1,4 @@
-"""Entry point of the `ptq-studio` console script: no argument opens the GUI, anything else runs core.cli.
+"""Entry point of the `ptq-studio` console script: no argument opens the GUI, anything else runs core.cli.main.
 
 It lives above both `app` and `core` so that `core` never imports `app` (import-linter checks this,
 see pyproject.toml). Each side is imported only when chosen, so `ptq-studio --help` loads neither
@@ -18,6 +18,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from app.main import main as gui_main
 
         return int(gui_main() or 0)
-    from core.cli import main as cli_main
+    from core.cli.main import main as cli_main
 
     return cli_main(argv)

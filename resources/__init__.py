@@ -1,1 +1,1 @@
-"""Bundled data files (sample images, icons, style sheets); resolve them with core.resources."""
+"""Bundled data files (sample images, icons, style sheets); resolve them with core.data.resources."""

@@ -19,7 +19,7 @@ export QTWEBENGINE_CHROMIUM_FLAGS=${QTWEBENGINE_CHROMIUM_FLAGS:---no-sandbox}
 
 # The numeric tests once more on another CPU kernel path and thread count: ATen's scalar kernels,
 # MKL and oneDNN held to AVX2, one thread. A tolerance tuned on one CPU fails here first, in CI,
-# instead of on a user's machine (every numeric verdict is judged against core.verdict's measured
+# instead of on a user's machine (every numeric verdict is judged against core.export.verdict's measured
 # noise floor, so it must pass under any of these).
 if [ "${PTQ_SKIP_KERNEL_PASS:-0}" != 1 ]; then
     ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=1 \

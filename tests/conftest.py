@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core.resources import sample_images as _bundled_samples
+from core.data.resources import sample_images as _bundled_samples
 
 # file name -> what BadImageError.reason must mention (lower case substring)
 BAD_IMAGE_REASONS: dict[str, str] = {

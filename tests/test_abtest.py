@@ -1,4 +1,4 @@
-"""A/B configurations (core.abtest) and config export (core.config_export) on real photos."""
+"""A/B configurations (core.analysis.abtest) and config export (core.export.config_export) on real photos."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 import yaml
 
-from core.abtest import ABComparison, ab_summary_lines, calibrate_b, compare_ab, resolved_specs
+from core.analysis.abtest import ABComparison, ab_summary_lines, calibrate_b, compare_ab, resolved_specs
 from core.cancel import CancelToken
 from core.config import ModuleOverride, PTQConfig, QuantSpec
-from core.config_export import (
+from core.errors import CancelledError, ConfigError
+from core.export.config_export import (
     gemma4_module_names,
     tico_ptq_config_from_yaml,
     tico_resolved_kwargs,
@@ -21,7 +22,6 @@ from core.config_export import (
     write_one_quant_config,
     write_tico_ptq_yaml,
 )
-from core.errors import CancelledError, ConfigError
 from core.session import Session
 
 INT16_LAYERS = PTQConfig(overrides={"encoder.layers.*": "int16"})
@@ -291,8 +291,8 @@ def test_one_quant_config_rejects_what_one_cannot_express():
 
 
 def _fake_result(config_a, config_b, names, winners):
-    from core.abtest import ABModule, ABResult
-    from core.inspect import ModuleError
+    from core.analysis.abtest import ABModule, ABResult
+    from core.analysis.inspect import ModuleError
 
     def err(name, sqnr):
         return ModuleError(name, "x", 0.0, sqnr, 0.0, 0.0, 1.0, 0.0)

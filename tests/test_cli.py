@@ -1,7 +1,7 @@
 """`ptq-studio` CLI end to end on the bundled photographs, plus the bad-input corpus.
 
 The four commands run as real subprocesses with --json and their documents are checked on
-values; the bad inputs run in-process through core.cli.main (same code path, much faster)
+values; the bad inputs run in-process through core.cli.main.main (same code path, much faster)
 and a couple of them again as subprocesses to pin the real exit status.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core import cli
+from core.cli import main as cli
 from core.session import MANIFEST, OBSERVERS, Session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ MST = "70"
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *map(str, args)],
+        [sys.executable, "-m", "core.cli.main", *map(str, args)],
         capture_output=True,
         text=True,
         env=env,
@@ -165,7 +165,6 @@ def test_sensitivity_json(quantized, sample_images):
 
 
 def test_export_json(quantized, workdir):
-    pytest.importorskip("core.export", reason="core/export.py has not landed yet")
     out, _ = quantized
     circle = workdir / "tiny.circle"
     proc = run_cli("export", out, "--out", circle, "--json")
@@ -402,6 +401,6 @@ def test_no_arguments_opens_the_gui(monkeypatch, capsys):
 
 
 def test_cli_without_a_command_is_a_usage_error(capsys):
-    # core.cli knows nothing of the GUI (the launcher opens it): no command is exit 2, one line.
+    # core.cli.main knows nothing of the GUI (the launcher opens it): no command is exit 2, one line.
     assert cli.main([]) == 2
     assert capsys.readouterr().err.startswith("ptq-studio: choose a command")

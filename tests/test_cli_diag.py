@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from core import cli
+from core.cli import main as cli
 from core.session import Session
 
 

@@ -1,4 +1,4 @@
-"""Error heatmaps and the first-divergence locator (core.diagnostics) on real photographs.
+"""Error heatmaps and the first-divergence locator (core.analysis.diagnostics) on real photographs.
 
 Tiny model at 70 soft tokens: every test runs in seconds. Values are checked against
 independent computations (compare's per-module SQNR, a float forward hook, a broken observer
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from core import diagnostics as D
+from core.analysis import diagnostics as D
+from core.analysis.inspect import ALL_FLOAT
 from core.cancel import CancelToken
 from core.config import PTQConfig
 from core.errors import BadImageError, CancelledError, NotCalibratedError
-from core.inspect import ALL_FLOAT
 from core.session import Session
 
 MST = 70
@@ -314,7 +314,7 @@ def test_progress_reports(session, sample_images):
 def test_heatmap_png(session, sample_images, tmp_path):
     from PIL import Image
 
-    from core.plots import PEAK, heatmap_file_name, write_heatmap
+    from core.cli.charts import PEAK, heatmap_file_name, write_heatmap
 
     maps = D.image_error_maps(session, by_name(sample_images, "coffee_wide.jpg"))
     hm = maps.heatmap()

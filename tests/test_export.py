@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from core.cancel import CancelToken
+from core.data.images import ImagePreprocessor
+from core.data.resources import resource_path, sample_images
 from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError, UnwritablePathError
-from core.export import ROOT_MODULE, ExportResult, check_graph, export_circle, layout_fingerprint
-from core.images import ImagePreprocessor
+from core.export.pipeline import ROOT_MODULE, ExportResult, check_graph, export_circle, layout_fingerprint
+from core.export.verdict import noise_floor
 from core.models import load_model, tiny_config
 from core.ptq import calibrate, convert, prepare
 from core.quant.mode import Mode
-from core.resources import resource_path, sample_images
-from core.verdict import noise_floor
 
 SQUARE = "samples/astronaut.jpg"
 WIDE = "samples/coffee_wide.jpg"
@@ -66,7 +66,7 @@ def test_forward_export_matches_forward(tiny_float, tiny_quant, mode, image, max
     """QUANT: the runtime forward and forward_export run the same static path (same kernels, same
     shapes), so they are equal bit for bit. NO_QUANT: the runtime forward is Hugging Face's padded
     path, whose GEMMs have other shapes, so the CPU sums in another order: the two must agree as
-    well as torch agrees with itself under this machine's rounding noise (core.verdict)."""
+    well as torch agrees with itself under this machine's rounding noise (core.export.verdict)."""
     qmodel = tiny_quant if mode == "quant" else tiny_float
     assert qmodel.mode is (Mode.QUANT if mode == "quant" else Mode.NO_QUANT)
     batch = _batch(qmodel.config, image, max_soft_tokens)
@@ -93,15 +93,15 @@ def test_as_export_module_needs_the_layout(tiny_quant):
 
 def test_plain_torch_export_of_the_adapter_registers_meta_kernels(tmp_path):
     """The README's way to export without export_circle (as_export_module + torch.export) must not
-    run real fake-quant kernels while tracing, even when core.export was never imported."""
+    run real fake-quant kernels while tracing, even when core.export.pipeline was never imported."""
     script = tmp_path / "plain_export.py"
     script.write_text(
         "import sys, torch\n"
         "import torch._subclasses.fake_tensor as ft\n"
-        "from core.images import ImagePreprocessor\n"
+        "from core.data.images import ImagePreprocessor\n"
         "from core.models import load_model\n"
         "from core.ptq import calibrate, convert, prepare\n"
-        "from core.resources import resource_path\n"
+        "from core.data.resources import resource_path\n"
         "q = prepare(load_model('tiny'))\n"
         "pre = ImagePreprocessor(q.config, max_soft_tokens=70)\n"
         "b = pre([resource_path('samples/astronaut.jpg')])\n"
@@ -113,7 +113,7 @@ def test_plain_torch_export_of_the_adapter_registers_meta_kernels(tmp_path):
         "m = q.as_export_module(b['pixel_position_ids']).eval()\n"
         "with torch.no_grad():\n"
         "    torch.export.export(m, (b['pixel_values'],), strict=False)\n"
-        "assert 'core.export' not in sys.modules, 'the test must not import core.export'\n"
+        "assert 'core.export.pipeline' not in sys.modules, 'the test must not import core.export.pipeline'\n"
         "print('fallbacks', len(calls))\n"
     )
     import subprocess
@@ -149,7 +149,7 @@ def test_quant_export_is_fully_quantized_and_verified(quant_export, tiny_quant):
     assert v is not None and v.mode == "quant" and "FAKE_QUANTIZE" in v.runtime
     assert v.output_observer == tiny_quant.observers()[-1].name == "output"
     assert v.step == pytest.approx(float(tiny_quant.observers()[-1].scale))
-    # Judged against torch's own rounding noise on this machine (core.verdict), not a constant.
+    # Judged against torch's own rounding noise on this machine (core.export.verdict), not a constant.
     floor = v.noise_floor
     assert floor is not None and floor.within_one_step is not None and floor.rel >= 2.0**-24
     assert v.verdict.level == "verified", v.verdict
@@ -177,7 +177,7 @@ def _halve_scale(data: bytes, result: ExportResult, module: str) -> tuple[bytes,
 
 def test_broken_file_reads_failed_with_a_reason(quant_export, tiny_quant):
     """A scale halved in the written file is a broken export: red, with the reason and what to do."""
-    from core.export import verify_circle
+    from core.export.pipeline import verify_circle
 
     broken, name = _halve_scale(quant_export.path.read_bytes(), quant_export, "patch_embedder")
     batch = _batch(tiny_quant.config, SQUARE, 70)
@@ -195,7 +195,7 @@ def test_lean_runtime_loop_matches_the_runtime_bit_for_bit(quant_export, tiny_qu
     import numpy as np
     from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
 
-    import core.export as export
+    import core.export.pipeline as export
 
     data = quant_export.path.read_bytes()
     runtime = CircleReferenceRuntime(data)
@@ -464,7 +464,7 @@ def e2b_float_export(tmp_path_factory):
 @pytest.mark.slow
 def test_e2b_float_export_matches_as_well_as_torch_matches_itself(e2b_float_export):
     """Float e2b: the file differs from forward_export by no more than two noisy torch copies do,
-    and the static path from the padded one by no more than one (core.verdict's floor)."""
+    and the static path from the padded one by no more than one (core.export.verdict's floor)."""
     _, _, r = e2b_float_export
     v = r.verify
     assert r.mode == "float" and v.mode == "float" and v.step is None

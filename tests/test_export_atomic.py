@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-import core.export as export_mod
+import core.export.pipeline as export_mod
 from core.cancel import CancelToken
+from core.data.images import ImagePreprocessor
+from core.data.resources import resource_path, sample_images
 from core.errors import CancelledError, ExportError, UnwritablePathError
-from core.export import export_circle
-from core.images import ImagePreprocessor
+from core.export.pipeline import export_circle
 from core.io import StagedFile
 from core.models import load_model
 from core.ptq import calibrate, convert, prepare
-from core.resources import resource_path, sample_images
 
 EARLIER = b"earlier model, must survive"
 
@@ -126,8 +126,8 @@ def test_a_good_export_replaces_the_earlier_file_and_cleans_stale_temps(
 
 
 def test_failed_verdict_keeps_the_earlier_file(qmodel, example, earlier, converted, monkeypatch):
-    """A file the verification judges broken (core.verdict 'failed') never replaces a good one."""
-    from core.verdict import judge
+    """A file the verification judges broken (core.export.verdict 'failed') never replaces a good one."""
+    from core.export.verdict import judge
 
     real = export_mod.verify_circle
 

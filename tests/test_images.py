@@ -1,4 +1,4 @@
-"""core.images: safe opening, mode conversion, folders, duplicates, and parity with transformers."""
+"""core.data.images: safe opening, mode conversion, folders, duplicates, and parity with transformers."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import torch
 from PIL import Image, ImageFile
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
-from core.errors import BadImageError, NoImagesError
-from core.images import (
+from core.data.images import (
     SUPPORTED_SOFT_TOKENS,
     ImagePreprocessor,
     expand_paths,
     open_image,
     to_rgb,
 )
+from core.errors import BadImageError, NoImagesError
 from core.models import load_model, tiny_config
 from tests.conftest import BAD_IMAGE_REASONS, make_bomb_png
 

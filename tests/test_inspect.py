@@ -1,4 +1,4 @@
-"""core.inspect: metric maths, streaming accumulators, observer table, compare, what-if, sensitivity."""
+"""core.analysis.inspect: metric maths, streaming accumulators, observer table, compare, what-if, sensitivity."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.cancel import CancelToken
-from core.errors import CancelledError, ConfigError
-from core.inspect import (
+from core.analysis.inspect import (
     OUTLIER_RATIO_THRESHOLD,
     SAMPLE_SIZE,
     ErrorAccumulator,
@@ -28,6 +26,8 @@ from core.inspect import (
     sensitivity_units,
     sqnr_db,
 )
+from core.cancel import CancelToken
+from core.errors import CancelledError, ConfigError
 from core.quant.mode import Mode
 
 MST = 70  # smallest soft-token budget: keeps the tiny model fast
@@ -110,7 +110,7 @@ def test_outlier_ratio_flags_ranges_dominated_by_a_few_values():
 
 @pytest.fixture(scope="module")
 def tiny_pre():
-    from core.images import ImagePreprocessor
+    from core.data.images import ImagePreprocessor
     from core.models import load_model
 
     model = load_model("tiny")
@@ -279,7 +279,7 @@ def test_sensitivity_is_cancellable(calibrated, tiny_pre, sample_images):
 def test_fp_reference_is_the_float_model(calibrated, tiny_pre, sample_images):
     # compare's FP pass runs the QUANT graph with every observer kept float; it must be the
     # float model's output up to float32 rounding (far below any quantization error).
-    from core.inspect import _fp_forward
+    from core.analysis.inspect import _fp_forward
 
     model, pre = tiny_pre
     batch = pre([sample_images[6]])
@@ -289,9 +289,9 @@ def test_fp_reference_is_the_float_model(calibrated, tiny_pre, sample_images):
     calibrated.set_keep_float([])
     assert ours.shape == hf.shape
     # The static path against HF's padded one: other GEMM shapes, so another summation order.
-    # Judged against torch's own rounding noise on this machine (core.verdict), not a constant.
+    # Judged against torch's own rounding noise on this machine (core.export.verdict), not a constant.
+    from core.export.verdict import noise_floor
     from core.ptq import prepare
-    from core.verdict import noise_floor
 
     float_model = prepare(model)
     module = float_model.as_export_module(batch["pixel_position_ids"])

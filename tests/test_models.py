@@ -300,7 +300,7 @@ def _behaviour(model: Gemma4VisionModel, image: Path, tokens: int = 70) -> tuple
     Gain: relative L2 change of the output when the pixel values are multiplied by
     (1 + 1e-3 * N(0, 1)), divided by 1e-3.
     """
-    from core.images import ImagePreprocessor
+    from core.data.images import ImagePreprocessor
 
     batch = ImagePreprocessor(model.config, max_soft_tokens=tokens)([image])
     ratios: list[float] = []

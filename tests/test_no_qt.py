@@ -31,12 +31,12 @@ def test_core_and_every_submodule_import_without_qt() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = {"core.errors", "core.cancel", "core.models", "core.images", "core.resources"}
+    expected = {"core.errors", "core.cancel", "core.models", "core.data.images", "core.data.resources"}
     assert expected <= set(report["imported"])
     assert report["forbidden"] == [], f"core imported Qt/app modules: {report['forbidden']}"
 
 
-@pytest.mark.parametrize("module", ["core.models", "core.images", "core.errors", "core.cancel", "core.resources"])
+@pytest.mark.parametrize("module", ["core.models", "core.data.images", "core.errors", "core.cancel", "core.data.resources"])
 def test_module_has_public_docstrings(module: str) -> None:
     import importlib
     import inspect

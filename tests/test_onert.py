@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.circle_edit import bridge_float_ops, quantize_float_input
+from core.data.images import ImagePreprocessor
+from core.data.resources import sample_images
 from core.errors import ExportError
-from core.export import dtype_mismatches, export_circle, summarize_circle
-from core.images import ImagePreprocessor
+from core.export.circle_edit import bridge_float_ops, quantize_float_input
+from core.export.onert import input_qparams, onert_available, quantize_input, run_onert
+from core.export.pipeline import dtype_mismatches, export_circle, summarize_circle
 from core.models import load_model
-from core.onert import input_qparams, onert_available, quantize_input, run_onert
 from core.ptq import calibrate, convert, prepare
-from core.resources import sample_images
 
 CALIB = 4
 needs_onert = pytest.mark.skipif(not onert_available(), reason="onert is installed by the test extra on Linux x86_64 only")
@@ -113,7 +113,7 @@ def test_bridge_float_ops_keeps_tico_results(exports):
     """Bridging integer ops into float (the onert check's copy) changes no value in TICO's runtime."""
     from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
 
-    from core.export import _run_lean
+    from core.export.pipeline import _run_lean
 
     data = exports[("quant", "integer")].path.read_bytes()
     bridged, counts = bridge_float_ops(data, ["GELU", "RMS_NORM"])
@@ -169,7 +169,7 @@ def test_onert_refusal_names_its_check(exports):
 
 
 def test_onert_missing_is_reported_not_raised(exports, monkeypatch):
-    import core.onert as co
+    import core.export.onert as co
 
     monkeypatch.setattr(co, "onert_available", lambda: False)
     res = exports[("quant", "integer")]
@@ -194,7 +194,7 @@ def test_no_batch_matmul_reads_a_constant(exports):
 def test_dtype_mismatch_is_a_structural_failure(exports):
     import dataclasses
 
-    from core.export import structural_problems
+    from core.export.pipeline import structural_problems
 
     res = exports[("quant", "integer")]
     assert structural_problems(res) == ([], [])

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from core.analysis.provenance import ExtremeLocation, NoLocationError, locate_extreme, rank_images, row_axis
 from core.cancel import CancelToken
+from core.data.grid import patch_layout
 from core.errors import ConfigError, NoImagesError, PTQStudioError
-from core.grid import patch_layout
 from core.models import load_model
-from core.provenance import ExtremeLocation, NoLocationError, locate_extreme, rank_images, row_axis
 from core.ptq import calibrate, prepare
 from core.session import MANIFEST, Session
 from tests.conftest import calibrated_tiny

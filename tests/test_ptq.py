@@ -10,8 +10,8 @@ from PIL import Image, ImageOps
 
 from core.cancel import CancelToken
 from core.config import PTQConfig, QuantSpec
+from core.data.images import ImagePreprocessor
 from core.errors import NotCalibratedError
-from core.images import ImagePreprocessor
 from core.models import load_model
 from core.ptq import calibrate, convert, prepare
 from core.quant.mode import Mode

@@ -1,4 +1,4 @@
-"""core.resources resolves bundled files and refuses unknown names."""
+"""core.data.resources resolves bundled files and refuses unknown names."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.resources import UnknownResourceError, resource_path, sample_images
+from core.data.resources import UnknownResourceError, resource_path, sample_images
 
 
 def test_samples_are_bundled_with_a_licence() -> None:

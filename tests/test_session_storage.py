@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 
-import core.images as images_mod
+import core.data.images as images_mod
 import core.io as cio
 from core.session import MANIFEST, Session
 from tests.conftest import calibrated_tiny

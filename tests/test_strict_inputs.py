@@ -64,12 +64,12 @@ def no_work(monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("work started before the inputs were checked")
 
-    import core.abtest
+    import core.analysis.abtest
     import core.session
 
     for name in ("calibrate", "evaluate", "export", "recalibrate_without"):
         monkeypatch.setattr(core.session.Session, name, refuse)
-    monkeypatch.setattr(core.abtest.ABComparison, "calibrate_b", refuse)
+    monkeypatch.setattr(core.analysis.abtest.ABComparison, "calibrate_b", refuse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,10 +114,10 @@ def test_ab_override_typo_is_refused_before_calibrating_b(capfd, session_dir, no
 
 
 def test_calibrate_b_itself_refuses_a_glob_that_matches_nothing(session_dir):
-    # The GUI's A/B tab goes through core.abtest.calibrate_b, not the CLI.
+    # The GUI's A/B tab goes through core.analysis.abtest.calibrate_b, not the CLI.
     from dataclasses import replace
 
-    from core.abtest import calibrate_b
+    from core.analysis.abtest import calibrate_b
     from core.session import Session
 
     s = Session.load(session_dir)
@@ -244,8 +244,8 @@ def test_json_errors_are_one_document_on_stdout(capfd, tmp_path, args, kind):
 
 
 def test_decompression_bomb_quotes_the_projects_limit(tmp_path):
+    from core.data.images import DEFAULT_MAX_IMAGE_PIXELS, open_image
     from core.errors import BadImageError
-    from core.images import DEFAULT_MAX_IMAGE_PIXELS, open_image
     from tests.conftest import make_bomb_png
 
     bomb = make_bomb_png(tmp_path / "huge.png")  # over twice Pillow's limit: Pillow itself refuses

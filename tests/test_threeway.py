@@ -11,13 +11,13 @@ import re
 
 import pytest
 
+from core.analysis.inspect import module_output_observers
+from core.analysis.threeway import ThreeWayResult, three_way_check, three_way_session
 from core.cancel import CancelToken
 from core.config import PTQConfig
 from core.errors import CancelledError, ExportError
-from core.export import ROOT_MODULE, ExportResult
-from core.inspect import module_output_observers
+from core.export.pipeline import ROOT_MODULE, ExportResult
 from core.session import Session
-from core.threeway import ThreeWayResult, three_way_check, three_way_session
 
 FLOAT_MODULE = "encoder.layers.1.mlp.down_proj"
 
@@ -86,7 +86,7 @@ def test_every_module_output_has_a_row_in_forward_order(exported):
     for i in range(s.qmodel.config.num_hidden_layers):
         for part in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj", "post_feedforward_layernorm"):
             assert tw.row(f"encoder.layers.{i}.{part}") is not None
-    # Containers pair with their last child's output, like core.inspect.module_output_observers.
+    # Containers pair with their last child's output, like core.analysis.inspect.module_output_observers.
     assert tw.row("encoder.layers.0.self_attn").tensor == tw.row("encoder.layers.0.self_attn.o_proj").tensor
     assert r.tensor_modules[tw.row("encoder.layers.0.self_attn.q_proj").tensor] == "encoder.layers.0.self_attn.q_proj"
 
@@ -208,8 +208,8 @@ def test_export_result_keeps_old_fields(exported):
 def test_float_export_compares_float_with_float(sample_images, tmp_path):
     """An uncalibrated (NO_QUANT) model exports a float file; the check runs it NATIVE and every
     row agrees to float rounding, with no steps (no qparams) and no quantization error."""
-    from core.export import export_circle
-    from core.images import ImagePreprocessor
+    from core.data.images import ImagePreprocessor
+    from core.export.pipeline import export_circle
     from core.models import load_model
     from core.ptq import prepare
 
@@ -223,7 +223,7 @@ def test_float_export_compares_float_with_float(sample_images, tmp_path):
     for row in tw.rows:
         assert not row.quantized and row.fq_vs_circle.max_steps is None
         assert row.fp_vs_fq.max_abs == 0.0
-        # Float rows: within two noisy torch copies' distance (core.verdict's float rule).
+        # Float rows: within two noisy torch copies' distance (core.export.verdict's float rule).
         assert row.noise_floor is not None and row.verdict == "verified", row
         assert row.fq_vs_circle.max_abs <= 2 * max(row.noise_floor.max_abs, 1e-30), row
     assert tw.rows[-1].fq_vs_circle.max_abs == pytest.approx(r.verify.max_abs_diff, abs=1e-6)

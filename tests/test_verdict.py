@@ -1,15 +1,22 @@
-"""The export verdict (core.verdict): torch's own rounding noise measured here, and the rules on it."""
+"""The export verdict (core.export.verdict): torch's own rounding noise measured here, and the rules on it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from core.images import ImagePreprocessor
+from core.data.images import ImagePreprocessor
+from core.data.resources import resource_path
+from core.export.verdict import (
+    FLOAT32_UNIT_ROUNDOFF,
+    NoiseFloor,
+    gemm_rounding_error,
+    judge,
+    noise_floor,
+    rounding_noise,
+)
 from core.models import load_model
 from core.ptq import prepare
-from core.resources import resource_path
-from core.verdict import FLOAT32_UNIT_ROUNDOFF, NoiseFloor, gemm_rounding_error, judge, noise_floor, rounding_noise
 
 
 def _floor(within=0.99, steps=2.0, max_abs=0.5, elements=4096):

@@ -356,7 +356,7 @@ class VisionExportModule(nn.Module):
     def __init__(self, qmodel: QuantVisionModel, profile: StaticProfile) -> None:
         super().__init__()
         # A plain torch.export of this module must not run the real fake-quantize kernels on
-        # zero tensors while tracing (see meta_kernels), whether or not core.export was imported.
+        # zero tensors while tracing (see meta_kernels), whether or not core.export.pipeline was imported.
         meta_kernels.register()
         self.qmodel = qmodel
         self.profile = profile

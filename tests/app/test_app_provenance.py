@@ -47,7 +47,7 @@ def _wait_location(qtbot, tab, name: str, which: str):
 
 
 def test_source_image_ranking_and_exclude_recalibrate(calibrated, qtbot):
-    from core.provenance import locate_extreme, rank_images
+    from core.analysis.provenance import locate_extreme, rank_images
 
     window = calibrated
     session = window.session
@@ -125,8 +125,8 @@ def test_source_image_ranking_and_exclude_recalibrate(calibrated, qtbot):
 def test_ab_int16_activations_table_chart_and_exports(calibrated, qtbot, tmp_path, monkeypatch):
     import yaml
 
-    from core.abtest import calibrate_b, compare_ab
-    from core.config_export import to_one_quant_config, to_tico_ptq_yaml
+    from core.analysis.abtest import calibrate_b, compare_ab
+    from core.export.config_export import to_one_quant_config, to_tico_ptq_yaml
 
     window = calibrated
     session = window.session
@@ -199,7 +199,7 @@ def test_ab_int16_activations_table_chart_and_exports(calibrated, qtbot, tmp_pat
 
 
 def test_threeway_table_equals_the_cores_rows(calibrated, qtbot, tmp_path):
-    from core.threeway import three_way_session
+    from core.analysis.threeway import three_way_session
 
     window = calibrated
     tab = window.export_tab

@@ -122,8 +122,8 @@ def test_calibrate_waits_for_changed_settings_to_be_applied(make_window, sample_
 def test_export_tab_after_calibration_and_its_layout_choice(make_window, sample_images, qtbot, monkeypatch):
     from pathlib import Path
 
+    from core.data.grid import patch_layout
     from core.errors import ExportError
-    from core.grid import patch_layout
 
     window = make_window(sample_images[:2])
     tab = window.export_tab

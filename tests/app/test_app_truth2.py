@@ -60,7 +60,7 @@ def test_threeway_headers_are_readable_and_say_what_they_mean(make_window, qtbot
 
 
 def _divergence(located: int, inputs, outputs, reference: float, unit: str = "layer"):
-    from core.diagnostics import DivergenceEntry, DivergenceResult, _jump
+    from core.analysis.diagnostics import DivergenceEntry, DivergenceResult, _jump
 
     names = ["patch_embedder"] + [f"encoder.layers.{i}" for i in range(len(inputs) - 3)] + ["pooler", "model"]
     entries = [

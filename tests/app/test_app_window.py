@@ -313,7 +313,6 @@ def test_scatter_for_one_image(calibrated, qtbot):
 
 
 def test_export_shows_verification_and_survives_unwritable_folder(calibrated, qtbot, tmp_path):
-    pytest.importorskip("core.export")
     window = calibrated
     tab = window.export_tab
     window.tabs.setCurrentWidget(tab)
@@ -327,7 +326,7 @@ def test_export_shows_verification_and_survives_unwritable_folder(calibrated, qt
     assert out.is_file() and out.stat().st_size == result.bytes
     assert tab.verify_labels["path"].text() == str(result.path)
     assert tab.verify_labels["within_one_step"].text().startswith(f"{100 * float(result.verify.within_one_step):.2f}%")
-    # The default flow's verdict, judged against this machine's rounding noise (core.verdict), reads green.
+    # The default flow's verdict, judged against this machine's rounding noise (core.export.verdict), reads green.
     assert result.verify.verdict.level == "verified", result.verify.verdict
     assert tab.verify_labels["verdict"].text().startswith("verified ✓") and "torch vs itself" in tab.verify_labels["verdict"].text()
     assert tab.ops_table.rowCount() == len(result.op_counts)

@@ -8,10 +8,10 @@ it. onert 0.1.0 (PyPI) has these limits that matter to our graphs, read from ONE
   ``keep_num_dims``), so the exporter feeds every linear a 2-D input and reshapes after it;
 - BATCH_MATMUL rejects a constant operand (OperationValidator: "Constant lhs and rhs is not
   implemented yet"), so the pooler's constant matrix becomes a FULLY_CONNECTED weight
-  (core.circle_edit.constant_matmul_as_fully_connected);
+  (core.export.circle_edit.constant_matmul_as_fully_connected);
 - an op's input and output dtypes must agree (STRIDED_SLICE float -> uint8 is refused);
 - some CPU kernels exist in float only (``ONERT_FLOAT_ONLY``). To still run the rest of a
-  quantized file in integer, :func:`core.circle_edit.bridge_float_ops` gives each such op a DEQUANTIZE before and a
+  quantized file in integer, :func:`core.export.circle_edit.bridge_float_ops` gives each such op a DEQUANTIZE before and a
   QUANTIZE after, in a copy used for this check only; the result names the ops it bridged.
 """
 
@@ -146,7 +146,7 @@ def check_in_onert(
         return result
     pixels = np.asarray(pixel_values.detach().cpu().float().numpy() if hasattr(pixel_values, "detach") else pixel_values)
     feed = pixels.astype(np.float32) if scale is None else quantize_input(pixels, scale, zero_point, dtype)
-    from core.circle_edit import bridge_float_ops
+    from core.export.circle_edit import bridge_float_ops
 
     try:
         bridged, result.bridged = bridge_float_ops(data, bridge)

@@ -1,5 +1,5 @@
 """`ptq-studio` command line: quantize, report, export, sensitivity, and the diagnostics commands
-images, locate, recalibrate, ab (core.cli_diag). The console script's launcher
+images, locate, recalibrate, ab (core.cli.diag). The console script's launcher
 (ptq_studio.launcher) opens the GUI when given no argument; here no argument is a usage error.
 
 Exit codes: 0 success; 2 user error (bad arguments, no usable image, unreadable session,
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--unit", default="layer", choices=("layer", "kind"), help="what to keep in float (default layer)")
     common(s)
 
-    from core.cli_diag import add_parsers
+    from core.cli.diag import add_parsers
 
     add_parsers(sub, common)
     return p
@@ -308,8 +308,8 @@ def ensure_parent(path: str | Path) -> Path:
 
 
 def _check_soft_tokens(n: int | None, flag: str = "--max-soft-tokens") -> None:
+    from core.data.images import SUPPORTED_SOFT_TOKENS
     from core.errors import ConfigError
-    from core.images import SUPPORTED_SOFT_TOKENS
 
     if n is not None and n not in SUPPORTED_SOFT_TOKENS:
         raise ConfigError(f"{flag} {n} is not supported; use one of {', '.join(map(str, SUPPORTED_SOFT_TOKENS))}")
@@ -412,8 +412,8 @@ class _HeatmapWriter:
         self.written: list[dict] = []
 
     def __call__(self, maps) -> None:
-        from core.diagnostics import MODEL
-        from core.plots import heatmap_file_name, write_heatmap
+        from core.analysis.diagnostics import MODEL
+        from core.cli.charts import heatmap_file_name, write_heatmap
 
         if MODEL not in maps.rows:
             return
@@ -430,7 +430,7 @@ def _load(path, device):
 
 def module_names(session) -> list[str]:
     """The module names a glob of this session's model can match."""
-    from core.abtest import owner_modules
+    from core.analysis.abtest import owner_modules
 
     return owner_modules(session.qmodel)
 
@@ -464,7 +464,7 @@ def cmd_report(args, progress) -> tuple[dict, str]:
     heatmaps = _HeatmapWriter(args.plots) if args.plots else None
     divergence = None
     if args.divergence != "off":
-        from core.diagnostics import locate_divergence
+        from core.analysis.diagnostics import locate_divergence
 
         # The search runs the float and quantized passes the final-output heatmaps need.
         divergence = locate_divergence(
@@ -472,13 +472,13 @@ def cmd_report(args, progress) -> tuple[dict, str]:
         )
         progress.close()
     elif heatmaps is not None:
-        from core.diagnostics import image_error_maps
+        from core.analysis.diagnostics import image_error_maps
 
         for entry in session._entries_for(images):
             heatmaps(image_error_maps(session, entry, progress=progress))
         progress.close()
     if args.plots:
-        from core.plots import write_report_plots
+        from core.cli.charts import write_report_plots
 
         plots = [str(p) for p in write_report_plots(args.plots, session.observer_table(), res)]
         plots += [h["png"] for h in heatmaps.written]
@@ -555,7 +555,7 @@ def cmd_export(args, progress) -> tuple[dict, str]:
 
 
 def _verdict_line(verdict: dict | None) -> str:
-    """The export verdict as one line (core.verdict: judged against this machine's rounding noise)."""
+    """The export verdict as one line (core.export.verdict: judged against this machine's rounding noise)."""
     if not verdict:
         return "verdict: not verified"
     line = f"verdict: {verdict['level'].upper()}: {verdict['summary']}"
@@ -615,7 +615,7 @@ COMMANDS = {"quantize": cmd_quantize, "report": cmd_report, "export": cmd_export
 
 
 def _commands() -> dict:
-    from core.cli_diag import COMMANDS as DIAG
+    from core.cli.diag import COMMANDS as DIAG
 
     return {**DIAG, **COMMANDS}
 

@@ -1,12 +1,12 @@
 """Where quantization error lives: per-patch error heatmaps and the first-divergence locator.
 
-Both run the model the way ``core.inspect.compare`` does: the FP reference is QUANT mode with
+Both run the model the way ``core.analysis.inspect.compare`` does: the FP reference is QUANT mode with
 every observer kept float (the very graph the quantized pass runs, without fake-quant), then
 the quantized pass with only the config's keep-float modules. Nothing here keeps a tensor
 beyond the image it belongs to.
 
 Heatmap (``image_error_maps``): for one image, every wrapper output whose rows are patches or
-soft tokens (``core.grid.PatchLayout.level_of``) gets one error value per row:
+soft tokens (``core.data.grid.PatchLayout.level_of``) gets one error value per row:
 
 - relative error of row i = mean_j (q_ij - fp_ij)^2 / mean_ij fp_ij^2
   (noise power of the row over the mean signal power of the whole FP tensor; dimensionless,
@@ -53,8 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.grid import PatchLayout, patch_layout
-from core.inspect import (
+from core.analysis.inspect import (
     ALL_FLOAT,
     FqTap,
     _cancelled,
@@ -70,6 +69,7 @@ from core.inspect import (
     _wrapper_kind,
     module_output_observers,
 )
+from core.data.grid import PatchLayout, patch_layout
 
 Progress = Callable[[int, int, str], None]
 

@@ -1,6 +1,6 @@
 """`ptq-studio` diagnostics commands: images (provenance ranking), locate, recalibrate, ab.
 
-Each command returns (json document, human text) like the ones in core.cli, which registers them.
+Each command returns (json document, human text) like the ones in core.cli.main, which registers them.
 """
 
 from __future__ import annotations
@@ -9,14 +9,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.cli import _load, _no_images_error, _rejected_text, _table, check_output, count, ensure_parent, module_names
+from core.cli.main import (
+    _load,
+    _no_images_error,
+    _rejected_text,
+    _table,
+    check_output,
+    count,
+    ensure_parent,
+    module_names,
+)
 
 DTYPES = ("uint8", "int8", "int16", "uint4", "int4")
 OBSERVERS = ("minmax", "ema", "percentile")
 
 
 def add_parsers(sub, common) -> None:
-    """Register the diagnostics subcommands on core.cli's subparsers."""
+    """Register the diagnostics subcommands on core.cli.main's subparsers."""
     i = sub.add_parser("images", help="calibration images ranked by how many observer extremes they set")
     i.add_argument("session", metavar="SESSION")
     i.add_argument("--top", type=count(0), default=0, metavar="N", help="show only the first N images (0: all)")
@@ -95,7 +104,7 @@ def cmd_locate(args, progress) -> tuple[dict, str]:
     loc = session.locate_extreme(args.observer, args.which)
     png = None
     if args.png:
-        from core.plots import write_extreme_location
+        from core.cli.charts import write_extreme_location
 
         png = str(write_extreme_location(args.png, loc))
     boxes = [list(map(int, b)) for b in loc.boxes]
@@ -232,7 +241,7 @@ def _config_b(session, args):
 
 def cmd_ab(args, progress) -> tuple[dict, str]:
     """Calibrate B on A's calibration images, compare both per module, write the winners."""
-    from core.abtest import ABComparison
+    from core.analysis.abtest import ABComparison
 
     t0 = time.perf_counter()
     for flag, path in (("--tico-yaml", args.tico_yaml), ("--one-json", args.one_json)):
@@ -259,12 +268,12 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
     written = {}
     overrides = result.winning_overrides(args.margin)
     if args.tico_yaml:
-        from core.config_export import write_tico_ptq_yaml
+        from core.export.config_export import write_tico_ptq_yaml
 
         path = write_tico_ptq_yaml(ensure_parent(args.tico_yaml), overrides, base=result.config_a, modules=result.module_names)
         written["tico_yaml"] = str(path)
     if args.one_json:
-        from core.config_export import write_one_quant_config
+        from core.export.config_export import write_one_quant_config
 
         name_map = _circle_name_map(session, result.module_names, progress) if args.one_names == "circle" else None
         written["one_json"] = str(
@@ -287,8 +296,8 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
 
 def _check_one_expressible(config_a, config_b, names: list[str]) -> None:
     """Refuse --one-json before calibrating when A or B holds what ONE cannot say (float layers, int8)."""
-    from core.config_export import to_one_quant_config
     from core.errors import ConfigError
+    from core.export.config_export import to_one_quant_config
 
     # Placeholder tensor names: only dtypes are in question here, not the Circle names.
     name_map = {n: [n or "root"] for n in names}
@@ -304,7 +313,7 @@ def _check_one_expressible(config_a, config_b, names: list[str]) -> None:
 def _circle_name_map(session, modules, progress) -> dict[str, list[str]]:
     import tempfile
 
-    from core.config_export import one_name_map
+    from core.export.config_export import one_name_map
 
     with tempfile.TemporaryDirectory(prefix="ptq-names-") as tmp:
         res = session.export(Path(tmp) / "names.circle", progress=progress)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.data.grid import PatchLayout, patch_layout
 from core.errors import BadImageError, ConfigError, NoImagesError, NoLocationError, NotCalibratedError
-from core.grid import PatchLayout, patch_layout
 from core.quant.observers import WEIGHT_SOURCE
 
 __all__ = ["ExtremeLocation", "ImageRank", "NoLocationError", "locate_extreme", "rank_images", "row_axis"]

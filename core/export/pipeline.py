@@ -9,7 +9,7 @@ Name map: every Circle tensor is tied to the module that made it (``ExportResult
 TICO names a tensor made from an FX node ``<module class>::<node name>``; the exporter records, as
 the serializer names them, each tensor's FX node and that node's ``nn_module_stack``, and
 translates the innermost module path (e.g. ``qmodel.encoder.layers.0.self_attn.q_proj``) into our
-wrapper name (``encoder.layers.0.self_attn.q_proj``). core.threeway uses it.
+wrapper name (``encoder.layers.0.self_attn.q_proj``). core.analysis.threeway uses it.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError, UnwritablePathError
+from core.export.verdict import NoiseFloor, Verdict, judge, noise_floor, within_one_step
 from core.io import StagedFile
 from core.quant import meta_kernels
 from core.quant.mode import Mode
-from core.verdict import NoiseFloor, Verdict, judge, noise_floor, within_one_step
 
 # torch.export must not run the fake-quantize kernels on real zero tensors (see meta_kernels).
 meta_kernels.register()
@@ -74,10 +74,10 @@ class VerifyResult:
     export_vs_forward: float | None = None  # max |forward_export - forward| in torch
     seconds: float = 0.0
     # torch against itself under this machine's rounding noise, and what the numbers mean
-    # (core.verdict): the same rules on every CPU.
+    # (core.export.verdict): the same rules on every CPU.
     noise_floor: NoiseFloor | None = None
     verdict: Verdict | None = None
-    # The same file run by ONE's runtime (core.onert.OnertResult); None when not attempted.
+    # The same file run by ONE's runtime (core.export.onert.OnertResult); None when not attempted.
     onert: Any = None
 
 
@@ -110,7 +110,7 @@ class ExportResult:
     # Ops whose non-constant inputs and output differ in dtype with no QUANTIZE/DEQUANTIZE/CAST
     # between them: a failure (runtimes refuse or misread them), see summarize_circle.
     dtype_mismatches: list[str] = field(default_factory=list)
-    # "integer": the graph input is integer with the pixels' qparams (feed core.onert.quantize_input
+    # "integer": the graph input is integer with the pixels' qparams (feed core.export.onert.quantize_input
     # of the pixel values); "float": float32 input followed by a QUANTIZE op.
     input_dtype: str = "integer"
 
@@ -205,7 +205,7 @@ def export_circle(
             del program
             origins: dict[str, tuple[str, ...] | None] = {}
             circle_bytes = _convert(holder, timings, step, cancel, circle_optimize, compile_config, origins)
-            from core.circle_edit import constant_matmul_as_fully_connected, quantize_float_input
+            from core.export.circle_edit import constant_matmul_as_fully_connected, quantize_float_input
 
             circle_bytes = constant_matmul_as_fully_connected(circle_bytes)
             if input_dtype == "float":
@@ -473,7 +473,7 @@ def verify_circle(
     structural: tuple[Sequence[str], Sequence[str]] | Sequence[str] = (),
 ) -> VerifyResult:
     """Run the Circle bytes in TICO's reference runtime, compare with forward_export and forward,
-    and judge the distance against torch's own rounding noise on this machine (core.verdict)."""
+    and judge the distance against torch's own rounding noise on this machine (core.export.verdict)."""
     from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
 
     try:
@@ -512,7 +512,7 @@ def verify_circle(
     vs_forward = float((got - fwd).abs().max()) if fwd.shape == got.shape else math.inf
     export_vs_forward = float((ref - fwd).abs().max()) if fwd.shape == ref.shape else math.inf
     name = f"tico reference runtime ({exec_mode.name})"
-    from core.onert import check_in_onert
+    from core.export.onert import check_in_onert
 
     onert = check_in_onert(data, pixel_values, ref, got.numpy(), step)
     verdict = judge(
@@ -1050,7 +1050,7 @@ def _example_tensors(qmodel, example, image, max_soft_tokens, preprocessor) -> t
 
 
 def _preprocess(qmodel, image, max_soft_tokens, preprocessor):
-    from core.images import ImagePreprocessor
+    from core.data.images import ImagePreprocessor
 
     if preprocessor is None or (max_soft_tokens and getattr(preprocessor, "max_soft_tokens", max_soft_tokens) != max_soft_tokens):
         try:
@@ -1058,7 +1058,7 @@ def _preprocess(qmodel, image, max_soft_tokens, preprocessor):
         except ValueError as exc:
             raise ExportError(_first_line(exc).split(": ", 1)[-1]) from exc
     if image is None:
-        from core.resources import sample_images
+        from core.data.resources import sample_images
 
         image = sample_images()[0]
     return preprocessor([image])

@@ -2,7 +2,7 @@
 
 For one image, every wrapper's output is taken three ways:
 
-- **FP**: the static path in QUANT mode with every observer kept float (what ``core.inspect``
+- **FP**: the static path in QUANT mode with every observer kept float (what ``core.analysis.inspect``
   calls the FP reference: same wrappers, same graph, no fake-quant);
 - **FQ**: the same path with the observers as they were at export (fake-quantized);
 - **Circle**: the value of the matching tensor when TICO's Python reference runtime runs the
@@ -15,7 +15,7 @@ built from each FX node's ``nn_module_stack``). **Pairing rule**: a module's out
 or any module below it) whose shape equals the torch output's shape, or equals it once size-1
 dimensions are dropped. Containers therefore pair with the output of their last child (the
 attention block with its o_proj output, a layer with its residual add), as in
-``core.inspect.module_output_observers``. The model's final output pairs with the graph output.
+``core.analysis.inspect.module_output_observers``. The model's final output pairs with the graph output.
 
 Metrics (``a`` is the reference, ``b`` the other side, over every value of the tensor):
 PEIR = max|a - b| / (max a - min a); max_abs = max|a - b|; for fq_vs_circle on a quantized
@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.analysis.inspect import FqTap
 from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError
-from core.export import ROOT_MODULE, ExportResult, layout_fingerprint, run_keeping
-from core.inspect import FqTap
-from core.verdict import NoiseFloor, gemm_rounding_error, judge, rounding_noise
+from core.export.pipeline import ROOT_MODULE, ExportResult, layout_fingerprint, run_keeping
+from core.export.verdict import NoiseFloor, gemm_rounding_error, judge, rounding_noise
 
 Progress = Callable[[int, int, str], None]
 
@@ -97,7 +97,7 @@ class ThreeWayRow:
     observer: str | None = None  # the torch observer whose output was compared
     operator: int = -1  # index of the Circle operator producing the tensor (-1: graph input)
     quantized: bool = True
-    # torch fake-quant against itself under this machine's rounding noise (core.verdict), and the
+    # torch fake-quant against itself under this machine's rounding noise (core.export.verdict), and the
     # verdict of fq_vs_circle judged against it: "verified", "check" or "failed".
     noise_floor: Diff | None = None
     verdict: str = ""
@@ -252,7 +252,7 @@ def three_way_check(
 
     # ---- torch: FP and fake-quant outputs of every wrapper, from the same static path
     step("torch passes")
-    from core.export import _model_mode
+    from core.export.pipeline import _model_mode
 
     with _model_mode(qmodel, _export_mode(qmodel, quantized_file)):
         targets = _output_targets(qmodel, modules)
@@ -353,14 +353,14 @@ def three_way_session(
         if usable:
             image = usable[0].path
         else:
-            from core.resources import sample_images
+            from core.data.resources import sample_images
 
             image = sample_images()[0]  # what export_circle falls back to
     patches = _exported_patches(export)
     pre = session.preprocessor
     k2 = int(session.qmodel.config.pooling_kernel_size) ** 2
     if patches and patches != int(pre.max_soft_tokens) * k2:
-        from core.images import ImagePreprocessor
+        from core.data.images import ImagePreprocessor
 
         pre = ImagePreprocessor(session.qmodel.config, max_soft_tokens=patches // k2)
     batch = dict(pre([image]))
@@ -375,7 +375,7 @@ def _output_targets(qmodel: Any, globs: Sequence[str] | None = None) -> list[tup
     """(module name, observer name) of every wrapper output (matching `globs`), in wrapper order."""
     from fnmatch import fnmatchcase
 
-    from core.inspect import module_output_observers
+    from core.analysis.inspect import module_output_observers
 
     def wanted(name: str) -> bool:
         return globs is None or any(fnmatchcase(name, g) or fnmatchcase(name, g + ".*") for g in globs)
@@ -384,7 +384,7 @@ def _output_targets(qmodel: Any, globs: Sequence[str] | None = None) -> list[tup
 
 
 class _Outputs(FqTap):
-    """Keeps the first value each chosen observer sees (see core.inspect.FqTap)."""
+    """Keeps the first value each chosen observer sees (see core.analysis.inspect.FqTap)."""
 
     def __init__(self, qmodel: Any, names: set[str]):
         super().__init__(qmodel, self._keep)
@@ -412,7 +412,7 @@ class _NoisyDiffs(FqTap):
 
 def _torch_outputs(qmodel, targets, pixel_values, position_ids):
     """FP and fake-quant values of every target observer plus both final outputs, and the fake-quant
-    pass against itself under this machine's rounding noise (core.verdict), per observer and final."""
+    pass against itself under this machine's rounding noise (core.export.verdict), per observer and final."""
     names = {obs for _, obs in targets}
     saved = qmodel.observer_flags()
     inputs = {"pixel_values": pixel_values, "pixel_position_ids": position_ids}
@@ -492,7 +492,7 @@ def _exported_patches(export) -> int | None:
 
 
 def _unquantized(data: bytes, names: Mapping[str, str]) -> list[tuple[str, str]]:
-    from core.export import summarize_circle
+    from core.export.pipeline import summarize_circle
 
     return [(t, names.get(t, ROOT_MODULE)) for t in summarize_circle(data)["tensors_without_qparams"]]
 

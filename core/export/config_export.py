@@ -257,7 +257,7 @@ def to_tico_ptq_yaml(
     header = [
         "# TICO PTQConfig written by PTQ Studio (tico 0.3 API: activation / weight role specs and a",
         "# nested per-observer overrides tree). Build the object with",
-        "# core.config_export.tico_ptq_config_from_yaml(text); the overrides block also reads as a",
+        "# core.export.config_export.tico_ptq_config_from_yaml(text); the overrides block also reads as a",
         "# TICO recipe ptq stage's raw_overrides.",
         "# Module paths are Hugging Face's (= ours); TICO keeps a clippable linear's observers under",
         "# '<module>.linear'. A module's activation spec is given to all its TICO activation observers,",

@@ -1,0 +1,1 @@
+"""The headless command line (`ptq-studio <command>`): parsers, commands and their PNG charts."""

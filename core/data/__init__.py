@@ -1,0 +1,1 @@
+"""Bundled data and image handling: decoding and preprocessing photos, the patch grid, bundled resources."""
