@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
+    "file_sha256",
     "StagedFile",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -284,3 +286,15 @@ def recover_folder(target: str | os.PathLike) -> bool:
             fsync_dir(target.parent)
             return True
     return False
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's content, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()

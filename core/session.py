@@ -45,7 +45,8 @@ from core.analysis.inspect import (
     observer_table,
     sensitivity,
 )
-from core.io import atomic_write_text, recover_folder, staged_folder
+from core.data.device import batches_to_device, resolve_device
+from core.io import atomic_write_text, file_sha256, recover_folder, staged_folder
 from core.models import SPECS
 
 FORMAT = "ptq-studio-session"
@@ -67,7 +68,6 @@ __all__ = [
     "SessionCalibration",
     "FORMAT_VERSION",
     "checkpoint_hash",
-    "file_sha256",
     "package_versions",
 ]
 
@@ -75,18 +75,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Small file helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's content, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
@@ -189,7 +177,7 @@ class Session:
         self.model_spec = str(model_spec)
         self.config = config if config is not None else PTQConfig()
         self.max_soft_tokens = int(max_soft_tokens)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.model = load_model(self.model_spec)
         self.model_info: dict[str, Any] = dict(describe_model(self.model))
         self.preprocessor = ImagePreprocessor(self.model.config, max_soft_tokens=self.max_soft_tokens)
@@ -355,7 +343,7 @@ class Session:
         with torch.no_grad():
             res = calibrate(
                 self.qmodel,
-                _to_device(self._batches(entries, batch_size), self.device),
+                batches_to_device(self._batches(entries, batch_size), self.device),
                 progress=progress,
                 cancel=cancel,
                 reset=True,  # fresh statistics: calibrating twice must not merge two image sets
@@ -442,7 +430,7 @@ class Session:
         entries = self._entries_for(images)
         res = compare(
             self.qmodel,
-            _to_device(self._batches(entries), self.device),
+            batches_to_device(self._batches(entries), self.device),
             progress=progress,
             cancel=cancel,
             keep_float=list(keep_float or []),
@@ -458,7 +446,7 @@ class Session:
         entries = self._entries_for(images)
         baseline, ranked = sensitivity(
             self.qmodel,
-            _to_device(self._batches(entries), self.device),  # decoded one image at a time
+            batches_to_device(self._batches(entries), self.device),  # decoded one image at a time
             unit=unit,
             progress=progress,
             cancel=cancel,
@@ -748,25 +736,6 @@ def _resolved(path: str) -> str:
         return str(Path(path).resolve())
     except OSError:
         return path
-
-
-def _resolve_device(device: str | None) -> str:
-    d = (device or "cpu").lower()
-    if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if d.startswith("cuda") and not torch.cuda.is_available():
-        raise _errors().ConfigError("device cuda: this torch build sees no CUDA device; use cpu")
-    if d != "cpu" and not d.startswith("cuda"):
-        raise _errors().ConfigError(f"unknown device {device!r}; use cpu, cuda or auto")
-    return d
-
-
-def _to_device(batches, device: str):
-    for b in batches:
-        if device == "cpu":
-            yield b
-        else:
-            yield {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
 
 
 def _one_line(e) -> str:

@@ -49,8 +49,8 @@ from typing import Any
 
 from core.analysis.inspect import CompareResult, ModuleError, compare
 from core.config import FLOAT, ModuleOverride, PTQConfig, QuantSpec
+from core.data.device import batches_to_device
 from core.errors import CancelledError, ConfigError, NoImagesError, NotCalibratedError
-from core.session import _to_device
 
 Progress = Callable[[int, int, str], None]
 
@@ -248,7 +248,7 @@ def calibrate_b(
     total = (len(entries) + batch_size - 1) // batch_size
     res = calibrate(
         qmodel,
-        _to_device(session._batches(entries, batch_size), session.device),
+        batches_to_device(session._batches(entries, batch_size), session.device),
         progress=progress,
         cancel=cancel,
         reset=True,
@@ -299,14 +299,14 @@ def compare_ab(
 
     res_a = compare(
         session.qmodel,
-        _to_device(session._batches(entries), session.device),
+        batches_to_device(session._batches(entries), session.device),
         progress=shifted(0, "A"),
         cancel=cancel,
         total=n,
     )
     res_b = compare(
         ab_state.qmodel,
-        _to_device(session._batches(entries), session.device),
+        batches_to_device(session._batches(entries), session.device),
         progress=shifted(n, "B"),
         cancel=cancel,
         total=n,

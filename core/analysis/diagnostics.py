@@ -814,7 +814,7 @@ def locate_divergence(
     if _cancelled(cancel):
         _raise_cancelled("Divergence search")
     entries = session._entries_for(images)
-    from core.session import _to_device
+    from core.data.device import batches_to_device
 
     callback = None
     if on_image is not None:
@@ -827,7 +827,7 @@ def locate_divergence(
 
     return locate_divergence_batches(
         session.qmodel,
-        _to_device(session._batches(entries), session.device),
+        batches_to_device(session._batches(entries), session.device),
         unit=unit,
         progress=progress,
         cancel=cancel,

@@ -126,7 +126,7 @@ def locate_extreme(session, observer_name: str, which: str = "max") -> ExtremeLo
     if not path.is_file():
         raise NoImagesError(path, f"image {source} that set the {which} of {obs.name} is missing on disk")
     if entry.sha256:
-        from core.session import file_sha256
+        from core.io import file_sha256
 
         if file_sha256(path) != entry.sha256:
             raise NoImagesError(path, f"image {source} changed on disk since calibration; calibrate again")
