@@ -308,7 +308,8 @@ class Session:
             e.status = self._status_before_exclude.pop(e.path, "ok")
         return chosen
 
-    def _batches(self, entries: Sequence[ImageEntry], batch_size: int = 1):
+    def batches(self, entries: Sequence[ImageEntry], batch_size: int = 1):
+        """Preprocessed batches of these images, each with its image ids, decoded one batch at a time."""
         # Images are decoded batch by batch so memory does not grow with the image count.
         for i in range(0, len(entries), batch_size):
             chunk = entries[i : i + batch_size]
@@ -316,7 +317,8 @@ class Session:
             batch["image_ids"] = [e.image_id or Path(e.path).name for e in chunk]
             yield batch
 
-    def _entries_for(self, images) -> list[ImageEntry]:
+    def entries_for(self, images) -> list[ImageEntry]:
+        """The usable images when `images` is None, else the given paths probed; NoImagesError if none."""
         if images is None:
             entries = self.usable_images()
         else:
@@ -343,7 +345,7 @@ class Session:
         with torch.no_grad():
             res = calibrate(
                 self.qmodel,
-                batches_to_device(self._batches(entries, batch_size), self.device),
+                batches_to_device(self.batches(entries, batch_size), self.device),
                 progress=progress,
                 cancel=cancel,
                 reset=True,  # fresh statistics: calibrating twice must not merge two image sets
@@ -415,7 +417,8 @@ class Session:
             restore()
         return res
 
-    def _require_calibrated(self) -> None:
+    def require_calibrated(self) -> None:
+        """NotCalibratedError unless the session holds calibrated statistics."""
         if self.state != "calibrated":
             raise _errors().NotCalibratedError("the session is not calibrated yet: run calibrate first")
 
@@ -426,11 +429,11 @@ class Session:
     def evaluate(self, images=None, progress: Progress | None = None, cancel=None, keep_float=None) -> CompareResult:
         """FP vs quantized error per module on images (default: the session's), optionally with
         modules matching keep_float globs kept in float for this evaluation only."""
-        self._require_calibrated()
-        entries = self._entries_for(images)
+        self.require_calibrated()
+        entries = self.entries_for(images)
         res = compare(
             self.qmodel,
-            batches_to_device(self._batches(entries), self.device),
+            batches_to_device(self.batches(entries), self.device),
             progress=progress,
             cancel=cancel,
             keep_float=list(keep_float or []),
@@ -442,11 +445,11 @@ class Session:
     def sensitivity(self, images=None, unit: str = "layer", progress: Progress | None = None, cancel=None) -> list[SensitivityEntry]:
         """Keep one unit (encoder layer or module kind) in float at a time; best improvement first.
         The baseline (nothing extra kept in float) is left in self.last_sensitivity_baseline."""
-        self._require_calibrated()
-        entries = self._entries_for(images)
+        self.require_calibrated()
+        entries = self.entries_for(images)
         baseline, ranked = sensitivity(
             self.qmodel,
-            batches_to_device(self._batches(entries), self.device),  # decoded one image at a time
+            batches_to_device(self.batches(entries), self.device),  # decoded one image at a time
             unit=unit,
             progress=progress,
             cancel=cancel,
@@ -465,7 +468,7 @@ class Session:
         input_dtype: str = "integer",
     ):
         """Export a static integer Circle model and verify it (core.export.pipeline.export_circle)."""
-        self._require_calibrated()
+        self.require_calibrated()
         from core.export.pipeline import export_circle
 
         mst = int(max_soft_tokens or self.max_soft_tokens)
@@ -547,7 +550,7 @@ class Session:
         """Write the session folder atomically (see the module docstring for the format)."""
         from safetensors.torch import save_file
 
-        self._require_calibrated()
+        self.require_calibrated()
         folder = Path(folder).absolute()
         parent = folder.parent
         if folder.exists() and not folder.is_dir():

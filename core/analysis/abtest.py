@@ -248,7 +248,7 @@ def calibrate_b(
     total = (len(entries) + batch_size - 1) // batch_size
     res = calibrate(
         qmodel,
-        batches_to_device(session._batches(entries, batch_size), session.device),
+        batches_to_device(session.batches(entries, batch_size), session.device),
         progress=progress,
         cancel=cancel,
         reset=True,
@@ -288,7 +288,7 @@ def compare_ab(
             f"config B was built from model {ab_state.model_spec!r}, the session now holds "
             f"{session.model_spec!r}: run calibrate_b again"
         )
-    entries = session._entries_for(images)
+    entries = session.entries_for(images)
     n = len(entries)
     t0 = time.perf_counter()
 
@@ -299,14 +299,14 @@ def compare_ab(
 
     res_a = compare(
         session.qmodel,
-        batches_to_device(session._batches(entries), session.device),
+        batches_to_device(session.batches(entries), session.device),
         progress=shifted(0, "A"),
         cancel=cancel,
         total=n,
     )
     res_b = compare(
         ab_state.qmodel,
-        batches_to_device(session._batches(entries), session.device),
+        batches_to_device(session.batches(entries), session.device),
         progress=shifted(n, "B"),
         cancel=cancel,
         total=n,

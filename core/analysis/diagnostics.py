@@ -382,7 +382,7 @@ def _session_batch(session, image) -> tuple[dict, str, str]:
 
 def image_error_maps(session, image, progress: Progress | None = None, cancel=None) -> ImageErrorMaps:
     """Per-patch / per-token error maps of every module for one image (a path or an ImageEntry)."""
-    session._require_calibrated()
+    session.require_calibrated()
     if _cancelled(cancel):
         _raise_cancelled("Error heatmap")
     batch, image_id, path = _session_batch(session, image)
@@ -810,10 +810,10 @@ def locate_divergence(
     on_image: Callable[[ImageErrorMaps], None] | None = None,
 ) -> DivergenceResult:
     """First-divergence search on a calibrated session's images (default: its usable image set)."""
-    session._require_calibrated()
+    session.require_calibrated()
     if _cancelled(cancel):
         _raise_cancelled("Divergence search")
-    entries = session._entries_for(images)
+    entries = session.entries_for(images)
     from core.data.device import batches_to_device
 
     callback = None
@@ -827,7 +827,7 @@ def locate_divergence(
 
     return locate_divergence_batches(
         session.qmodel,
-        batches_to_device(session._batches(entries), session.device),
+        batches_to_device(session.batches(entries), session.device),
         unit=unit,
         progress=progress,
         cancel=cancel,

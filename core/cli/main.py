@@ -474,7 +474,7 @@ def cmd_report(args, progress) -> tuple[dict, str]:
     elif heatmaps is not None:
         from core.analysis.diagnostics import image_error_maps
 
-        for entry in session._entries_for(images):
+        for entry in session.entries_for(images):
             heatmaps(image_error_maps(session, entry, progress=progress))
         progress.close()
     if args.plots:

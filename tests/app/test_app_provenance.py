@@ -267,10 +267,10 @@ def test_cancel_exclude_and_recalibrate_keeps_everything(qtbot, qsettings, sampl
     class SlowSession(Session):
         """The real Session, with a pause per batch so Cancel lands mid-run."""
 
-        def _batches(self, entries, batch_size=1):
+        def batches(self, entries, batch_size=1):
             import time
 
-            for batch in super()._batches(entries, batch_size):
+            for batch in super().batches(entries, batch_size):
                 time.sleep(0.4)
                 yield batch
 

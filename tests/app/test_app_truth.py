@@ -26,8 +26,8 @@ def _wait_idle(qtbot, window, timeout=LONG):
 class _SlowSession(Session):
     """The real Session, with a pause per image so Cancel and the progress text can be caught mid-run."""
 
-    def _batches(self, entries, batch_size=1):
-        for batch in super()._batches(entries, batch_size):
+    def batches(self, entries, batch_size=1):
+        for batch in super().batches(entries, batch_size):
             time.sleep(0.3)
             yield batch
 

@@ -142,10 +142,10 @@ def test_bad_file_among_good_ones(make_window, sample_images, bad_images, qtbot)
 class _SlowSession(Session):
     """The real Session, with a pause per batch so a user can press Cancel in time."""
 
-    def _batches(self, entries, batch_size=1):
+    def batches(self, entries, batch_size=1):
         import time
 
-        for batch in super()._batches(entries, batch_size):
+        for batch in super().batches(entries, batch_size):
             time.sleep(0.4)
             yield batch
 
