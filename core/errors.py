@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _one_line(text: str) -> str:
+def one_line(text) -> str:
+    """The text (or exception) on one line, whitespace runs collapsed: how every error is shown."""
     # The CLI prints errors on one line and the GUI shows them in a status bar.
     return " ".join(str(text).split())
 
@@ -14,7 +15,7 @@ class PTQStudioError(Exception):
     """Base class of every error a user can cause and fix."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(_one_line(message))
+        super().__init__(one_line(message))
 
     @property
     def message(self) -> str:
@@ -39,7 +40,7 @@ class BadImageError(PTQStudioError):
 
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = Path(path)
-        self.reason = _one_line(reason)
+        self.reason = one_line(reason)
         super().__init__(f"{self.path}: {self.reason} (remove it or replace it with a JPEG/PNG photo)")
 
 

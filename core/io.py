@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import math
 import os
 import re
 import secrets
@@ -27,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
+    "json_safe",
+    "finite_or_none",
     "file_sha256",
     "StagedFile",
     "atomic_write_bytes",
@@ -298,3 +301,30 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def finite_or_none(x) -> float | None:
+    """A float for JSON: inf and nan become None (null), since JSON has neither."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def json_safe(x):
+    """A JSON-safe copy: inf/nan -> None, numpy/torch values -> plain numbers and lists, Path -> str."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, (str, int)):
+        return x
+    if isinstance(x, float):
+        return finite_or_none(x)
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if hasattr(x, "tolist"):
+        return json_safe(x.tolist())
+    if hasattr(x, "item"):
+        return json_safe(x.item())
+    return str(x)

@@ -25,6 +25,7 @@ from core.errors import BadImageError, NoImagesError
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGE_SUFFIXES",
+    "DEFAULT_SOFT_TOKENS",
     "SUPPORTED_SOFT_TOKENS",
     "ImageBatchResult",
     "ImagePreprocessor",
@@ -37,6 +38,9 @@ __all__ = [
 
 # Whatever the installed transformers' Gemma 4 processor accepts (70, 140, 280, 560, 1120).
 SUPPORTED_SOFT_TOKENS: tuple[int, ...] = tuple(_SUPPORTED_SOFT_TOKENS)
+# The soft-token budget when nobody chooses one: Gemma 4's own default image size (a 3x3-pooled
+# patch grid of up to 2520 patches).
+DEFAULT_SOFT_TOKENS = 280
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2"}
@@ -251,7 +255,7 @@ def _image_id(name: str, sha256: str) -> str:
 class ImagePreprocessor:
     """Turn paths or PIL images into ``pixel_values``/``pixel_position_ids`` with transformers' Gemma 4 processor."""
 
-    def __init__(self, config: Any, max_soft_tokens: int = 280, max_image_pixels: int | None = None) -> None:
+    def __init__(self, config: Any, max_soft_tokens: int = DEFAULT_SOFT_TOKENS, max_image_pixels: int | None = None) -> None:
         if max_soft_tokens not in SUPPORTED_SOFT_TOKENS:
             raise ValueError(f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}, got {max_soft_tokens}")
         self.patch_size = int(getattr(config, "patch_size", 16))
