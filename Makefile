@@ -72,6 +72,7 @@ sysdeps:
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/python scripts/check_private_names.py
 
 test: lint sysdeps-test
 	PY=$(VENV)/bin/python $(TEST_ENV) bash scripts/run_tests.sh
