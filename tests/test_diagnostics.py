@@ -278,19 +278,13 @@ def test_cancel(session, sample_images):
     with pytest.raises(CancelledError):
         locate_divergence(session, images=sample_images[4:6], cancel=token)
 
-    class After:  # cancels once the first progress report arrives (mid-run)
-        def __init__(self):
-            self.cancelled = False
-
-        def __call__(self, done, total, msg):
-            self.cancelled = True
-
-    late = After()
+    # Cancelled once the first progress report arrives (mid-run).
+    late = CancelToken()
     with pytest.raises(CancelledError):
-        locate_divergence(session, images=sample_images[4:6], progress=late, cancel=late)
-    late = After()
+        locate_divergence(session, images=sample_images[4:6], progress=lambda *_: late.cancel(), cancel=late)
+    late = CancelToken()
     with pytest.raises(CancelledError):
-        image_error_maps(session, sample_images[4], progress=late, cancel=late)
+        image_error_maps(session, sample_images[4], progress=lambda *_: late.cancel(), cancel=late)
     # nothing left patched or kept float: a fresh run gives the same numbers as before
     qmodel = session.qmodel
     assert all(o.enabled for o in qmodel.observers())

@@ -9,16 +9,7 @@ import torch
 
 from core.analysis.metrics import SAMPLE_SIZE, ErrorAccumulator
 from core.analysis.records import END_TO_END, CompareResult, ModuleError
-from core.analysis.tap import (
-    PairTap,
-    Progress,
-    enter_quant,
-    fp_forward,
-    model_device,
-    model_inputs,
-    module_output_observers,
-    quant_forward,
-)
+from core.analysis.tap import PairTap, Progress, enter_quant, model_device, model_inputs, module_output_observers
 from core.cancel import CancelToken
 
 __all__ = ["compare", "clip_bounds"]
@@ -80,11 +71,7 @@ def compare(
             for batch in batches:
                 cancel.raise_if_cancelled()
                 inputs, ids = model_inputs(batch, device)
-                tap.start("fp")
-                fp_out = fp_forward(qmodel, inputs)
-                tap.start("q")
-                q_out = quant_forward(qmodel, inputs, keep)
-                tap.start("off")
+                fp_out, q_out = tap.run(inputs, keep)
                 e2e.update(fp_out, q_out)
                 del fp_out, q_out
                 images.extend(ids)

@@ -26,16 +26,7 @@ import numpy as np
 import torch
 
 from core.analysis.metrics import sqnr_from_sums
-from core.analysis.tap import (
-    PairTap,
-    Progress,
-    enter_quant,
-    fp_forward,
-    model_device,
-    model_inputs,
-    module_output_observers,
-    quant_forward,
-)
+from core.analysis.tap import PairTap, Progress, enter_quant, model_device, model_inputs, module_output_observers
 from core.cancel import CancelToken
 from core.data.grid import PatchLayout, patch_layout
 from core.errors import BadImageError
@@ -264,18 +255,17 @@ def image_error_maps_batch(
             stats[obs.name] = (*_row_stats(fp_r, q_r), level)
 
     total = 2
+
+    def after_fp() -> None:
+        if progress is not None:
+            progress(1, total, f"{image_id}: float pass")
+        cancel.raise_if_cancelled()
+
     try:
         cancel.raise_if_cancelled()
         enter_quant(qmodel)
         with torch.no_grad(), PairTap(qmodel, wanted, on_pair, cancel) as tap:
-            tap.start("fp")
-            fp_out = fp_forward(qmodel, inputs)
-            if progress is not None:
-                progress(1, total, f"{image_id}: float pass")
-            cancel.raise_if_cancelled()
-            tap.start("q")
-            q_out = quant_forward(qmodel, inputs, [])
-            tap.start("off")
+            fp_out, q_out = tap.run(inputs, [], after_fp)
     finally:
         qmodel.set_keep_float([])
     maps = ImageErrorMaps(image_id=image_id, path=None if path is None else str(path), layout=layout, image=image)

@@ -231,6 +231,17 @@ class PairTap(FqTap):
         if phase == "off":
             self.store.clear()
 
+    def run(self, inputs: Mapping, keep: Sequence[str], after_fp: Callable[[], None] | None = None):
+        """One float and one quantized pass (modules matching `keep` kept float), paired; their final outputs."""
+        self.start("fp")
+        fp_out = fp_forward(self.qmodel, inputs)
+        if after_fp is not None:
+            after_fp()
+        self.start("q")
+        q_out = quant_forward(self.qmodel, inputs, keep)
+        self.start("off")
+        return fp_out, q_out
+
     def _on_fq(self, obs, y: torch.Tensor) -> None:
         if self.phase == "off":
             return
