@@ -936,7 +936,7 @@ class QtErrorsTab(QWidget):
         self.request_maps(self.heatmap.current_image())
 
     def locate_divergence(self, unit: str = "layer") -> None:
-        """Run core.analysis.diagnostics.locate_divergence on the evaluated images, in the worker."""
+        """Run core.analysis.divergence.locate_divergence on the evaluated images, in the worker."""
         session = self._host.session
         if session is None or self.result is None:
             self.banner.set_error("evaluate first, then locate")
@@ -953,7 +953,7 @@ class QtErrorsTab(QWidget):
         keep = list(getattr(self.result, "keep_float", None) or [])
 
         def work(progress, cancel):
-            from core.analysis.diagnostics import locate_divergence  # noqa: PLC0415 - torch stays off the UI start
+            from core.analysis.divergence import locate_divergence  # noqa: PLC0415 - torch stays off the UI start
 
             return locate_divergence(session, unit=unit, progress=progress, cancel=cancel, keep_float=keep or None)
 
@@ -1026,7 +1026,7 @@ class QtErrorsTab(QWidget):
         generation = self._generation
 
         def work(progress, cancel):
-            from core.analysis.diagnostics import image_error_maps  # noqa: PLC0415
+            from core.analysis.heatmaps import image_error_maps  # noqa: PLC0415
 
             maps = image_error_maps(session, path, progress=progress, cancel=cancel)
             # Every module's grid is made here too, so switching modules never computes on the UI thread.

@@ -1,6 +1,6 @@
 """Patch-error heatmap: where in the photo quantization hurts, for one image and one module.
 
-A view only: the Errors tab computes ``core.analysis.diagnostics`` results in the worker and hands this
+A view only: the Errors tab computes ``core.analysis.heatmaps`` results in the worker and hands this
 widget ready-made ``Heatmap`` objects (per-patch grids); nothing here touches torch.
 """
 

@@ -397,7 +397,7 @@ class QtRangesTab(QWidget):
         # "Outlier" is the core's per-observer test (a few values far beyond that observer's own
         # bulk); a range far wider than its neighbours' is something else, so the widest is named
         # beside the count instead of being hidden behind "0 outliers".
-        from core.analysis.inspect import OUTLIER_PERCENTILE, OUTLIER_RATIO_THRESHOLD  # noqa: PLC0415 - torch stays off the UI start
+        from core.analysis.metrics import OUTLIER_PERCENTILE, OUTLIER_RATIO_THRESHOLD  # noqa: PLC0415 - torch stays off the UI start
 
         self.summary.setText(f"{len(self.records)} observers · {n_out} with outlier values" + self._widest_text())
         self.summary.setToolTip(

@@ -1,4 +1,4 @@
-"""Benchmark: core.analysis.inspect.compare and core.analysis.diagnostics.locate_divergence vs a plain FP forward
+"""Benchmark: core.analysis.compare.compare and core.analysis.divergence.locate_divergence vs a plain FP forward
 of the same batch, measured in one run.
 
     python bench/bench_compare.py                      # e2b, 8 images, max_soft_tokens 280
@@ -12,8 +12,8 @@ Each phase runs in its own subprocess so its peak RSS (ru_maxrss) is its own:
 2. fp         load_model(model); model(**batch) on the --images photos as one padded batch
               (HF eager attention: the forward the wrappers mirror)
 3. compare    Session.load(session) (no calibration in this process), then
-              Session.evaluate(images) = core.analysis.inspect.compare over the same photos
-4. locate     Session.load(session), then core.analysis.diagnostics.locate_divergence(session, images,
+              Session.evaluate(images) = core.analysis.compare.compare over the same photos
+4. locate     Session.load(session), then core.analysis.divergence.locate_divergence(session, images,
               unit=--unit): float, quantized and unit-alone passes per image, streamed
 
 Targets (issue 4): compare peak RSS <= 1.3x the FP forward's, compare time <= 2.5x.

@@ -36,15 +36,13 @@ from typing import Any
 
 import torch
 
-from core.analysis.inspect import (
-    CompareResult,
-    ModuleError,
-    ObserverRecord,
-    SensitivityEntry,
-    compare,
-    observer_table,
-    sensitivity,
-)
+from core.analysis.compare import compare
+from core.analysis.divergence import locate_divergence
+from core.analysis.heatmaps import image_error_maps
+from core.analysis.observer_table import observer_table
+from core.analysis.provenance import locate_extreme, rank_images
+from core.analysis.records import CompareResult, ModuleError, ObserverRecord, SensitivityEntry
+from core.analysis.sensitivity import sensitivity
 from core.data.device import batches_to_device, resolve_device
 from core.io import atomic_write_text, file_sha256, recover_folder, staged_folder
 from core.models import SPECS
@@ -423,7 +421,7 @@ class Session:
             raise _errors().NotCalibratedError("the session is not calibrated yet: run calibrate first")
 
     def observer_table(self) -> list[ObserverRecord]:
-        """One record per observer, in forward order (see core.analysis.inspect.ObserverRecord)."""
+        """One record per observer, in forward order (see core.analysis.records.ObserverRecord)."""
         return observer_table(self.qmodel)
 
     def evaluate(self, images=None, progress: Progress | None = None, cancel=None, keep_float=None) -> CompareResult:
@@ -489,27 +487,19 @@ class Session:
     # ---- diagnostics (thin entry points; the work lives in the modules named) -----------
 
     def image_error_maps(self, image, progress: Progress | None = None, cancel=None):
-        """Per-patch FP-vs-quant error of every module on one image (core.analysis.diagnostics)."""
-        from core.analysis.diagnostics import image_error_maps
-
+        """Per-patch FP-vs-quant error of every module on one image (core.analysis.heatmaps)."""
         return image_error_maps(self, image, progress=progress, cancel=cancel)
 
     def locate_divergence(self, images=None, unit: str = "layer", progress: Progress | None = None, cancel=None):
-        """The unit where the error jumps most, local vs inherited error (core.analysis.diagnostics)."""
-        from core.analysis.diagnostics import locate_divergence
-
+        """The unit where the error jumps most, local vs inherited error (core.analysis.divergence)."""
         return locate_divergence(self, images=images, unit=unit, progress=progress, cancel=cancel)
 
     def locate_extreme(self, observer_name: str, which: str = "max"):
         """The image and patch where an observer's min or max occurred (core.analysis.provenance)."""
-        from core.analysis.provenance import locate_extreme
-
         return locate_extreme(self, observer_name, which)
 
     def rank_images(self):
         """Calibration images by how many observer extremes they set (core.analysis.provenance)."""
-        from core.analysis.provenance import rank_images
-
         return rank_images(self)
 
     def three_way(self, export, image=None, progress: Progress | None = None, cancel=None):

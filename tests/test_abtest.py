@@ -292,7 +292,7 @@ def test_one_quant_config_rejects_what_one_cannot_express():
 
 def _fake_result(config_a, config_b, names, winners):
     from core.analysis.abtest import ABModule, ABResult
-    from core.analysis.inspect import ModuleError
+    from core.analysis.records import ModuleError
 
     def err(name, sqnr):
         return ModuleError(name, "x", 0.0, sqnr, 0.0, 0.0, 1.0, 0.0)

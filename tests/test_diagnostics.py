@@ -1,4 +1,4 @@
-"""Error heatmaps and the first-divergence locator (core.analysis.diagnostics) on real photographs.
+"""Error heatmaps and the first-divergence locator (core.analysis.heatmaps, core.analysis.divergence) on real photographs.
 
 Tiny model at 70 soft tokens: every test runs in seconds. Values are checked against
 independent computations (compare's per-module SQNR, a float forward hook, a broken observer
@@ -13,10 +13,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from core.analysis import diagnostics as D
-from core.analysis.inspect import ALL_FLOAT
+from core.analysis.divergence import locate_divergence, locate_divergence_batches
+from core.analysis.heatmaps import MODEL, image_error_maps, image_error_maps_batch
+from core.analysis.tap import ALL_FLOAT
 from core.cancel import CancelToken
+from core.cli.charts import PEAK, heatmap_file_name, write_heatmap
 from core.config import PTQConfig
 from core.errors import BadImageError, CancelledError, NotCalibratedError
 from core.session import Session
@@ -66,23 +69,23 @@ def float_output_of(qmodel, module, batch) -> torch.Tensor:
 def test_row_errors_agree_with_compare(session, sample_images):
     """The rows' mean relative error is the module's noise/signal: -10 log10 of it is compare's SQNR."""
     image = sample_images[4]
-    maps = D.image_error_maps(session, image)
+    maps = image_error_maps(session, image)
     res = session.evaluate(images=[image])
     sqnr = {m.name: m.sqnr_db for m in res.modules}
-    assert maps.module_order[-1] == D.MODEL and maps.modules() == maps.module_order
-    assert [n for n in maps.module_order if n != D.MODEL] == [n for n in sqnr if n in maps.rows]
+    assert maps.module_order[-1] == MODEL and maps.modules() == maps.module_order
+    assert [n for n in maps.module_order if n != MODEL] == [n for n in sqnr if n in maps.rows]
     # every wrapper of the tiny model is patch- or token-level
     assert len(maps.module_order) == len(sqnr) + 1
     for name in maps.module_order:
         rows = maps.rows[name]
         assert rows.ndim == 1 and np.all(np.isfinite(rows)) and np.all(rows >= 0)
-        expected = res.end_to_end.sqnr_db if name == D.MODEL else sqnr[name]
+        expected = res.end_to_end.sqnr_db if name == MODEL else sqnr[name]
         assert -10 * math.log10(rows.mean()) == pytest.approx(expected, abs=1e-3), name
         assert maps.sqnr_db[name] == pytest.approx(expected, abs=1e-3)
     assert maps.levels["encoder.layers.0"] == "patch" and maps.levels["pooler"] == "token"
-    assert maps.levels[D.MODEL] == "token"
+    assert maps.levels[MODEL] == "token"
     assert maps.rows["encoder.layers.0"].size == maps.layout.num_patches
-    assert maps.rows[D.MODEL].size == maps.layout.num_tokens
+    assert maps.rows[MODEL].size == maps.layout.num_tokens
     # per-row SQNR of a row is its own signal over its own noise
     sq = maps.row_sqnr_db["encoder.layers.1"]
     assert sq.shape == maps.rows["encoder.layers.1"].shape and np.all(np.isfinite(sq))
@@ -97,7 +100,7 @@ def test_heatmap_peak_is_where_a_broken_observer_clips(session, sample_images):
     layer = qmodel.encoder.layers[0]
     obs = layer.obs_output
     batch = session.preprocessor([image])
-    base = D.image_error_maps(session, image).heatmap("encoder.layers.0")
+    base = image_error_maps(session, image).heatmap("encoder.layers.0")
     fp = float_output_of(qmodel, layer, batch)[0]  # (patches, hidden)
     saved = obs.max_val.clone()
     try:
@@ -107,7 +110,7 @@ def test_heatmap_peak_is_where_a_broken_observer_clips(session, sample_images):
         hi = obs.representable_range()[1]
         clipped = ((fp - hi).clamp(min=0) ** 2).sum(dim=-1).numpy()  # clipped energy per patch
         assert 0 < (clipped > 0).sum() < 0.6 * clipped.size
-        hm = D.image_error_maps(session, image).heatmap("encoder.layers.0")
+        hm = image_error_maps(session, image).heatmap("encoder.layers.0")
     finally:
         obs.max_val.copy_(saved)
         obs.compute_qparams()
@@ -127,16 +130,14 @@ def test_heatmap_peak_is_where_a_broken_observer_clips(session, sample_images):
     assert hm.grid[y, x] == pytest.approx(hm.row_error.max())
     assert np.nanmax(hm.grid) == pytest.approx(hm.row_error.max())
     # and the restored observer gives the unbroken map back
-    again = D.image_error_maps(session, image).heatmap("encoder.layers.0")
+    again = image_error_maps(session, image).heatmap("encoder.layers.0")
     np.testing.assert_array_equal(again.row_error, base.row_error)  # same kernels, same shapes: exact
 
 
 @pytest.mark.parametrize("name, wide", [("coffee_wide.jpg", True), ("rocket_tall.jpg", False)])
 def test_grid_follows_the_image_shape(session, sample_images, name, wide):
-    from PIL import Image
-
     path = by_name(sample_images, name)
-    maps = D.image_error_maps(session, path)
+    maps = image_error_maps(session, path)
     layout = maps.layout
     rows, cols = layout.grid
     assert (cols > rows) if wide else (rows > cols)
@@ -145,7 +146,7 @@ def test_grid_follows_the_image_shape(session, sample_images, name, wide):
     assert (cols / rows) == pytest.approx(w / h, rel=0.25)
     assert maps.image.shape == (rows * 16, cols * 16, 3) and maps.image.dtype == np.uint8
     assert maps.image.std() > 5  # a real photo, not a blank canvas
-    for module in ("encoder.layers.1", D.MODEL):
+    for module in ("encoder.layers.1", MODEL):
         hm = maps.heatmap(module)
         assert hm.grid.shape == (rows, cols)
         assert np.isnan(hm.grid).sum() == rows * cols - layout.num_patches
@@ -160,7 +161,7 @@ def test_grid_follows_the_image_shape(session, sample_images, name, wide):
         json.dumps(d)
         assert d["grid"] == [rows, cols] and d["peak_row"] == hm.peak_row and "image" not in d
         assert d["max_error"] == pytest.approx(float(hm.row_error.max()))
-    tok = maps.heatmap(D.MODEL)
+    tok = maps.heatmap(MODEL)
     assert tok.level == "token" and len(tok.peak_patches) >= 1
     assert all(layout.token_of_patch[p] == tok.peak_row for p in tok.peak_patches)
 
@@ -168,15 +169,15 @@ def test_grid_follows_the_image_shape(session, sample_images, name, wide):
 def test_image_error_maps_batch_matches_the_session_call(session, sample_images):
     image = sample_images[5]
     batch = dict(session.preprocessor([image]))
-    a = D.image_error_maps_batch(session.qmodel, batch, image_id="x", path=str(image))
-    b = D.image_error_maps(session, image)
+    a = image_error_maps_batch(session.qmodel, batch, image_id="x", path=str(image))
+    b = image_error_maps(session, image)
     assert a.module_order == b.module_order and a.image_id == "x"
     for m in a.module_order:
         np.testing.assert_array_equal(a.rows[m], b.rows[m])
     np.testing.assert_array_equal(a.image, b.image)
     two = dict(session.preprocessor(sample_images[4:6]))
     with pytest.raises(ValueError):
-        D.image_error_maps_batch(session.qmodel, two)
+        image_error_maps_batch(session.qmodel, two)
 
 
 # ------------------------------------------------------------------------------ locator
@@ -184,9 +185,9 @@ def test_image_error_maps_batch_matches_the_session_call(session, sample_images)
 
 def test_locator_finds_the_int4_layer(int4_session, sample_images):
     images = sample_images[4:6]
-    res = D.locate_divergence(int4_session, images=images, unit="layer")
+    res = locate_divergence(int4_session, images=images, unit="layer")
     names = [e.name for e in res.entries]
-    assert names == ["patch_embedder", "encoder.layers.0", "encoder.layers.1", "pooler", D.MODEL]
+    assert names == ["patch_embedder", "encoder.layers.0", "encoder.layers.1", "pooler", MODEL]
     assert res.located.name == "encoder.layers.1" and res.located.adds_error
     assert len(res.images) == 2 and res.unit == "layer"
     e = {x.name: x for x in res.entries}
@@ -208,8 +209,8 @@ def test_locator_finds_the_int4_layer(int4_session, sample_images):
     sq = {m.name: m.sqnr_db for m in cmp_.modules}
     for name in ("patch_embedder", "encoder.layers.0", "encoder.layers.1", "pooler"):
         assert e[name].output_sqnr_db == pytest.approx(sq[name], abs=1e-3)
-    assert e[D.MODEL].output_sqnr_db == pytest.approx(cmp_.end_to_end.sqnr_db, abs=1e-3)
-    assert e[D.MODEL].cumulative_mse == pytest.approx(cmp_.end_to_end.mse, rel=1e-4)
+    assert e[MODEL].output_sqnr_db == pytest.approx(cmp_.end_to_end.sqnr_db, abs=1e-3)
+    assert e[MODEL].cumulative_mse == pytest.approx(cmp_.end_to_end.mse, rel=1e-4)
     line = res.summary_line()
     assert line.startswith("first divergence: encoder.layers.1 loses ") and "\n" not in line
     doc = json.loads(json.dumps(res.to_dict()))
@@ -218,10 +219,10 @@ def test_locator_finds_the_int4_layer(int4_session, sample_images):
 
 
 def test_locator_module_unit_points_inside_the_int4_layer(int4_session, sample_images):
-    res = D.locate_divergence(int4_session, images=sample_images[4:5], unit="module")
+    res = locate_divergence(int4_session, images=sample_images[4:5], unit="module")
     assert res.located.name.startswith("encoder.layers.1.")
     names = [e.name for e in res.entries]
-    assert names[0] == "patch_embedder.input_proj" and names[-2:] == ["pooler", D.MODEL]
+    assert names[0] == "patch_embedder.input_proj" and names[-2:] == ["pooler", MODEL]
     assert "encoder.layers.0.self_attn.q_norm" in names and "encoder.layers.1" not in names
     inside = [e for e in res.entries if e.name.startswith("encoder.layers.1.")]
     outside = [e for e in res.entries if not e.name.startswith("encoder.layers.1.")]
@@ -233,19 +234,19 @@ def test_locator_on_a_uniform_config_and_batches(session, sample_images):
     """Plain uint8: no unit stands out like an int4 layer; batched input is split per image."""
     batch = dict(session.preprocessor(sample_images[4:6]))
     batch["image_ids"] = ["a", "b"]
-    res = D.locate_divergence_batches(session.qmodel, [batch], unit="layer")
+    res = locate_divergence_batches(session.qmodel, [batch], unit="layer")
     assert res.images == ["a", "b"]
-    one = D.locate_divergence(session, images=sample_images[4:6], unit="layer")
+    one = locate_divergence(session, images=sample_images[4:6], unit="layer")
     for x, y in zip(res.entries, one.entries):
         assert x.name == y.name and x.output_sqnr_db == pytest.approx(y.output_sqnr_db, abs=1e-9)
     assert all(e.local_sqnr_db > 20 for e in res.entries)
     # A float patch embedder hands layer 0 a clean input: then layer 0 alone on its float input
     # is exactly layer 0 in the quantized run (same static maths, same quantized RoPE tables).
-    what_if = D.locate_divergence(session, images=sample_images[4:5], unit="layer", keep_float=["patch_embedder"])
+    what_if = locate_divergence(session, images=sample_images[4:5], unit="layer", keep_float=["patch_embedder"])
     e = {x.name: x for x in what_if.entries}
     assert math.isinf(e["encoder.layers.0"].input_sqnr_db)
     assert e["encoder.layers.0"].local_sqnr_db == pytest.approx(e["encoder.layers.0"].output_sqnr_db, abs=1e-4)
-    mods = D.locate_divergence(session, images=sample_images[4:5], unit="module", keep_float=["patch_embedder"])
+    mods = locate_divergence(session, images=sample_images[4:5], unit="module", keep_float=["patch_embedder"])
     e = {x.name: x for x in mods.entries}
     norm = e["encoder.layers.0.input_layernorm"]
     assert math.isinf(norm.input_sqnr_db) and norm.local_sqnr_db == pytest.approx(norm.output_sqnr_db, abs=1e-4)
@@ -260,12 +261,12 @@ def test_not_calibrated_and_bad_image(sample_images, bad_images, session):
     fresh = Session("tiny", max_soft_tokens=MST)
     fresh.add_images(sample_images[:1])
     with pytest.raises(NotCalibratedError) as e:
-        D.image_error_maps(fresh, sample_images[0])
+        image_error_maps(fresh, sample_images[0])
     assert "\n" not in str(e.value)
     with pytest.raises(NotCalibratedError):
-        D.locate_divergence(fresh)
+        locate_divergence(fresh)
     with pytest.raises(BadImageError) as e:
-        D.image_error_maps(session, bad_images["truncated.jpg"])
+        image_error_maps(session, bad_images["truncated.jpg"])
     assert "truncated.jpg" in str(e.value)
 
 
@@ -273,38 +274,32 @@ def test_cancel(session, sample_images):
     token = CancelToken()
     token.cancel()
     with pytest.raises(CancelledError):
-        D.image_error_maps(session, sample_images[4], cancel=token)
+        image_error_maps(session, sample_images[4], cancel=token)
     with pytest.raises(CancelledError):
-        D.locate_divergence(session, images=sample_images[4:6], cancel=token)
+        locate_divergence(session, images=sample_images[4:6], cancel=token)
 
-    class After:  # cancels once the first progress report arrives (mid-run)
-        def __init__(self):
-            self.cancelled = False
-
-        def __call__(self, done, total, msg):
-            self.cancelled = True
-
-    late = After()
+    # Cancelled once the first progress report arrives (mid-run).
+    late = CancelToken()
     with pytest.raises(CancelledError):
-        D.locate_divergence(session, images=sample_images[4:6], progress=late, cancel=late)
-    late = After()
+        locate_divergence(session, images=sample_images[4:6], progress=lambda *_: late.cancel(), cancel=late)
+    late = CancelToken()
     with pytest.raises(CancelledError):
-        D.image_error_maps(session, sample_images[4], progress=late, cancel=late)
+        image_error_maps(session, sample_images[4], progress=lambda *_: late.cancel(), cancel=late)
     # nothing left patched or kept float: a fresh run gives the same numbers as before
     qmodel = session.qmodel
     assert all(o.enabled for o in qmodel.observers())
     assert not any("fq" in m.__dict__ for m in qmodel.quant_modules())
     assert not any("forward" in w.__dict__ or "forward_static" in w.__dict__ for _, w in qmodel.wrappers())
-    a = D.image_error_maps(session, sample_images[4])
-    assert a.sqnr_db[D.MODEL] == pytest.approx(session.evaluate(images=[sample_images[4]]).end_to_end.sqnr_db, abs=1e-3)
+    a = image_error_maps(session, sample_images[4])
+    assert a.sqnr_db[MODEL] == pytest.approx(session.evaluate(images=[sample_images[4]]).end_to_end.sqnr_db, abs=1e-3)
 
 
 def test_progress_reports(session, sample_images):
     seen = []
-    D.locate_divergence(session, images=sample_images[4:6], progress=lambda d, t, m: seen.append((d, t)))
+    locate_divergence(session, images=sample_images[4:6], progress=lambda d, t, m: seen.append((d, t)))
     assert seen[-1] == (6, 6) and [d for d, _ in seen] == list(range(1, 7))
     seen.clear()
-    D.image_error_maps(session, sample_images[4], progress=lambda d, t, m: seen.append((d, t)))
+    image_error_maps(session, sample_images[4], progress=lambda d, t, m: seen.append((d, t)))
     assert seen[-1] == (2, 2)
 
 
@@ -312,11 +307,7 @@ def test_progress_reports(session, sample_images):
 
 
 def test_heatmap_png(session, sample_images, tmp_path):
-    from PIL import Image
-
-    from core.cli.charts import PEAK, heatmap_file_name, write_heatmap
-
-    maps = D.image_error_maps(session, by_name(sample_images, "coffee_wide.jpg"))
+    maps = image_error_maps(session, by_name(sample_images, "coffee_wide.jpg"))
     hm = maps.heatmap()
     path = write_heatmap(tmp_path / heatmap_file_name(maps.path), hm)
     assert path.name == "heatmap_coffee_wide.png"

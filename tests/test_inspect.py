@@ -1,4 +1,4 @@
-"""core.analysis.inspect: metric maths, streaming accumulators, observer table, compare, what-if, sensitivity."""
+"""core.analysis metrics, observer table, compare and sensitivity: metric maths, streaming accumulators, what-if."""
 
 from __future__ import annotations
 
@@ -8,26 +8,29 @@ import numpy as np
 import pytest
 import torch
 
-from core.analysis.inspect import (
+from core.analysis.compare import compare
+from core.analysis.metrics import (
     OUTLIER_RATIO_THRESHOLD,
     SAMPLE_SIZE,
     ErrorAccumulator,
     ReservoirSample,
     clipped_fraction,
-    compare,
     cosine,
     max_abs,
-    module_output_observers,
     mse,
-    observer_table,
     outlier_ratio,
     peir,
-    sensitivity,
-    sensitivity_units,
     sqnr_db,
 )
+from core.analysis.observer_table import observer_table
+from core.analysis.sensitivity import sensitivity, sensitivity_units
+from core.analysis.tap import fp_forward, module_output_observers
 from core.cancel import CancelToken
+from core.data.images import ImagePreprocessor
 from core.errors import CancelledError, ConfigError
+from core.export.verdict import noise_floor
+from core.models import load_model
+from core.ptq import calibrate, convert, prepare
 from core.quant.mode import Mode
 
 MST = 70  # smallest soft-token budget: keeps the tiny model fast
@@ -110,9 +113,6 @@ def test_outlier_ratio_flags_ranges_dominated_by_a_few_values():
 
 @pytest.fixture(scope="module")
 def tiny_pre():
-    from core.data.images import ImagePreprocessor
-    from core.models import load_model
-
     model = load_model("tiny")
     return model, ImagePreprocessor(model.config, max_soft_tokens=MST)
 
@@ -123,8 +123,6 @@ def _batches(pre, paths):
 
 @pytest.fixture(scope="module")
 def calibrated(tiny_pre, sample_images):
-    from core.ptq import calibrate, convert, prepare
-
     model, pre = tiny_pre
     qmodel = prepare(model)
     calibrate(qmodel, _batches(pre, sample_images[:4]))
@@ -279,20 +277,15 @@ def test_sensitivity_is_cancellable(calibrated, tiny_pre, sample_images):
 def test_fp_reference_is_the_float_model(calibrated, tiny_pre, sample_images):
     # compare's FP pass runs the QUANT graph with every observer kept float; it must be the
     # float model's output up to float32 rounding (far below any quantization error).
-    from core.analysis.inspect import _fp_forward
-
     model, pre = tiny_pre
     batch = pre([sample_images[6]])
     with torch.no_grad():
         hf = model(**batch).last_hidden_state
-        ours = _fp_forward(calibrated, batch)
+        ours = fp_forward(calibrated, batch)
     calibrated.set_keep_float([])
     assert ours.shape == hf.shape
     # The static path against HF's padded one: other GEMM shapes, so another summation order.
     # Judged against torch's own rounding noise on this machine (core.export.verdict), not a constant.
-    from core.export.verdict import noise_floor
-    from core.ptq import prepare
-
     float_model = prepare(model)
     module = float_model.as_export_module(batch["pixel_position_ids"])
     with torch.no_grad():

@@ -147,10 +147,10 @@ def test_evaluate_what_if_and_sensitivity(calibrated_session, sample_images):
     assert {e.name for e in ranked} >= {"encoder.layers.*.mlp.down_proj", "encoder.layers.*.self_attn"}
 
 
-def test_core_compare_and_observer_table_accept_a_session(calibrated_session, sample_images):
+def test_core_compare_matches_evaluate_and_observer_table_accepts_a_session(calibrated_session, sample_images):
     import core
 
-    via_core = core.compare(calibrated_session, sample_images[3:4])
+    via_core = core.compare(calibrated_session.qmodel, calibrated_session.batches(calibrated_session.entries_for(sample_images[3:4])))
     direct = calibrated_session.evaluate(images=sample_images[3:4])
     assert [m.to_dict() for m in via_core.modules] == [m.to_dict() for m in direct.modules]
     assert [r.name for r in core.observer_table(calibrated_session)] == [o.name for o in calibrated_session.qmodel.observers()]

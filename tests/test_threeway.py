@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from core.analysis.inspect import module_output_observers
+from core.analysis.tap import module_output_observers
 from core.analysis.threeway import ThreeWayResult, three_way_check, three_way_session
 from core.cancel import CancelToken
 from core.config import PTQConfig
@@ -86,7 +86,7 @@ def test_every_module_output_has_a_row_in_forward_order(exported):
     for i in range(s.qmodel.config.num_hidden_layers):
         for part in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj", "post_feedforward_layernorm"):
             assert tw.row(f"encoder.layers.{i}.{part}") is not None
-    # Containers pair with their last child's output, like core.analysis.inspect.module_output_observers.
+    # Containers pair with their last child's output, like core.analysis.tap.module_output_observers.
     assert tw.row("encoder.layers.0.self_attn").tensor == tw.row("encoder.layers.0.self_attn.o_proj").tensor
     assert r.tensor_modules[tw.row("encoder.layers.0.self_attn.q_proj").tensor] == "encoder.layers.0.self_attn.q_proj"
 

@@ -3,7 +3,7 @@
 Config A is the session's own config and calibrated wrapped model. Config B gets its own
 wrapped model, prepared from the same float model (``core.ptq.prepare`` deep-copies it) and
 calibrated on the same images A was calibrated on. Both are then evaluated on the same
-evaluation images with ``core.analysis.inspect.compare`` and their per-module errors are paired.
+evaluation images with ``core.analysis.compare.compare`` and their per-module errors are paired.
 
 Memory: B is a second full copy of the model's weights plus its observers (tiny: a few MB;
 e2b: roughly another copy of the float model, ~0.7 GB in float32, plus histograms). Drop the
@@ -47,7 +47,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from core.analysis.inspect import CompareResult, ModuleError, compare
+from core.analysis.compare import compare
+from core.analysis.records import CompareResult, ModuleError
 from core.config import FLOAT, ModuleOverride, PTQConfig, QuantSpec
 from core.data.device import batches_to_device
 from core.errors import CancelledError, ConfigError, NoImagesError, NotCalibratedError

@@ -27,6 +27,7 @@ import numpy as np
 
 from core.data.grid import PatchLayout, patch_layout
 from core.errors import BadImageError, ConfigError, NoImagesError, NoLocationError, NotCalibratedError
+from core.io import file_sha256
 from core.quant.observers import WEIGHT_SOURCE
 
 __all__ = ["ExtremeLocation", "ImageRank", "NoLocationError", "locate_extreme", "rank_images", "row_axis"]
@@ -126,8 +127,6 @@ def locate_extreme(session, observer_name: str, which: str = "max") -> ExtremeLo
     if not path.is_file():
         raise NoImagesError(path, f"image {source} that set the {which} of {obs.name} is missing on disk")
     if entry.sha256:
-        from core.io import file_sha256
-
         if file_sha256(path) != entry.sha256:
             raise NoImagesError(path, f"image {source} changed on disk since calibration; calibrate again")
     try:

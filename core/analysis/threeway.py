@@ -2,7 +2,7 @@
 
 For one image, every wrapper's output is taken three ways:
 
-- **FP**: the static path in QUANT mode with every observer kept float (what ``core.analysis.inspect``
+- **FP**: the static path in QUANT mode with every observer kept float (what ``core.analysis.compare``
   calls the FP reference: same wrappers, same graph, no fake-quant);
 - **FQ**: the same path with the observers as they were at export (fake-quantized);
 - **Circle**: the value of the matching tensor when TICO's Python reference runtime runs the
@@ -15,7 +15,7 @@ built from each FX node's ``nn_module_stack``). **Pairing rule**: a module's out
 or any module below it) whose shape equals the torch output's shape, or equals it once size-1
 dimensions are dropped. Containers therefore pair with the output of their last child (the
 attention block with its o_proj output, a layer with its residual add), as in
-``core.analysis.inspect.module_output_observers``. The model's final output pairs with the graph output.
+``core.analysis.tap.module_output_observers``. The model's final output pairs with the graph output.
 
 Metrics (``a`` is the reference, ``b`` the other side, over every value of the tensor):
 PEIR = max|a - b| / (max a - min a); max_abs = max|a - b|; for fq_vs_circle on a quantized
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.analysis.inspect import FqTap
+from core.analysis.tap import FqTap
 from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError
 from core.export.pipeline import ROOT_MODULE, ExportResult, layout_fingerprint, run_keeping
 from core.export.verdict import NoiseFloor, gemm_rounding_error, judge, rounding_noise
@@ -375,7 +375,7 @@ def _output_targets(qmodel: Any, globs: Sequence[str] | None = None) -> list[tup
     """(module name, observer name) of every wrapper output (matching `globs`), in wrapper order."""
     from fnmatch import fnmatchcase
 
-    from core.analysis.inspect import module_output_observers
+    from core.analysis.tap import module_output_observers
 
     def wanted(name: str) -> bool:
         return globs is None or any(fnmatchcase(name, g) or fnmatchcase(name, g + ".*") for g in globs)
@@ -384,7 +384,7 @@ def _output_targets(qmodel: Any, globs: Sequence[str] | None = None) -> list[tup
 
 
 class _Outputs(FqTap):
-    """Keeps the first value each chosen observer sees (see core.analysis.inspect.FqTap)."""
+    """Keeps the first value each chosen observer sees (see core.analysis.tap.FqTap)."""
 
     def __init__(self, qmodel: Any, names: set[str]):
         super().__init__(qmodel, self._keep)

@@ -7,7 +7,7 @@
 - scatter.png  FP vs quantized value samples of the worst modules (lowest SQNR), with the
                y = x diagonal.
 - heatmap_<image stem>.png  one per evaluated image: the resized image the model saw with the
-               final output's per-soft-token relative error (core.analysis.diagnostics) as a
+               final output's per-soft-token relative error (core.analysis.heatmaps) as a
                semi-transparent overlay, a colour bar with its min / max, the peak outlined.
 """
 

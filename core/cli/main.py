@@ -412,7 +412,7 @@ class _HeatmapWriter:
         self.written: list[dict] = []
 
     def __call__(self, maps) -> None:
-        from core.analysis.diagnostics import MODEL
+        from core.analysis.heatmaps import MODEL
         from core.cli.charts import heatmap_file_name, write_heatmap
 
         if MODEL not in maps.rows:
@@ -464,7 +464,7 @@ def cmd_report(args, progress) -> tuple[dict, str]:
     heatmaps = _HeatmapWriter(args.plots) if args.plots else None
     divergence = None
     if args.divergence != "off":
-        from core.analysis.diagnostics import locate_divergence
+        from core.analysis.divergence import locate_divergence
 
         # The search runs the float and quantized passes the final-output heatmaps need.
         divergence = locate_divergence(
@@ -472,7 +472,7 @@ def cmd_report(args, progress) -> tuple[dict, str]:
         )
         progress.close()
     elif heatmaps is not None:
-        from core.analysis.diagnostics import image_error_maps
+        from core.analysis.heatmaps import image_error_maps
 
         for entry in session.entries_for(images):
             heatmaps(image_error_maps(session, entry, progress=progress))

@@ -133,7 +133,7 @@ def rounding_noise(qmodel: Any, rel: float, seed: int = 0) -> Iterator[None]:
 
     try:
         for module in qmodel.quant_modules():
-            # A tap already in place (core.analysis.inspect.FqTap) is wrapped, so it sees the noisy values,
+            # A tap already in place (core.analysis.tap.FqTap) is wrapped, so it sees the noisy values,
             # and put back on exit.
             patched.append((module, module.__dict__.get("fq")))
             module.fq = wrap(module.fq)

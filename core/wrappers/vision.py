@@ -280,15 +280,20 @@ class QuantVisionModel(QuantModule):
             hidden = self.patch_embedder.forward_static(pixel_values, profile.pos_rows)
             hidden = self.encoder.run_layers(hidden, profile.cos, profile.sin_signed)
             hidden = self.pooler.forward_static(hidden, profile.pool)
-            hidden = hidden.reshape(hidden.shape[-2], hidden.shape[-1])
-            if self.standardize:
-                bias = self.fq_weight(self.source.std_bias.float(), self.obs_std_bias, None)
-                scale = self.fq_weight(self.source.std_scale.float(), self.obs_std_scale, None)
-                hidden = self.fq(hidden - bias, self.obs_centered)
-                hidden = self.fq(hidden * scale, self.obs_output)
-            return hidden
+            return self.standardize_pooled(hidden)
         finally:
             self.ctx.static = previous
+
+    def standardize_pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The static path's last step on a pooler output: (soft_tokens, hidden), then (x - bias) * scale
+        fake-quantized when the model standardizes (the identity otherwise)."""
+        hidden = hidden.reshape(hidden.shape[-2], hidden.shape[-1])
+        if self.standardize:
+            bias = self.fq_weight(self.source.std_bias.float(), self.obs_std_bias, None)
+            scale = self.fq_weight(self.source.std_scale.float(), self.obs_std_scale, None)
+            hidden = self.fq(hidden - bias, self.obs_centered)
+            hidden = self.fq(hidden * scale, self.obs_output)
+        return hidden
 
     # ---------------------------------------------------------------- profiles
     @torch.no_grad()

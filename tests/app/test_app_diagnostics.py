@@ -1,6 +1,6 @@
 """Errors tab diagnostics, driven as a user does: the first-divergence banner and the patch heatmap.
 
-Every value shown is checked against what ``core.analysis.diagnostics`` returns for the same session and
+Every value shown is checked against what ``core.analysis.heatmaps`` / ``divergence`` return for the same session and
 images (tiny model, 3 images, 70 soft tokens: small enough for CI on 2 cores).
 """
 
@@ -14,7 +14,8 @@ from PySide6.QtWidgets import QPushButton
 from app.qt_common import fmt_float
 from app.qt_heatmap import FINAL_OUTPUT, FINAL_OUTPUT_TITLE, upsample
 from app.qt_main_window import QtMainWindow
-from core.analysis.diagnostics import image_error_maps, locate_divergence
+from core.analysis.divergence import locate_divergence
+from core.analysis.heatmaps import image_error_maps
 
 LONG = 180_000  # ms; evaluation, locator and maps share 2 busy cores in CI
 

@@ -60,11 +60,11 @@ def test_threeway_headers_are_readable_and_say_what_they_mean(make_window, qtbot
 
 
 def _divergence(located: int, inputs, outputs, reference: float, unit: str = "layer"):
-    from core.analysis.diagnostics import DivergenceEntry, DivergenceResult, _jump
+    from core.analysis.divergence import DivergenceEntry, DivergenceResult, jump_db
 
     names = ["patch_embedder"] + [f"encoder.layers.{i}" for i in range(len(inputs) - 3)] + ["pooler", "model"]
     entries = [
-        DivergenceEntry(name, "layer", i, o, o + 3.0, _jump(i, o, reference), 0.0, 0.0)
+        DivergenceEntry(name, "layer", i, o, o + 3.0, jump_db(i, o, reference), 0.0, 0.0)
         for name, i, o in zip(names, inputs, outputs)
     ]
     return DivergenceResult(unit, entries, entries[located], ["a.jpg"], reference_db=reference)
