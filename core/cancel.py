@@ -23,10 +23,12 @@ class CancelToken:
         """Whether cancel() has been called."""
         return self._event.is_set()
 
-    def raise_if_cancelled(self) -> None:
-        """Raise CancelledError if cancel() has been called."""
+    def raise_if_cancelled(self, what: str | None = None) -> None:
+        """Raise CancelledError if cancel() has been called; `what` names the step in its message."""
         if self._event.is_set():
-            raise CancelledError()
+            if what is None:
+                raise CancelledError()
+            raise CancelledError(f"{what} cancelled by the user; run it again to get results")
 
     def __repr__(self) -> str:
         return f"CancelToken(cancelled={self.cancelled})"

@@ -69,7 +69,7 @@ def compare(
 
         with torch.no_grad(), PairTap(qmodel, accs, fold) as tap:
             for batch in batches:
-                cancel.raise_if_cancelled()
+                cancel.raise_if_cancelled("Comparison")
                 inputs, ids = model_inputs(batch, device)
                 fp_out, q_out = tap.run(inputs, keep)
                 e2e.update(fp_out, q_out)

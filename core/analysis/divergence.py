@@ -272,7 +272,7 @@ class _UnitTap(MethodTap):
         phase = self.phase
         if phase == "off":
             return orig(*args, **kwargs)
-        self.cancel.raise_if_cancelled()
+        self.cancel.raise_if_cancelled("Divergence search")
         u = self._by_module[id(module)]
         x = args[0]
         if phase == "fp":
@@ -298,7 +298,7 @@ def _run_alone(qmodel, units: list[_Unit], model_u: _Unit, cancel: CancelToken) 
     ctx.static = True
     try:
         for u in units:
-            cancel.raise_if_cancelled()
+            cancel.raise_if_cancelled("Divergence search")
             if u is model_u:
                 if u.fp_in is not None:
                     u.add("local", u.fp_out, qmodel.standardize_pooled(u.fp_in))
@@ -352,7 +352,7 @@ def locate_divergence_batches(
             progress(done, steps_per_image * (total or len(images)), msg)
 
     try:
-        cancel.raise_if_cancelled()
+        cancel.raise_if_cancelled("Divergence search")
         enter_quant(qmodel)
         with torch.no_grad(), _UnitTap(units, cancel) as tap:
             # The pooler's output is the "model" unit's input; in layer mode the pooler is a unit
@@ -361,7 +361,7 @@ def locate_divergence_batches(
             if pooler_u is None:
                 raise RuntimeError(f"{pooler_name}: no unit taps the pooler")
             for batch in single_image_batches(batches):
-                cancel.raise_if_cancelled()
+                cancel.raise_if_cancelled("Divergence search")
                 inputs, ids = model_inputs(batch, device)
                 image_id = ids[0] if ids else f"image {len(images) + 1}"
                 for u in tap.units:
@@ -375,7 +375,7 @@ def locate_divergence_batches(
                         raise RuntimeError(f"{u.name} ran {u.calls} times for one image; the locator expects one")
                 model_u.fp_in, model_u.fp_out = pooler_u.fp_out, fp_final
                 tick(f"{image_id}: float pass")
-                cancel.raise_if_cancelled()
+                cancel.raise_if_cancelled("Divergence search")
                 # 2. full quantized run: cumulative error at every unit's input and output
                 tap.phase = "q"
                 q_final = quant_forward(qmodel, inputs, keep)
@@ -474,7 +474,7 @@ def locate_divergence(
     """First-divergence search on a calibrated session's images (default: its usable image set)."""
     cancel = cancel or CancelToken()
     session.require_calibrated()
-    cancel.raise_if_cancelled()
+    cancel.raise_if_cancelled("Divergence search")
     entries = session.entries_for(images)
 
     callback = None

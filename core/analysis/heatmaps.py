@@ -259,12 +259,12 @@ def image_error_maps_batch(
     def after_fp() -> None:
         if progress is not None:
             progress(1, total, f"{image_id}: float pass")
-        cancel.raise_if_cancelled()
+        cancel.raise_if_cancelled("Error heatmap")
 
     try:
-        cancel.raise_if_cancelled()
+        cancel.raise_if_cancelled("Error heatmap")
         enter_quant(qmodel)
-        with torch.no_grad(), PairTap(qmodel, wanted, on_pair, cancel) as tap:
+        with torch.no_grad(), PairTap(qmodel, wanted, on_pair, cancel, "Error heatmap") as tap:
             fp_out, q_out = tap.run(inputs, [], after_fp)
     finally:
         qmodel.set_keep_float([])
@@ -297,6 +297,6 @@ def image_error_maps(session, image, progress: Progress | None = None, cancel: C
     """Per-patch / per-token error maps of every module for one image (a path or an ImageEntry) of a session."""
     cancel = cancel or CancelToken()
     session.require_calibrated()
-    cancel.raise_if_cancelled()
+    cancel.raise_if_cancelled("Error heatmap")
     batch, image_id, path = _session_batch(session, image)
     return image_error_maps_batch(session.qmodel, batch, image_id=image_id, path=path, progress=progress, cancel=cancel)

@@ -101,13 +101,13 @@ def sensitivity(
     try:
         with torch.no_grad():
             for bi, batch in enumerate(batches):
-                cancel.raise_if_cancelled()
+                cancel.raise_if_cancelled("Sensitivity sweep")
                 inputs, _ = model_inputs(batch, device)
                 fp_out = fp_forward(qmodel, inputs)
                 base.update(fp_out, quant_forward(qmodel, inputs, []))
                 tick(f"image {bi + 1}/{total}: baseline")
                 for (name, globs), acc in zip(units, accs):
-                    cancel.raise_if_cancelled()
+                    cancel.raise_if_cancelled("Sensitivity sweep")
                     acc.update(fp_out, quant_forward(qmodel, inputs, globs))
                     tick(f"image {bi + 1}/{total}: {name} in float")
     finally:

@@ -211,11 +211,13 @@ class PairTap(FqTap):
         wanted: Collection[str],
         on_pair: Callable[[Any, torch.Tensor, torch.Tensor], None],
         cancel: CancelToken | None = None,
+        what: str | None = None,
     ):
         super().__init__(qmodel, self._on_fq)
         self.wanted = wanted
         self.on_pair = on_pair
         self.cancel = cancel
+        self.what = what  # names the step in the cancel message
         self.phase = "off"
         self.store: dict[tuple[str, int], torch.Tensor] = {}
         self.calls: dict[str, int] = {}
@@ -249,7 +251,7 @@ class PairTap(FqTap):
         if name not in self.wanted:
             return
         if self.cancel is not None:
-            self.cancel.raise_if_cancelled()
+            self.cancel.raise_if_cancelled(self.what)
         i = self.calls.get(name, 0)
         self.calls[name] = i + 1
         if self.phase == "fp":
