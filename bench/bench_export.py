@@ -110,7 +110,7 @@ def worker_tico(args) -> None:
     import tico.quantization.config.ptq
     import torch
 
-    from core.export.pipeline import _convert
+    from core.export.runtime import convert_to_circle
     from core.models import load_model
 
     torch.manual_seed(0)
@@ -142,7 +142,7 @@ def worker_tico(args) -> None:
     timings["torch.export"] = time.perf_counter() - t
     nodes = sum(1 for n in program.graph.nodes if n.op == "call_function")
     step(f"torch.export done ({nodes} nodes)")
-    data = _convert(program, timings, step, None, True, None)
+    data = convert_to_circle(program, timings, step, None, True, None)
     out = Path(args.out_dir) / "tico_e2b.circle"
     t = time.perf_counter()
     out.write_bytes(data)

@@ -11,6 +11,12 @@ def one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def exception_line(exc: BaseException) -> str:
+    """A third-party exception as "<type>: <first line>": torch's and tico's messages run to pages."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
 class PTQStudioError(Exception):
     """Base class of every error a user can cause and fix."""
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from core.cancel import CancelToken
 from core.config import PTQConfig
-from core.errors import ConfigError
+from core.errors import CancelledError, ConfigError
 from core.quant.mode import Mode
 from core.wrappers.base import QuantContext
 from core.wrappers.registry import wrap
@@ -40,7 +40,7 @@ def prepare(model: nn.Module, config: PTQConfig | None = None) -> QuantVisionMod
     if getattr(model.config, "_attn_implementation", "eager") not in ("eager", None):
         # The wrappers mirror eager attention (they observe the probabilities), so parity is against it.
         model = copy.deepcopy(model)
-        model.config._attn_implementation = "eager"
+        model.config._attn_implementation = "eager"  # noqa: SLF001 -- the attribute HF attention reads at forward time
     else:
         model = copy.deepcopy(model)
     model.eval()
@@ -77,9 +77,8 @@ def calibrate(
     try:
         with torch.no_grad():
             for batch in batches:
-                if cancel is not None and cancel.cancelled:
-                    cancelled = True
-                    break
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
                 qmodel(
                     pixel_values=batch["pixel_values"],
                     pixel_position_ids=batch["pixel_position_ids"],
@@ -89,8 +88,12 @@ def calibrate(
                 done_images += _batch_size(batch)
                 if progress is not None:
                     progress(done_batches, total or done_batches, f"calibrated {done_images} images")
+    except CancelledError:
+        # The one place a cancel is caught: the batches already done keep their statistics, and the
+        # result says the run stopped early (callers report "cancelled after k/n").
+        cancelled = True
     finally:
-        qmodel.ctx.mode = Mode.NO_QUANT
+        qmodel.set_mode(Mode.NO_QUANT)
     return CalibrationResult(done_batches, done_images, total, cancelled, time.perf_counter() - start)
 
 

@@ -399,11 +399,7 @@ class Session:
             if before_state == "calibrated":
                 _load_observer_state(self.qmodel, *before_stats)
             else:
-                from core.quant.mode import Mode
-
-                for obs in self.qmodel.observers():
-                    obs.reset()
-                self.qmodel.ctx.mode = Mode.NO_QUANT
+                self.qmodel.reset_statistics()
             self.state, self.calibration, self.last_compare = before_state, before_calibration, before_compare
 
         try:

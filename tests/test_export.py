@@ -195,7 +195,7 @@ def test_lean_runtime_loop_matches_the_runtime_bit_for_bit(quant_export, tiny_qu
     import numpy as np
     from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
 
-    import core.export.pipeline as export
+    import core.export.runtime as export
 
     data = quant_export.path.read_bytes()
     runtime = CircleReferenceRuntime(data)
@@ -203,7 +203,7 @@ def test_lean_runtime_loop_matches_the_runtime_bit_for_bit(quant_export, tiny_qu
     expected = runtime.run([pixels], mode=ExecutionMode.FAKE_QUANTIZE, trace=True)
 
     blocked: list[str] = []
-    real = export._execute_in_blocks
+    real = export.execute_in_blocks
 
     def spy(runtime, op, values, mode):
         done = real(runtime, op, values, mode)
@@ -211,8 +211,8 @@ def test_lean_runtime_loop_matches_the_runtime_bit_for_bit(quant_export, tiny_qu
             blocked.append(op.name)
         return done
 
-    monkeypatch.setattr(export, "_BLOCK_BYTES", 4096)  # tiny's tensors are small: force slabs
-    monkeypatch.setattr(export, "_execute_in_blocks", spy)
+    monkeypatch.setattr(export, "BLOCK_BYTES", 4096)  # tiny's tensors are small: force slabs
+    monkeypatch.setattr(export, "execute_in_blocks", spy)
     every = set(expected.tensor_values)
     outputs, kept = export.run_keeping(CircleReferenceRuntime(data), [pixels], ExecutionMode.FAKE_QUANTIZE, every)
     assert {"SOFTMAX", "BATCH_MATMUL", "ADD", "MUL"} <= set(blocked), sorted(set(blocked))

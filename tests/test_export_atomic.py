@@ -52,7 +52,7 @@ def earlier(tmp_path) -> Path:
 
 @pytest.fixture
 def converted(monkeypatch, circle_bytes):
-    monkeypatch.setattr(export_mod, "_convert", lambda *a, **k: circle_bytes)
+    monkeypatch.setattr(export_mod, "convert_to_circle", lambda *a, **k: circle_bytes)
 
 
 def _left_alone(out: Path) -> None:
@@ -64,7 +64,7 @@ def test_failed_conversion_keeps_the_earlier_file(qmodel, example, earlier, monk
     def broken(*a, **k):
         raise ExportError("converter failed")
 
-    monkeypatch.setattr(export_mod, "_convert", broken)
+    monkeypatch.setattr(export_mod, "convert_to_circle", broken)
     with pytest.raises(ExportError):
         export_circle(qmodel, example, earlier)
     _left_alone(earlier)

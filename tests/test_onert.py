@@ -13,9 +13,10 @@ import torch
 from core.data.images import ImagePreprocessor
 from core.data.resources import sample_images
 from core.errors import ExportError
+from core.export.checks import dtype_mismatches, summarize_circle
 from core.export.circle_edit import bridge_float_ops, quantize_float_input
 from core.export.onert import input_qparams, onert_available, quantize_input, run_onert
-from core.export.pipeline import dtype_mismatches, export_circle, summarize_circle
+from core.export.pipeline import export_circle
 from core.models import load_model
 from core.ptq import calibrate, convert, prepare
 
@@ -113,7 +114,7 @@ def test_bridge_float_ops_keeps_tico_results(exports):
     """Bridging integer ops into float (the onert check's copy) changes no value in TICO's runtime."""
     from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
 
-    from core.export.pipeline import _run_lean
+    from core.export.runtime import run_lean
 
     data = exports[("quant", "integer")].path.read_bytes()
     bridged, counts = bridge_float_ops(data, ["GELU", "RMS_NORM"])
@@ -121,7 +122,7 @@ def test_bridge_float_ops_keeps_tico_results(exports):
     assert dtype_mismatches(bridged) == []
     pixels = np.random.default_rng(0).random((1, 630, 768), dtype=np.float32)
     outs = [
-        _run_lean(CircleReferenceRuntime(d), [pixels], ExecutionMode.FAKE_QUANTIZE)[0] for d in (data, bridged)
+        run_lean(CircleReferenceRuntime(d), [pixels], ExecutionMode.FAKE_QUANTIZE)[0] for d in (data, bridged)
     ]
     # DEQUANTIZE -> float op -> QUANTIZE is what FAKE_QUANTIZE computes for the op itself.
     assert np.array_equal(outs[0], outs[1])
@@ -194,7 +195,7 @@ def test_no_batch_matmul_reads_a_constant(exports):
 def test_dtype_mismatch_is_a_structural_failure(exports):
     import dataclasses
 
-    from core.export.pipeline import structural_problems
+    from core.export.checks import structural_problems
 
     res = exports[("quant", "integer")]
     assert structural_problems(res) == ([], [])

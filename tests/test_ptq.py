@@ -138,6 +138,27 @@ def test_convert_before_calibration_is_refused(tiny):
         convert(prepare(tiny))
 
 
+def test_mode_as_puts_the_earlier_mode_back_also_on_errors(tiny, pre280, sample_images):
+    """A temporary mode goes through the model: entered as set_mode does, left as it was found."""
+    qmodel = prepare(tiny)
+    with pytest.raises(NotCalibratedError), qmodel.mode_as(Mode.QUANT):  # QUANT needs statistics
+        pass
+    assert qmodel.mode is Mode.NO_QUANT
+    calibrate(qmodel, _batches(pre280, sample_images[:1]))
+    with qmodel.mode_as(Mode.QUANT):
+        assert qmodel.mode is Mode.QUANT
+    assert qmodel.mode is Mode.NO_QUANT
+    with pytest.raises(RuntimeError, match="boom"), qmodel.mode_as(Mode.QUANT):
+        raise RuntimeError("boom")
+    assert qmodel.mode is Mode.NO_QUANT and qmodel.is_calibrated
+    convert(qmodel)
+    with qmodel.mode_as(Mode.NO_QUANT):
+        assert qmodel.mode is Mode.NO_QUANT
+    assert qmodel.mode is Mode.QUANT
+    qmodel.reset_statistics()
+    assert qmodel.mode is Mode.NO_QUANT and not qmodel.is_calibrated
+
+
 def _quant_peir(model, config, cal, held, pre) -> float:
     qmodel = prepare(model, config)
     calibrate(qmodel, cal)

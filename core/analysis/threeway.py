@@ -31,16 +31,24 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from core.analysis.tap import FqTap
-from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError
-from core.export.pipeline import ROOT_MODULE, ExportResult, layout_fingerprint, run_keeping
+from core.analysis.tap import FqTap, module_output_observers
+from core.data.images import ImagePreprocessor
+from core.data.resources import sample_images
+from core.errors import CancelledError, ExportError, NotCalibratedError, exception_line
+from core.export.checks import summarize_circle
+from core.export.pipeline import ExportResult, layout_fingerprint
+from core.export.runtime import run_circle_tensors
+from core.export.tensor_map import ROOT_MODULE
 from core.export.verdict import NoiseFloor, gemm_rounding_error, judge, rounding_noise
+from core.io import finite_or_none
+from core.quant.mode import Mode
 
 Progress = Callable[[int, int, str], None]
 
@@ -55,13 +63,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- results
-def _json(x: float | None) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
 @dataclass
 class Diff:
     """Difference of two versions of one tensor (the first is the reference)."""
@@ -74,10 +75,10 @@ class Diff:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (inf/nan become null)."""
         return {
-            "peir": _json(self.peir),
-            "max_abs": _json(self.max_abs),
-            "within_one_step": _json(self.within_one_step),
-            "max_steps": _json(self.max_steps),
+            "peir": finite_or_none(self.peir),
+            "max_abs": finite_or_none(self.max_abs),
+            "within_one_step": finite_or_none(self.within_one_step),
+            "max_steps": finite_or_none(self.max_steps),
         }
 
 
@@ -109,7 +110,7 @@ class ThreeWayRow:
             "module": self.module,
             "shape": list(self.shape),
             "dtype": self.dtype,
-            "scale": _json(self.scale),
+            "scale": finite_or_none(self.scale),
             "zero_point": self.zero_point,
             "quantized": self.quantized,
             "observer": self.observer,
@@ -229,12 +230,12 @@ def three_way_check(
             progress(done, total, message)
 
     path, data, names, layout, unquantized = _resolve_export(export, tensor_modules)
-    from tico.circle.runtime.program import CircleProgram
+    from tico.circle.runtime.program import CircleProgram  # noqa: PLC0415 -- tico.circle.* costs ~0.6 s at import (measured); only export and its checks run it
 
     try:
         program = CircleProgram.from_bytes(data)
     except Exception as exc:
-        raise ExportError(f"{path}: not a readable Circle model ({_first_line(exc)}); export the model again") from exc
+        raise ExportError(f"{path}: not a readable Circle model ({exception_line(exc)}); export the model again") from exc
     pixel_values, position_ids, image = _batch_of_one(batch)
     if layout and layout != layout_fingerprint(position_ids):
         raise ExportError(
@@ -252,9 +253,7 @@ def three_way_check(
 
     # ---- torch: FP and fake-quant outputs of every wrapper, from the same static path
     step("torch passes")
-    from core.export.pipeline import _model_mode
-
-    with _model_mode(qmodel, _export_mode(qmodel, quantized_file)):
+    with qmodel.mode_as(_check_mode(qmodel, quantized_file)):
         targets = _output_targets(qmodel, modules)
         fp, fq, fp_out, fq_out, floors, rel = _torch_outputs(qmodel, targets, pixel_values, position_ids)
 
@@ -301,7 +300,7 @@ def three_way_check(
         if index == final_index:
             final_row.append(_row(ROOT_MODULE, None, tensor, operator, fp_out, fq_out, value, floors.get(ROOT_MODULE), rel))
 
-    compared, runtime_name, intermediates = _run_circle(data, pixel_values, wanted, compare)
+    compared, runtime_name, intermediates = run_circle_tensors(data, pixel_values, wanted, compare)
 
     step("comparing")
     unmatched += [(module, "the runtime did not expose its tensor") for module, _, index in pairs if index not in compared]
@@ -353,15 +352,11 @@ def three_way_session(
         if usable:
             image = usable[0].path
         else:
-            from core.data.resources import sample_images
-
             image = sample_images()[0]  # what export_circle falls back to
     patches = _exported_patches(export)
     pre = session.preprocessor
     k2 = int(session.qmodel.config.pooling_kernel_size) ** 2
     if patches and patches != int(pre.max_soft_tokens) * k2:
-        from core.data.images import ImagePreprocessor
-
         pre = ImagePreprocessor(session.qmodel.config, max_soft_tokens=patches // k2)
     batch = dict(pre([image]))
     batch["image_ids"] = [Path(str(image)).name]
@@ -373,10 +368,6 @@ def three_way_session(
 # --------------------------------------------------------------------------- torch side
 def _output_targets(qmodel: Any, globs: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """(module name, observer name) of every wrapper output (matching `globs`), in wrapper order."""
-    from fnmatch import fnmatchcase
-
-    from core.analysis.tap import module_output_observers
-
     def wanted(name: str) -> bool:
         return globs is None or any(fnmatchcase(name, g) or fnmatchcase(name, g + ".*") for g in globs)
 
@@ -406,7 +397,7 @@ class _NoisyDiffs(FqTap):
 
     def _compare(self, obs: Any, y: torch.Tensor) -> None:
         if obs.name in self.clean and obs.name not in self.diffs:
-            scale = float(obs.scale.max()) if obs.enabled and bool(obs.frozen) and self.qmodel.ctx.mode.name == "QUANT" else None
+            scale = float(obs.scale.max()) if obs.enabled and bool(obs.frozen) and self.qmodel.mode is Mode.QUANT else None
             self.diffs[obs.name] = _diff(self.clean[obs.name], y.detach().float().cpu(), scale)
 
 
@@ -431,23 +422,22 @@ def _torch_outputs(qmodel, targets, pixel_values, position_ids):
                 noisy_out = qmodel(**inputs, static=True).last_hidden_state.detach().float().cpu()
             floors = noisy.diffs
             last = qmodel.observers()[-1] if qmodel.observers() else None
-            out_scale = float(last.scale.max()) if last is not None and last.enabled and bool(last.frozen) and qmodel.ctx.mode.name == "QUANT" else None
+            out_scale = float(last.scale.max()) if last is not None and last.enabled and bool(last.frozen) and qmodel.mode is Mode.QUANT else None
             floors[ROOT_MODULE] = _diff(fq_out, noisy_out, out_scale)
     finally:
         qmodel.set_observer_flags(saved)
     return fp, fq, fp_out, fq_out, floors, rel
 
 
-def _export_mode(qmodel: Any, quantized_file: bool) -> str:
-    from core.quant.mode import Mode
-
-    if qmodel.ctx.mode is Mode.CALIB:
+def _check_mode(qmodel: Any, quantized_file: bool) -> Mode:
+    """The mode the torch passes run in (the file's: QUANT for a quantized file, else NO_QUANT)."""
+    if qmodel.mode is Mode.CALIB:
         raise ExportError("the model is calibrating: convert it (QUANT) before the three-way check")
     if not quantized_file:
-        return "float"
-    if qmodel.ctx.mode is not Mode.QUANT and not qmodel.is_calibrated:
+        return Mode.NO_QUANT
+    if qmodel.mode is not Mode.QUANT and not qmodel.is_calibrated:
         raise NotCalibratedError("the Circle file is quantized but the model is not calibrated: calibrate it first")
-    return "quant"
+    return Mode.QUANT
 
 
 # --------------------------------------------------------------------------- circle side
@@ -482,7 +472,7 @@ def _exported_patches(export) -> int | None:
     if not path.is_file():
         return None
     try:
-        from tico.circle.runtime.program import CircleProgram
+        from tico.circle.runtime.program import CircleProgram  # noqa: PLC0415 -- tico.circle.* costs ~0.6 s at import (measured); only export and its checks run it
 
         program = CircleProgram.from_bytes(path.read_bytes())
         shape = program.tensor(program.inputs[0]).shape
@@ -492,8 +482,6 @@ def _exported_patches(export) -> int | None:
 
 
 def _unquantized(data: bytes, names: Mapping[str, str]) -> list[tuple[str, str]]:
-    from core.export.pipeline import summarize_circle
-
     return [(t, names.get(t, ROOT_MODULE)) for t in summarize_circle(data)["tensors_without_qparams"]]
 
 
@@ -520,51 +508,9 @@ def _pair(module, shape, order, module_of, program) -> int | None:
     return None
 
 
-def _run_circle(
-    data: bytes, pixel_values: torch.Tensor, wanted: set[int], on_value: Callable[[int, np.ndarray], None]
-) -> tuple[set[int], str, bool]:
-    """Run the file once, handing each `wanted` tensor to `on_value` as it is produced;
-    (the indices handed over, runtime name, intermediates exposed)."""
-    from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
-
-    seen: set[int] = set()
-
-    def take(index: int, value: np.ndarray) -> None:
-        seen.add(index)
-        on_value(index, value)
-
-    try:
-        runtime = CircleReferenceRuntime(data)
-        mode = ExecutionMode.FAKE_QUANTIZE if runtime.has_quantized_activations() else ExecutionMode.NATIVE
-        name = f"tico reference runtime ({mode.name})"
-        inputs = [pixel_values.numpy()]
-        try:
-            run_keeping(runtime, inputs, mode, wanted, on_value=take)
-            return seen, name, True
-        except AttributeError:
-            if seen:
-                raise
-        try:  # the public API: trace=True keeps every tensor (constants included)
-            result = runtime.run(inputs, mode=mode, trace=True)
-            if result.tensor_values is not None:
-                for i in sorted(wanted & result.tensor_values.keys()):
-                    take(i, np.asarray(result.tensor_values[i]))
-                return seen, name, True
-        except TypeError:  # a runtime without trace=: the outputs only
-            result = runtime.run(inputs, mode=mode)
-        for i, v in zip(runtime.program.outputs, result.outputs):
-            if i in wanted:
-                take(i, np.asarray(v))
-        return seen, name, False
-    except PTQStudioError:
-        raise
-    except Exception as exc:
-        raise ExportError(f"the Circle model does not run in TICO's reference runtime: {_first_line(exc)}") from exc
-
-
 # --------------------------------------------------------------------------- metrics
 def _row(module, observer, tensor, operator, fp, fq, circle, floor: Diff | None = None, rel: float = 0.0) -> ThreeWayRow:
-    from tico.circle.runtime.program import tensor_type_name
+    from tico.circle.runtime.program import tensor_type_name  # noqa: PLC0415 -- tico.circle.* costs ~0.6 s at import (measured); only export and its checks run it
 
     c = torch.from_numpy(np.asarray(circle, dtype=np.float32).copy())
     fp = fp.float()
@@ -622,7 +568,3 @@ def _diff(ref: torch.Tensor, other: torch.Tensor, scale: float | None = None) ->
         steps = err / scale
     return Diff(peir=peir, max_abs=err, within_one_step=within, max_steps=steps)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

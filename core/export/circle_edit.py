@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import numpy as np
+from circle_schema import circle
 
 _FLOAT32, _INT32, _UINT8, _INT64, _INT16, _INT8 = 0, 2, 3, 4, 7, 9
 _NUMPY = {_FLOAT32: np.float32, _INT32: np.int32, _UINT8: np.uint8, _INT64: np.int64, _INT16: np.int16, _INT8: np.int8}
@@ -14,8 +15,7 @@ _NUMPY = {_FLOAT32: np.float32, _INT32: np.int32, _UINT8: np.uint8, _INT64: np.i
 def quantize_float_input(data: bytes) -> bytes:
     """The same model with a FLOAT32 graph input followed by a QUANTIZE op into the integer tensor
     the graph read before (same qparams); a model whose input is already float is returned as is."""
-    from circle_schema import circle
-    from tico.circle.io import model_from_bytes, model_to_bytes
+    from tico.circle.io import model_from_bytes, model_to_bytes  # noqa: PLC0415 -- tico.circle.* costs ~0.6 s at import (measured); only export and its checks run it
 
     model = model_from_bytes(data)
     graph = model.subgraphs[0]
@@ -50,7 +50,6 @@ def quantize_float_input(data: bytes) -> bytes:
 
 def operator_names() -> dict[int, str]:
     """Circle builtin operator code -> name (RMS_NORM and other circle-only codes included)."""
-    from circle_schema import circle
 
     codes = circle.BuiltinOperator.BuiltinOperator
     return {v: k for k, v in vars(codes).items() if not k.startswith("_") and isinstance(v, int)}
@@ -62,7 +61,6 @@ def _name_bytes(name: Any) -> bytes:
 
 def _opcode(model: Any, builtin: int) -> int:
     """Index of `builtin` in the model's operator codes, added when missing."""
-    from circle_schema import circle
 
     for i, oc in enumerate(model.operatorCodes):
         if _builtin_code(oc) == builtin:
@@ -78,8 +76,7 @@ def _opcode(model: Any, builtin: int) -> int:
 def bridge_float_ops(data: bytes, ops: Iterable[str]) -> tuple[bytes, dict[str, int]]:
     """A copy of the Circle bytes where each integer op named in `ops` runs in float between a
     DEQUANTIZE and a QUANTIZE (its integer constants dequantized); returns (bytes, op name -> count)."""
-    from circle_schema import circle
-    from tico.circle.io import model_from_bytes, model_to_bytes
+    from tico.circle.io import model_from_bytes, model_to_bytes  # noqa: PLC0415 -- tico.circle.* costs ~0.6 s at import (measured); only export and its checks run it
 
     wanted = set(ops)
     codes = circle.BuiltinOperator.BuiltinOperator
@@ -184,8 +181,7 @@ def constant_matmul_as_fully_connected(data: bytes) -> bytes:
     activation written as RESHAPE, TRANSPOSE, FULLY_CONNECTED (the constant as its weight),
     TRANSPOSE, RESHAPE: (C @ X)^T = FC(X^T, C). ONE's runtime refuses constant BATCH_MATMUL operands;
     torch keeps its matmul, so the runtime forward and the exported graph stay bit-identical."""
-    from circle_schema import circle
-    from tico.circle.io import model_from_bytes, model_to_bytes
+    from tico.circle.io import model_from_bytes, model_to_bytes  # noqa: PLC0415 -- tico.circle.* costs ~0.6 s at import (measured); only export and its checks run it
 
     model = model_from_bytes(data)
     graph = model.subgraphs[0]

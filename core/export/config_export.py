@@ -37,6 +37,7 @@ from typing import Any
 
 from core.config import PTQConfig, QuantSpec
 from core.errors import ConfigError, UnwritablePathError
+from core.io import atomic_write_text
 
 __all__ = [
     "TICO_OBSERVERS",
@@ -243,7 +244,7 @@ def to_tico_ptq_yaml(
     (every observer written out: exact, but long). Raises ConfigError for what TICO cannot
     express (unsigned symmetric, per-channel activations, EMA momentum 0).
     """
-    import yaml
+    import yaml  # noqa: PLC0415 -- only the TICO YAML export needs it; kept off the CLI's startup
 
     config = _as_config(config_or_overrides, base)
     names = _module_list(config, modules, num_layers)
@@ -294,9 +295,9 @@ def tico_ptq_config_from_yaml(text: str):
     path keys (YAML reads ``0:`` as an int), and pass ``activation``, ``weight`` and
     ``overrides`` to ``tico.quantization.config.ptq.PTQConfig``.
     """
-    import yaml
-    from tico.quantization.config.ptq import PTQConfig as TicoPTQConfig
-    from tico.quantization.recipes.utils import quant_spec_from_config
+    import yaml  # noqa: PLC0415 -- as in to_tico_ptq_yaml
+    from tico.quantization.config.ptq import PTQConfig as TicoPTQConfig  # noqa: PLC0415 -- tico.quantization is loaded only when a TICO config is asked for
+    from tico.quantization.recipes.utils import quant_spec_from_config  # noqa: PLC0415 -- as above
 
     try:
         data = yaml.safe_load(text) or {}
@@ -469,8 +470,6 @@ def write_one_quant_config(path: str | os.PathLike, config_or_overrides, name_ma
 
 
 def _write(path: str | os.PathLike, text: str) -> Path:
-    from core.io import atomic_write_text
-
     path = Path(path)
     if path.is_dir():
         raise UnwritablePathError(path, "a folder is in the way; give a file name")

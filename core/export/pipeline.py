@@ -1,26 +1,24 @@
 """Static Circle export of a wrapped Gemma4VisionModel, verified by running the written file.
 
 Pipeline: ``as_export_module`` (one image layout) -> ``torch.export`` -> TICO's converter
-(decompositions, FX legalize/quantization passes, serialisation, Circle O1 optimisation) ->
-atomic write -> TICO's Python reference runtime on the example input, compared with
-``forward_export`` and with the runtime ``forward`` of the same wrapped model.
+(decompositions, FX legalize/quantization passes, serialisation, Circle O1 optimisation; driven by
+core.export.runtime) -> staged write (core.io.StagedFile) -> TICO's Python reference runtime on the
+example input, compared with ``forward_export`` and with the runtime ``forward`` of the same wrapped
+model -> rename onto the target.
 
-Name map: every Circle tensor is tied to the module that made it (``ExportResult.tensor_modules``).
-TICO names a tensor made from an FX node ``<module class>::<node name>``; the exporter records, as
-the serializer names them, each tensor's FX node and that node's ``nn_module_stack``, and
-translates the innermost module path (e.g. ``qmodel.encoder.layers.0.self_attn.q_proj``) into our
-wrapper name (``encoder.layers.0.self_attn.q_proj``). core.analysis.threeway uses it.
+Name map: every Circle tensor is tied to the module that made it (``ExportResult.tensor_modules``,
+built by core.export.tensor_map); core.analysis.threeway uses it. Structural checks of the graph and
+of the written file live in core.export.checks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
+import hashlib
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -28,7 +26,21 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from core.errors import CancelledError, ExportError, NotCalibratedError, PTQStudioError, UnwritablePathError
+from core.data.images import DEFAULT_SOFT_TOKENS, ImagePreprocessor
+from core.data.resources import sample_images
+from core.errors import (
+    CancelledError,
+    ExportError,
+    NotCalibratedError,
+    PTQStudioError,
+    UnwritablePathError,
+    exception_line,
+)
+from core.export.checks import check_graph, structural_problems, summarize_circle
+from core.export.circle_edit import constant_matmul_as_fully_connected, quantize_float_input
+from core.export.onert import check_in_onert
+from core.export.runtime import convert_to_circle, reference_outputs
+from core.export.tensor_map import ROOT_MODULE, TensorOrigins, module_paths, module_scopes, tensor_module_map
 from core.export.verdict import NoiseFloor, Verdict, judge, noise_floor, within_one_step
 from core.io import StagedFile
 from core.quant import meta_kernels
@@ -50,12 +62,6 @@ STAGES = (
     "write",
     "verify",
 )
-
-_FLOAT_TYPES = {"FLOAT32", "FLOAT16", "FLOAT64", "BFLOAT16"}
-
-# Module name given to ops of the wrapped model's own forward (standardisation), of the export
-# adapter, and to the graph input: they belong to no submodule.
-ROOT_MODULE = "model"
 
 
 @dataclass
@@ -100,7 +106,7 @@ class ExportResult:
     max_patches: int = 0
     unquantized_details: dict[str, str] = field(default_factory=dict)
     # Circle tensor name -> our module name (dotted wrapper name; ROOT_MODULE for the model's own
-    # ops and the graph input). Every tensor of the file is mapped; see _tensor_module_map.
+    # ops and the graph input). Every tensor of the file is mapped; see core.export.tensor_map.
     tensor_modules: dict[str, str] = field(default_factory=dict)
     # tensors_without_qparams with the module that produced them (or, for a constant, uses it).
     unquantized: list[tuple[str, str]] = field(default_factory=list)
@@ -168,7 +174,7 @@ def export_circle(
         if progress is not None:
             progress(done, total, name)
 
-    with _model_mode(qmodel, export_mode):
+    with qmodel.mode_as(Mode.QUANT if export_mode == "quant" else Mode.NO_QUANT):
         t = time.perf_counter()
         module = qmodel.as_export_module(position_ids).eval()
         profile = module.profile
@@ -186,12 +192,12 @@ def export_circle(
         with _weight_caches_released(qmodel):
             t = time.perf_counter()
             try:
-                with torch.no_grad(), _module_scopes(qmodel):
+                with torch.no_grad(), module_scopes(qmodel):
                     program = torch.export.export(module, (pixel_values,), strict=strict)
             except PTQStudioError:
                 raise
             except Exception as exc:  # torch.export errors are long; the first line names the cause
-                raise ExportError(f"torch.export failed: {_first_line(exc)}") from exc
+                raise ExportError(f"torch.export failed: {exception_line(exc)}") from exc
             timings["torch.export"] = time.perf_counter() - t
             graph_nodes = sum(1 for n in program.graph.nodes if n.op == "call_function")
             step(f"torch.export done ({graph_nodes} nodes)")
@@ -200,13 +206,13 @@ def export_circle(
             if problems:
                 raise ExportError(f"the static graph has {len(problems)} unsupported nodes (first: {problems[0]})")
 
-            scopes = _module_paths(module)
+            scopes = module_paths(module)
             holder = [program]
             del program
-            origins: dict[str, tuple[str, ...] | None] = {}
-            circle_bytes = _convert(holder, timings, step, cancel, circle_optimize, compile_config, origins)
-            from core.export.circle_edit import constant_matmul_as_fully_connected, quantize_float_input
-
+            origins = TensorOrigins()
+            circle_bytes = convert_to_circle(
+                holder, timings, step, lambda: _check_cancel(cancel), circle_optimize, compile_config, origins.record
+            )
             circle_bytes = constant_matmul_as_fully_connected(circle_bytes)
             if input_dtype == "float":
                 circle_bytes = quantize_float_input(circle_bytes)
@@ -226,7 +232,7 @@ def export_circle(
 
                 written = staged.path.read_bytes()
                 summary = summarize_circle(written)
-                tensor_modules = _tensor_module_map(written, origins, scopes)
+                tensor_modules = tensor_module_map(written, origins, scopes)
                 result = ExportResult(
                     path=out,
                     bytes=len(written),
@@ -273,192 +279,14 @@ def export_circle(
     return result
 
 
-def structural_problems(result: ExportResult, kept_float: Sequence[str] = ()) -> tuple[list[str], list[str]]:
-    """(problems, caveats) of a written file whatever its numbers: tensors a quantized file leaves
-    float and ops that change dtype silently (ONE's runtime refuses them; TICO's computes through).
-    Those inside modules the user keeps in float (`kept_float`) are caveats of that choice, not faults."""
-    import re
-
-    kept = tuple(kept_float)
-
-    def chosen(tensor: str) -> bool:
-        module = result.tensor_modules.get(tensor, "")
-        return any(module == k or module.startswith(k + ".") for k in kept)
-
-    problems: list[str] = []
-    caveats: list[str] = []
-    mismatches = [m for m in result.dtype_mismatches if not any(chosen(t) for t in re.findall(r"(?:input|output) (\S+) is", m))]
-    chosen_mismatches = [m for m in result.dtype_mismatches if m not in mismatches]
-    if mismatches:
-        problems.append(f"{len(mismatches)} ops change dtype silently (first: {mismatches[0]})")
-    if result.mode == "quant":
-        missing = [t for t in result.tensors_without_qparams if not chosen(t)]
-        if missing:
-            detail = result.unquantized_details.get(missing[0], "")
-            problems.insert(0, f"{len(missing)} float tensors without qparams (first: {missing[0]}{', ' + detail if detail else ''})")
-        floats = len(result.tensors_without_qparams) - len(missing)
-        if floats or chosen_mismatches:
-            caveats.append(
-                f"{floats} float tensors and {len(chosen_mismatches)} dtype changes without QUANTIZE/DEQUANTIZE "
-                f"come from the modules kept in float ({', '.join(kept[:3])}{'…' if len(kept) > 3 else ''})"
-            )
-    elif mismatches == [] and chosen_mismatches:
-        caveats.append(f"{len(chosen_mismatches)} dtype changes in modules kept in float")
-    return problems, caveats
-
-
 def layout_fingerprint(pixel_position_ids: Any) -> str:
     """Short stable id of an image layout (the first image's pixel_position_ids): equal ids, same file input."""
-    import hashlib
-
     positions = torch.as_tensor(pixel_position_ids).detach().cpu().long()
     if positions.dim() == 2:
         positions = positions.unsqueeze(0)
     positions = positions[:1].contiguous()
     digest = hashlib.sha1(str(tuple(positions.shape)).encode() + positions.numpy().tobytes()).hexdigest()
     return f"{positions.shape[1]}:{digest[:16]}"
-
-
-def check_graph(exported_program: Any, convertible: bool = True) -> list[str]:
-    """Nodes the static Circle pipeline rejects: boolean/data-dependent ops, dynamic shapes, ops TICO cannot convert."""
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
-    banned = ("bitwise_not", "logical_not", "one_hot", "nonzero", "masked_select", "masked_scatter", "unique")
-    problems: list[str] = []
-    for node in exported_program.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = _target_name(node.target)
-        if any(b in name for b in banned):
-            problems.append(f"{node.name}: {name}")
-            continue
-        if name.startswith("aten.index.") or name.startswith("aten.index_put"):
-            indices = node.args[1] if len(node.args) > 1 else []
-            for idx in indices or []:
-                val = getattr(idx, "meta", {}).get("val") if idx is not None else None
-                if isinstance(val, torch.Tensor) and val.dtype == torch.bool:
-                    problems.append(f"{node.name}: {name} with a boolean mask")
-                    break
-        val = node.meta.get("val")
-        vals = val if isinstance(val, (list, tuple)) else [val]
-        for v in vals:
-            if isinstance(v, torch.Tensor):
-                if free_unbacked_symbols(v):
-                    problems.append(f"{node.name}: {name} has a data-dependent shape {tuple(v.shape)}")
-                    break
-                if any(not isinstance(d, int) for d in v.shape):
-                    problems.append(f"{node.name}: {name} has a dynamic shape {tuple(v.shape)}")
-                    break
-            elif isinstance(v, torch.SymInt) or (v is not None and free_unbacked_symbols(v)):
-                problems.append(f"{node.name}: {name} returns a symbolic value")
-                break
-    if convertible:
-        problems += unconvertible_nodes(exported_program)
-    return problems
-
-
-def unconvertible_nodes(exported_program: Any) -> list[str]:
-    """Nodes left after TICO's decompositions and legalize passes that its serializer has no operator for."""
-    import tico.utils.convert as tconv
-
-    found: list[str] = []
-
-    class _Stop(Exception):
-        pass
-
-    def capture(ep: Any) -> None:
-        supported = set(tconv.get_support_targets())
-        import operator
-
-        supported.add(operator.getitem)
-        for n in ep.graph.nodes:
-            if n.op == "call_function" and n.target not in supported:
-                found.append(f"{n.name}: {_target_name(n.target)} (no Circle operator in tico)")
-        raise _Stop
-
-    program = copy.deepcopy(exported_program)
-    with _patched(tconv, "check_unsupported_target", capture):
-        try:
-            tconv.convert_exported_module_to_circle(program)
-        except _Stop:
-            pass
-    return found
-
-
-def summarize_circle(data: bytes) -> dict[str, Any]:
-    """Operator counts, unquantized float tensors and graph I/O of a Circle flatbuffer."""
-    from tico.circle.runtime.program import CircleProgram, tensor_type_name
-
-    program = CircleProgram.from_bytes(data)
-    ops = Counter(op.name for op in program.operators)
-    users: dict[int, list[str]] = {}
-    producers: dict[int, str] = {}
-    for op in program.operators:
-        for i in op.inputs:
-            users.setdefault(i, []).append(f"{op.name}#{op.index}")
-        for o in op.outputs:
-            producers[o] = f"{op.name}#{op.index}"
-    # A float graph input read only by QUANTIZE ops, or a float output made by DEQUANTIZE, is bridged
-    # explicitly; any other float input or output is an unquantized tensor like any other.
-    bridged = {i for i in program.inputs if users.get(i) and all(u.startswith("QUANTIZE#") for u in users[i])}
-    bridged |= {o for o in program.outputs if producers.get(o, "").startswith("DEQUANTIZE#")}
-    missing: list[str] = []
-    details: dict[str, str] = {}
-    io_tensors: list[str] = []
-    for kind, indices in (("input", program.inputs), ("output", program.outputs)):
-        for i in indices:
-            t = program.tensor(i)
-            q = f"quantized scale={t.quantization.scale[0]:.6g} zp={t.quantization.zero_point[0]}" if t.is_quantized else "float"
-            io_tensors.append(f"{kind} {t.name}: {tensor_type_name(t.tensor_type)}{list(t.shape)} ({q})")
-    for t in program.tensors:
-        if t.index in bridged or t.is_quantized:
-            continue
-        if tensor_type_name(t.tensor_type) not in _FLOAT_TYPES:
-            continue  # shape/index operands (INT32 perms, slice bounds) carry no data to quantize
-        if t.is_constant and t.index not in users:
-            continue
-        missing.append(t.name)
-        role = "constant" if t.is_constant else "graph input" if t.index in program.inputs else f"made by {producers.get(t.index, '?')}"
-        details[t.name] = (
-            f"{tensor_type_name(t.tensor_type)}{list(t.shape)} {role}, used by {', '.join(users.get(t.index, [])) or 'nothing'}"
-        )
-    return {
-        "op_counts": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "tensors_without_qparams": missing,
-        "unquantized_details": details,
-        "io_tensors": io_tensors,
-        "dtype_mismatches": dtype_mismatches(program),
-    }
-
-
-# Ops whose job is to change dtype.
-_CONVERSION_OPS = frozenset({"QUANTIZE", "DEQUANTIZE", "CAST"})
-
-
-def dtype_mismatches(program: Any) -> list[str]:
-    """Ops (other than QUANTIZE/DEQUANTIZE/CAST) with a non-constant input whose dtype differs from
-    their output's: a dtype changed silently (TICO's reference runtime computes through it, ONE's
-    runtime refuses it). `program` is a CircleProgram or the Circle bytes."""
-    from tico.circle.runtime.program import CircleProgram, tensor_type_name
-
-    if isinstance(program, (bytes, bytearray)):
-        program = CircleProgram.from_bytes(bytes(program))
-    found: list[str] = []
-    for op in program.operators:
-        if op.name in _CONVERSION_OPS or not op.outputs:
-            continue
-        out = program.tensor(op.outputs[0])
-        out_type = tensor_type_name(out.tensor_type)
-        for i in op.inputs:
-            if i < 0:
-                continue
-            t = program.tensor(i)
-            if t.is_constant:
-                continue  # shape/index operands and weights; a float constant is caught as unquantized
-            in_type = tensor_type_name(t.tensor_type)
-            if in_type != out_type:
-                found.append(f"{op.name}#{op.index}: input {t.name} is {in_type}, output {out.name} is {out_type}")
-    return found
 
 
 def verify_circle(
@@ -474,16 +302,10 @@ def verify_circle(
 ) -> VerifyResult:
     """Run the Circle bytes in TICO's reference runtime, compare with forward_export and forward,
     and judge the distance against torch's own rounding noise on this machine (core.export.verdict)."""
-    from tico.circle.runtime import CircleReferenceRuntime, ExecutionMode
-
     try:
-        runtime = CircleReferenceRuntime(data)
-        quantized = runtime.has_quantized_activations()
-        exec_mode = ExecutionMode.FAKE_QUANTIZE if quantized else ExecutionMode.NATIVE
-        outputs = _run_lean(runtime, [pixel_values.detach().cpu().float().numpy()], exec_mode)
-        del runtime
+        outputs, name = reference_outputs(data, [pixel_values.detach().cpu().float().numpy()])
     except Exception as exc:
-        raise ExportError(f"the written model does not run in TICO's reference runtime: {_first_line(exc)}") from exc
+        raise ExportError(f"the written model does not run in TICO's reference runtime: {exception_line(exc)}") from exc
     got = torch.from_numpy(np.asarray(outputs[0], dtype=np.float32))
     with torch.no_grad():
         ref = reference if reference is not None else module(pixel_values).float().cpu()
@@ -511,9 +333,6 @@ def verify_circle(
     within = within_one_step(diff, tol)
     vs_forward = float((got - fwd).abs().max()) if fwd.shape == got.shape else math.inf
     export_vs_forward = float((ref - fwd).abs().max()) if fwd.shape == ref.shape else math.inf
-    name = f"tico reference runtime ({exec_mode.name})"
-    from core.export.onert import check_in_onert
-
     onert = check_in_onert(data, pixel_values, ref, got.numpy(), step)
     verdict = judge(
         mode=mode, within=within if step is not None else None, max_steps=max_abs / tol if step is not None else None,
@@ -536,380 +355,13 @@ def verify_circle(
     )
 
 
-def _run_lean(runtime: Any, inputs: list[np.ndarray], mode: Any) -> list[np.ndarray]:
-    """CircleReferenceRuntime.run, but each constant is dequantized when first used and dropped
-    after its last use (run() holds every dequantized weight for the whole run: +4x the file)."""
-    try:
-        return run_keeping(runtime, inputs, mode)[0]
-    except AttributeError:  # another tico version: fall back to the public API
-        return list(runtime.run(inputs, mode=mode).outputs)
-
-
-def run_keeping(
-    runtime: Any,
-    inputs: list[np.ndarray],
-    mode: Any,
-    wanted: set[int] = frozenset(),
-    on_value: Callable[[int, np.ndarray], None] | None = None,
-) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
-    """The runtime's own operator loop (``_execute_operator`` per operator, as run() does; large
-    blockwise operators slab by slab, see _execute_in_blocks), with every value dropped after its
-    last use; returns (graph outputs, a copy of each `wanted` tensor). With `on_value`, each wanted
-    tensor is handed to it (once, as soon as it exists; not to be modified) instead of being copied and
-    kept, so a caller that reduces it at once holds no copies. Raises AttributeError when the
-    runtime lacks the private pieces it uses."""
-    from tico.circle.runtime.quantization import dequantize_array, fake_quantize_array
-
-    program = runtime.program
-    last_use = runtime._last_use
-    execute = runtime._execute_operator
-    fake = mode.name == "FAKE_QUANTIZE"
-    values: dict[int, np.ndarray] = {}
-    for position, (index, raw) in enumerate(zip(program.inputs, inputs)):
-        tensor = program.tensor(index)
-        array = runtime._as_readonly_array(raw, tensor, position)
-        runtime._validate_value(array, tensor, mode, path=f"graph input {position}")
-        values[index] = fake_quantize_array(array, tensor) if fake and tensor.is_quantized_integer else array
-    keep = set(program.inputs) | set(program.outputs)
-    kept: dict[int, np.ndarray] = {}
-    delivered: set[int] = set()
-
-    def deliver(index: int) -> None:
-        if index in wanted and index not in delivered and index in values:
-            delivered.add(index)
-            if on_value is not None:
-                on_value(index, values[index])
-            else:
-                kept[index] = np.array(values[index], copy=True)
-
-    def constant(index: int) -> None:
-        tensor = program.tensor(index)
-        if index not in values and tensor.constant is not None:
-            value = tensor.constant
-            values[index] = dequantize_array(value, tensor) if fake and tensor.is_quantized_integer else value
-
-    for index in list(values):
-        deliver(index)
-    for op in program.operators:
-        for index in op.inputs:
-            if index >= 0:
-                constant(index)
-        if not _execute_in_blocks(runtime, op, values, mode):
-            execute(op, values, mode)
-        for index in op.outputs:
-            deliver(index)
-        for index in op.inputs:
-            deliver(index)  # a wanted constant
-            if index >= 0 and index not in keep and last_use.get(index) == op.index:
-                values.pop(index, None)
-    for index in program.outputs:
-        constant(index)
-    for index in wanted:
-        if index not in delivered:
-            constant(index)
-            deliver(index)
-    return [np.array(values[index], copy=True) for index in program.outputs], kept
-
-
-# Operators that compute each index of their leading axes from the same index of their inputs
-# (broadcast inputs aside): elementwise maths, SOFTMAX over the last axis, BATCH_MATMUL over the
-# last two. Run on a slab of one leading axis at a time, they give the same values bit for bit.
-_BLOCKWISE_OPS = frozenset({
-    "ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "POW", "SQUARED_DIFFERENCE",
-    "SOFTMAX", "BATCH_MATMUL", "EXP", "LOGISTIC", "TANH", "GELU", "RELU", "NEG", "ABS", "SQRT", "RSQRT",
-})
-# Outputs larger than this run in slabs of about this size (the attention scores of e2b at 280
-# soft tokens are 243 MB; whole, SOFTMAX and its requantization held five such copies at once).
-_BLOCK_BYTES = 32 * 2**20
-
-
-def _execute_in_blocks(runtime: Any, op: Any, values: dict[int, np.ndarray], mode: Any) -> bool:
-    """Run one large blockwise operator slab by slab along its first non-singleton leading axis with
-    the runtime's own kernel and requantization; False (nothing done) when it does not qualify."""
-    if op.name not in _BLOCKWISE_OPS or len(op.outputs) != 1 or any(i < 0 for i in op.inputs):
-        return False  # checked first: this runs for every operator of the graph
-    program = runtime.program
-    out = program.tensor(op.outputs[0])
-    shape = tuple(int(d) for d in out.shape)
-    dtype = runtime.effective_dtype(out, mode)
-    total = math.prod(shape) * dtype.itemsize
-    quant = out.quantization
-    if len(shape) < 3 or total <= _BLOCK_BYTES or (quant is not None and len(quant.scale or ()) > 1):
-        return False  # small, or per-channel qparams (they broadcast over the whole shape)
-    axis = next((a for a in range(len(shape) - 2) if shape[a] > 1), None)
-    if axis is None:
-        return False
-    inputs = [values[i] for i in op.inputs]
-    sliced: list[int | None] = []  # per input: the axis to slice, None when it broadcasts over it
-    for x in inputs:
-        own = axis - (len(shape) - x.ndim)
-        if own < 0 or x.shape[own] == 1:
-            sliced.append(None)
-        elif x.shape[own] == shape[axis]:
-            sliced.append(own)
-        else:
-            return False
-    from tico.circle.runtime.kernels import KernelContext, conversion_builtin_codes, value_preserving_builtin_codes
-    from tico.circle.runtime.quantization import fake_quantize_array
-
-    runtime._check_quantized_operands(op, mode)
-    kernel = runtime.registry.get(op.builtin_code)
-    requantize = (  # as _execute_operator decides it
-        mode.name == "FAKE_QUANTIZE"
-        and out.is_quantized_integer
-        and op.builtin_code not in value_preserving_builtin_codes()
-        and op.builtin_code not in conversion_builtin_codes()
-    )
-    rows = max(1, int(shape[axis] * _BLOCK_BYTES // total))
-    result = np.empty(shape, dtype=dtype)
-    for start in range(0, shape[axis], rows):
-        part = slice(start, start + rows)
-        block_inputs = tuple(x if a is None else x[(slice(None),) * a + (part,)] for x, a in zip(inputs, sliced))
-        context = KernelContext(program=program, operator=op, inputs=block_inputs, output_dtypes=(dtype,), mode=mode)
-        with np.errstate(all="ignore"):
-            (block,) = kernel(context)
-        block = np.asarray(block)
-        result[(slice(None),) * axis + (part,)] = fake_quantize_array(block, out) if requantize else block
-    runtime._validate_value(result, out, mode, path=f"operator {op.index} ({op.name}) output 0", operator=op)
-    result.setflags(write=False)
-    values[out.index] = result
-    return True
-
-
-# --------------------------------------------------------------------------- conversion
-def _convert(holder, timings, step, cancel, circle_optimize, compile_config, origins=None) -> bytes:
-    """TICO's convert_exported_module_to_circle with each stage timed and a cancel check between them.
-
-    `holder` is a one-element list with the ExportedProgram (or the program itself); it is
-    emptied so the converter's rewritten copies are the only ones alive. `origins`, when given,
-    receives {Circle tensor name: its FX node's nn_module_stack paths (None: no node)}.
-    """
-    if not isinstance(holder, list):
-        holder = [holder]
-    import tico.circle.export as cexport
-    import tico.utils.convert as tconv
-    from tico.config import get_default_config
-
-    config = copy.deepcopy(compile_config) if compile_config is not None else get_default_config()
-    if not circle_optimize:
-        config.set("circle_optimize", False)
-    marks: dict[str, float] = {}
-
-    def timed(name: str, fn: Callable, after: str) -> Callable:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            _check_cancel(cancel)
-            t = time.perf_counter()
-            marks.setdefault(name + ":start", t)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
-                marks[name + ":end"] = time.perf_counter()
-                step(after)
-
-        return run
-
-    unsupported: list[str] = []
-
-    def check_unsupported(ep: Any) -> None:
-        _check_cancel(cancel)
-        supported = set(tconv.get_support_targets())
-        import operator
-
-        supported.add(operator.getitem)
-        for n in ep.graph.nodes:
-            if n.op == "call_function" and n.target not in supported:
-                unsupported.append(f"{n.name}: {_target_name(n.target)}")
-        if unsupported:
-            raise ExportError(f"TICO has no Circle operator for {len(unsupported)} nodes (first: {unsupported[0]})")
-
-    t0 = time.perf_counter()
-    timings.setdefault("circle optimisation", 0.0)
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(
-                _patched(tconv, "traced_run_decompositions", timed("decompositions", tconv.traced_run_decompositions, "decompositions done"))
-            )
-            serialise = timed("serialisation", tconv.build_circle, "serialised")
-
-            def build_circle(*args: Any, **kwargs: Any) -> Any:
-                step("converter passes done")
-                if origins is not None and args:
-                    # Fallback for a serializer without the hook below: FX node name -> module path.
-                    origins.update({f"::{n.name}": _node_module_path(n) for n in args[0].graph.nodes})
-                return serialise(*args, **kwargs)
-
-            stack.enter_context(_patched(tconv, "build_circle", build_circle))
-            if origins is not None:
-                _record_tensor_origins(stack, origins)
-            stack.enter_context(_patched(tconv, "check_unsupported_target", check_unsupported))
-            stack.enter_context(
-                _patched(cexport, "optimize_for_export", timed("circle optimisation", cexport.optimize_for_export, "circle optimised"))
-            )
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # pop() inside the call: the converter's frame holds the only reference, so the
-                # pre-decomposition program can be freed once it has been rewritten.
-                data = tconv.convert_exported_module_to_circle(holder.pop(), config=config)
-    except PTQStudioError:
-        raise
-    except Exception as exc:
-        raise ExportError(f"Circle conversion failed: {_first_line(exc)}") from exc
-    total = time.perf_counter() - t0
-    passes_end = marks.get("serialisation:start", t0 + total)
-    timings["converter passes"] = max(0.0, passes_end - t0 - timings.get("decompositions", 0.0))
-    if not circle_optimize:
-        step("circle optimisation skipped")
-    return bytes(data)
-
-
-# --------------------------------------------------------------------------- name map
-@contextlib.contextmanager
-def _module_scopes(qmodel: Any) -> Iterator[None]:
-    """Route the static-path entry points that the parent calls as plain methods
-    (``patch_embedder.forward_static``, ``encoder.run_layers``, ``pooler.forward_static``) through
-    ``nn.Module.__call__`` while tracing, so torch.export records the submodule in each node's
-    ``nn_module_stack``. The graph is unchanged: only the recorded scope differs."""
-    patched: list[tuple[Any, str]] = []
-    try:
-        for wrapper in qmodel.quant_modules():
-            if wrapper is qmodel:
-                continue
-            for method in ("forward_static", "run_layers"):
-                if method in wrapper.__dict__ or not callable(getattr(type(wrapper), method, None)):
-                    continue
-                wrapper.__dict__[method] = _scoped_call(wrapper, getattr(wrapper, method))
-                patched.append((wrapper, method))
-        yield
-    finally:
-        for wrapper, method in patched:
-            wrapper.__dict__.pop(method, None)
-
-
-def _scoped_call(wrapper: torch.nn.Module, method: Callable) -> Callable:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if "forward" in wrapper.__dict__:  # already inside this module's scope (re-entrant call)
-            return method(*args, **kwargs)
-        # An instance attribute `forward` shadows the class's for this one call only.
-        wrapper.__dict__["forward"] = method
-        try:
-            return wrapper(*args, **kwargs)
-        finally:
-            wrapper.__dict__.pop("forward", None)
-
-    return call
-
-
-def _module_paths(module: torch.nn.Module) -> dict[str, str]:
-    """Every attribute path in the export module -> our name of the innermost wrapper holding it."""
-    from core.wrappers.base import QuantModule
-
-    paths: dict[str, str] = {}
-    for path, sub in module.named_modules():  # parents come before their children
-        if isinstance(sub, QuantModule):
-            paths[path] = sub.module_name or ROOT_MODULE
-        else:
-            parent = path.rsplit(".", 1)[0] if "." in path else ""
-            paths[path] = paths.get(parent, ROOT_MODULE) if path else ROOT_MODULE
-    return paths
-
-
-def _node_module_path(node: Any) -> tuple[str, ...] | None:
-    """The module paths of an FX node's ``nn_module_stack``, outermost first ("" = the export module)."""
-    stack = node.meta.get("nn_module_stack") if hasattr(node, "meta") else None
-    if not stack:
-        return None
-    return tuple(str(entry[0]) for entry in stack.values() if isinstance(entry, (tuple, list)) and entry)
-
-
-def _record_tensor_origins(stack: contextlib.ExitStack, origins: dict[str, tuple[str, ...] | None]) -> None:
-    """Record, as TICO's serializer gives Circle tensors their final names, each one's FX node scope."""
-    try:
-        import tico.serialize.circle_serializer as serializer
-    except ImportError:
-        return
-    finalise = getattr(serializer, "finalise_tensor_names", None)
-    if finalise is None:
-        return
-
-    def record(graph: Any) -> Any:
-        sources = getattr(graph, "name_to_node", {}) or {}
-        before = [(t, sources.get(t.name)) for t in graph.tensors]
-        result = finalise(graph)
-        for tensor, node in before:
-            name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
-            origins[name] = _node_module_path(node) if node is not None else None
-        return result
-
-    stack.enter_context(_patched(serializer, "finalise_tensor_names", record))
-
-
-def _our_module(stack: tuple[str, ...] | None, scopes: Mapping[str, str]) -> str | None:
-    """An ``nn_module_stack`` -> the innermost wrapper's module name (ROOT_MODULE for the root).
-
-    Entries are absolute attribute paths, except below a module entered through a plain method
-    (see _module_scopes), where torch records them relative to that module: each entry is taken
-    as it is when the export module has that path, else relative to the nearest enclosing entry.
-    """
-    if stack is None:
-        return None
-    resolved: list[str] = []
-    for entry in stack:
-        if not entry and resolved:  # only the outermost entry may be the export module itself
-            continue
-        for base in [None, *reversed(resolved)]:
-            path = entry if base is None else (f"{base}.{entry}" if base and entry else base or entry)
-            if path in scopes:
-                resolved.append(path)
-                break
-    return scopes.get(resolved[-1], ROOT_MODULE) if resolved else ROOT_MODULE
-
-
-def _tensor_module_map(data: bytes, origins: Mapping[str, tuple[str, ...] | None], scopes: Mapping[str, str]) -> dict[str, str]:
-    """Circle tensor name -> our module name, for every tensor of the file.
-
-    A tensor made from an FX node takes the innermost module of that node's ``nn_module_stack``
-    (TICO names such tensors ``<module class>::<node name>``). A tensor without a node (a constant
-    the serializer created) takes the module of the first operator that reads it; one nobody
-    reads, that of its producer; the graph input belongs to ROOT_MODULE.
-    """
-    from tico.circle.runtime.program import CircleProgram
-
-    program = CircleProgram.from_bytes(data)
-    modules: dict[int, str] = {}
-    for t in program.tensors:
-        if t.name in origins:
-            path = origins[t.name]
-        else:  # no serializer hook: the FX node name follows "::"
-            path = origins.get("::" + t.name.rsplit("::", 1)[-1]) if "::" in t.name else None
-        name = _our_module(path, scopes)
-        if name is not None:
-            modules[t.index] = name
-    for index in program.inputs:
-        modules.setdefault(index, ROOT_MODULE)
-    for op in program.operators:  # constants without a node: their first reader
-        owner = next((modules[o] for o in op.outputs if o in modules), None)
-        if owner is None:
-            continue
-        for index in op.inputs:
-            if index >= 0:
-                modules.setdefault(index, owner)
-    for op in program.operators:  # outputs of an op with no known scope: the module of its inputs
-        owner = next((modules[i] for i in op.inputs if i >= 0 and i in modules), ROOT_MODULE)
-        for index in op.outputs:
-            modules.setdefault(index, owner)
-    return {t.name: modules.get(t.index, ROOT_MODULE) for t in program.tensors}
-
-
 # --------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _weight_caches_released(qmodel: Any) -> Iterator[None]:
     """Drop the wrappers' fake-quantized weight copies while exporting (the export graph quantizes
     weights with explicit ops), then rebuild them: the converter's peak memory is the run's peak."""
     released = []
-    if qmodel.ctx.mode is Mode.QUANT:
+    if qmodel.mode is Mode.QUANT:
         for w in qmodel.quant_modules():
             if getattr(w, "weight_fq", None) is not None:
                 w.weight_fq = None
@@ -926,27 +378,6 @@ def _check_cancel(cancel: Any, out: Path | None = None) -> None:
     if cancel is not None and getattr(cancel, "cancelled", False):
         where = f"{out} was left as it was" if out is not None else "any earlier file was left as it was"
         raise CancelledError(f"export cancelled; {where}; export again to write it")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-def _target_name(target: Any) -> str:
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return str(target)  # e.g. aten.index.Tensor
-    return getattr(target, "__name__", str(target))
-
-
-@contextlib.contextmanager
-def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 def _check_writable(out: Path) -> None:
@@ -972,7 +403,7 @@ def _resolve_input_dtype(input_dtype: str | None) -> str:
 
 
 def _resolve_mode(qmodel: Any, mode: str | None) -> str:
-    current = qmodel.ctx.mode
+    current = qmodel.mode
     if current is Mode.CALIB:
         raise ExportError("the model is calibrating: convert it (QUANT) or switch to NO_QUANT before export")
     if mode is None:
@@ -987,20 +418,6 @@ def _resolve_mode(qmodel: Any, mode: str | None) -> str:
             f"(first: {missing[0] if missing else '?'}); calibrate on at least one image first"
         )
     return mode
-
-
-@contextlib.contextmanager
-def _model_mode(qmodel: Any, mode: str) -> Iterator[None]:
-    """Run the export in `mode`, then put the model back as it was."""
-    previous = qmodel.ctx.mode
-    if mode == "quant" and previous is not Mode.QUANT:
-        qmodel.freeze()
-    elif mode == "float" and previous is not Mode.NO_QUANT:
-        qmodel.ctx.mode = Mode.NO_QUANT
-    try:
-        yield
-    finally:
-        qmodel.ctx.mode = previous
 
 
 def _example_tensors(qmodel, example, image, max_soft_tokens, preprocessor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1050,16 +467,12 @@ def _example_tensors(qmodel, example, image, max_soft_tokens, preprocessor) -> t
 
 
 def _preprocess(qmodel, image, max_soft_tokens, preprocessor):
-    from core.data.images import ImagePreprocessor
-
     if preprocessor is None or (max_soft_tokens and getattr(preprocessor, "max_soft_tokens", max_soft_tokens) != max_soft_tokens):
         try:
-            preprocessor = ImagePreprocessor(qmodel.config, max_soft_tokens=int(max_soft_tokens or 280))
+            preprocessor = ImagePreprocessor(qmodel.config, max_soft_tokens=int(max_soft_tokens or DEFAULT_SOFT_TOKENS))
         except ValueError as exc:
-            raise ExportError(_first_line(exc).split(": ", 1)[-1]) from exc
+            raise ExportError(exception_line(exc).split(": ", 1)[-1]) from exc
     if image is None:
-        from core.data.resources import sample_images
-
         image = sample_images()[0]
     return preprocessor([image])
 

@@ -163,10 +163,27 @@ class QuantVisionModel(QuantModule):
     def enable_calibration(self, reset: bool = True) -> None:
         """Enter CALIB; `reset` forgets earlier statistics first."""
         if reset:
-            for obs in self.observers():
-                obs.reset()
-            self.ctx.mode = Mode.NO_QUANT
+            self.reset_statistics()
         self.set_mode(Mode.CALIB)
+
+    def reset_statistics(self) -> None:
+        """Forget every observer's statistics and return to NO_QUANT: the model is uncalibrated again."""
+        for obs in self.observers():
+            obs.reset()
+        self.ctx.mode = Mode.NO_QUANT
+
+    @contextmanager
+    def mode_as(self, mode: Mode) -> Iterator[None]:
+        """Run the block in `mode` (entered as set_mode does: QUANT freezes qparams first), then put
+        back the earlier mode, also when the block raises. The statistics and qparams are kept."""
+        previous = self.ctx.mode
+        if mode is not previous:
+            self.set_mode(mode)
+        try:
+            yield
+        finally:
+            # Back without set_mode's side effects: nothing was recorded or frozen for `previous`.
+            self.ctx.mode = previous
 
     def freeze(self) -> None:
         """Freeze every observer's statistics into qparams and enter QUANT."""
