@@ -17,7 +17,7 @@ from core.data.resources import sample_images
 
 def _spin(predicate, timeout_s: float) -> bool:
     """Run the real event loop until predicate() holds or the time is up."""
-    from PySide6.QtCore import QEventLoop, QTimer
+    from PySide6.QtCore import QEventLoop, QTimer  # noqa: PLC0415 -- Qt loads only after prepare_qt_environment() has set its variables
 
     loop = QEventLoop()
     deadline = time.monotonic() + timeout_s
@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(argv[0] if argv else "screenshots")
     out.mkdir(parents=True, exist_ok=True)
     prepare_qt_environment()
-    from PySide6.QtCore import QSettings
-    from PySide6.QtWidgets import QApplication
+    from PySide6.QtCore import QSettings  # noqa: PLC0415 -- Qt loads only after prepare_qt_environment() has set its variables
+    from PySide6.QtWidgets import QApplication  # noqa: PLC0415 -- Qt loads only after prepare_qt_environment() has set its variables
 
-    from app.qt_main_window import QtMainWindow
+    from app.qt_main_window import QtMainWindow  # noqa: PLC0415 -- Qt loads only after prepare_qt_environment() has set its variables
     from core.data.images import DEFAULT_SOFT_TOKENS  # noqa: PLC0415 -- loads torch; imported after the Qt environment is prepared
 
     _qapp = QApplication.instance() or QApplication([])  # held: Qt needs it alive while windows exist
