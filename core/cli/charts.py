@@ -348,7 +348,7 @@ def heatmap_chart(heatmap, title: str | None = None, target: int = 640):
     scale = fig.colorbar(ax.images[-1], cax=bar)
     scale.solids.set(alpha=1.0)  # the scale shows the colours themselves, not blended with white
     scale.set_label(f"relative error, {_fmt_err(lo)} to {_fmt_err(hi)} ({'log' if logscale else 'linear'} scale)", fontsize=8)
-    scale.ax.tick_params(labelsize=7)
+    scale.ax.tick_params(which="both", labelsize=7)
     unit = "soft token" if heatmap.level == "token" else "patch"
     title = title or f"Quantization error per {unit}: image {heatmap.image_id}"
     sq = None if heatmap.row_sqnr_db is None else float(heatmap.row_sqnr_db[heatmap.peak_row])
