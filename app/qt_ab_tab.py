@@ -28,7 +28,8 @@ from PySide6.QtWidgets import (
 )
 
 from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, results_table
-from core.errors import ConfigError, PTQStudioError
+from core.config import build_config, override_line, parse_override_lines
+from core.errors import PTQStudioError
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -40,48 +41,6 @@ B_COLOR = "#ff7f0e"
 WIN_COLORS = {"A": QColor(31, 119, 180, 60), "B": QColor(255, 127, 14, 70)}
 SORT_ROLE = Qt.UserRole + 30
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
-
-
-def parse_override_lines(text: str) -> dict[str, object]:
-    """Override lines as PTQConfig.overrides values; blank lines and # comments are ignored.
-
-    ``glob = int16`` sets the activations, ``glob = float`` keeps the module float and
-    ``glob = int16 / uint4`` sets activations / weights (``-`` leaves one side as configured).
-    """
-    out: dict[str, object] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        glob, sep, value = line.partition("=")
-        if not sep:
-            glob, sep, value = line.partition(":")
-        glob, value = glob.strip(), value.strip()
-        if not sep or not glob or not value:
-            raise ConfigError(f"override line {number} {raw.strip()!r}: write 'glob = dtype' or 'glob = float'")
-        if "/" in value:
-            act, _, wgt = (v.strip() for v in value.partition("/"))
-            spec = {k: v for k, v in (("activation", act), ("weight", wgt)) if v and v != "-"}
-            if not spec:
-                raise ConfigError(f"override line {number} {raw.strip()!r}: give an activation or a weight dtype")
-            out[glob] = spec
-        else:
-            out[glob] = value
-    return out
-
-
-def override_line(glob: str, value) -> str | None:
-    """The line parse_override_lines reads back as this override (None if dtypes cannot say it)."""
-    if isinstance(value, str):
-        return f"{glob} = {value}"
-    if not isinstance(value, dict):
-        return None
-    act, wgt = value.get("activation"), value.get("weight")
-    if act and not wgt and set(act) <= {"dtype", "scheme", "per_channel"}:
-        return f"{glob} = {act['dtype']}"
-    if act or wgt:
-        return f"{glob} = {act['dtype'] if act else '-'} / {wgt['dtype'] if wgt else '-'}"
-    return None
 
 
 _SHORT = {"patch_embedder": "embed", "encoder": "enc", "pooler": "pool", "": "model"}
@@ -307,15 +266,10 @@ class QtABTab(QWidget):
 
     def config_b(self):
         """PTQConfig B from the form: A's config with B's dtypes, observer and overrides."""
-        from dataclasses import replace  # noqa: PLC0415
-
-        from core.config import PTQConfig  # noqa: PLC0415
-
-        base = getattr(self._host.session, "config", None) or PTQConfig()
-        return replace(
-            base,
-            activation=replace(base.activation, dtype=self.activation_combo.currentText()),
-            weight=replace(base.weight, dtype=self.weight_combo.currentText()),
+        return build_config(
+            getattr(self._host.session, "config", None),
+            activation=self.activation_combo.currentText(),
+            weight=self.weight_combo.currentText(),
             observer=self.observer_combo.currentText(),
             overrides=parse_override_lines(self.overrides_edit.toPlainText()),
         )

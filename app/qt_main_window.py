@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +34,7 @@ from app.qt_export_tab import QtExportTab
 from app.qt_netron_tab import QtNetronTab
 from app.qt_ranges_tab import QtRangesTab
 from app.workers import SessionRunner, Task
+from core.config import build_config
 from core.models import SPECS
 
 DTYPES = ["uint8", "int8", "int16", "uint4", "int4"]
@@ -444,18 +444,13 @@ class QtMainWindow(QMainWindow):
 
     def build_config(self, settings: dict[str, Any]):
         """A core.config.PTQConfig from the panel's values."""
-        from core.config import PTQConfig, QuantSpec  # noqa: PLC0415
-
-        config = PTQConfig(
-            activation=QuantSpec(dtype=settings["activation"]),
-            weight=QuantSpec(dtype=settings["weight"], per_channel=True),
+        return build_config(
+            activation=settings["activation"],
+            weight=settings["weight"],
             observer=settings["observer"],
+            overrides=self.extra_overrides,
+            keep_float=settings["keep_float"],
         )
-        if self.extra_overrides:
-            config = replace(config, overrides={**dict(config.overrides), **self.extra_overrides})
-        if settings["keep_float"]:
-            config = config.with_keep_float(settings["keep_float"])
-        return config
 
     def _load_session(self, settings: dict[str, Any], images: list[Path]) -> None:
         self.model_panel.model_info.setText(f"loading {settings['model_spec']}…")

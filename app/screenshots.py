@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 from app.main import prepare_qt_environment
+from core.data.resources import sample_images
 
 
 def _spin(predicate, timeout_s: float) -> bool:
     """Run the real event loop until predicate() holds or the time is up."""
-    from PySide6.QtCore import QEventLoop, QTimer
+    from PySide6.QtCore import QEventLoop, QTimer  # noqa: PLC0415 -- Qt loads only after prepare_qt_environment() has set its variables
 
     loop = QEventLoop()
     deadline = time.monotonic() + timeout_s
@@ -35,16 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(argv[0] if argv else "screenshots")
     out.mkdir(parents=True, exist_ok=True)
     prepare_qt_environment()
-    from PySide6.QtCore import QSettings
-    from PySide6.QtWidgets import QApplication
+    from PySide6.QtCore import QSettings  # noqa: PLC0415 -- Qt loads only after prepare_qt_environment() has set its variables
+    from PySide6.QtWidgets import QApplication  # noqa: PLC0415 -- Qt loads only after prepare_qt_environment() has set its variables
 
-    from app.qt_main_window import QtMainWindow
-    from core.data.resources import sample_images
+    from app.qt_main_window import QtMainWindow  # noqa: PLC0415 -- Qt loads only after prepare_qt_environment() has set its variables
+    from core.data.images import DEFAULT_SOFT_TOKENS  # noqa: PLC0415 -- loads torch; imported after the Qt environment is prepared
 
     _qapp = QApplication.instance() or QApplication([])  # held: Qt needs it alive while windows exist
     work = Path(tempfile.mkdtemp(prefix="ptq-shots-"))
     settings = QSettings(str(work / "settings.ini"), QSettings.IniFormat)
-    window = QtMainWindow(model_spec="tiny", images=sample_images(), max_soft_tokens=280, settings=settings)
+    window = QtMainWindow(model_spec="tiny", images=sample_images(), max_soft_tokens=DEFAULT_SOFT_TOKENS, settings=settings)
     window.resize(1440, 900)
     window.show()
     idle = lambda: window.session is not None and not window.runner.busy  # noqa: E731
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     calib = window.calibration_tab
     window.tabs.setCurrentWidget(calib)
-    _spin(lambda: len(calib._thumbs) >= calib.model.rowCount(), 30)
+    listed = [e.image_id for e in window.session.images if e.status != "rejected"]
+    _spin(lambda: all(calib.thumbnail_for(i) is not None for i in listed), 30)
     calib.grid.setCurrentIndex(calib.model.index(0, 0))
     _spin(lambda: calib.preview_image.pixmap() is not None and not calib.preview_image.pixmap().isNull(), 10)
     window.grab().save(str(out / "calibration.png"))
@@ -105,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     window.tabs.setCurrentWidget(export)
     export.path_edit.setText(str(work / "gemma4_vision_tiny.circle"))
     export.export()
-    _spin(lambda: idle() and export._task is None, 1800)
+    _spin(idle, 1800)  # the runner is busy from the moment export() submits the task
     window.grab().save(str(out / "export.png"))
     if export.result is not None:
         export.run_threeway()
-        _spin(lambda: idle() and export._threeway_task is None, 1800)
+        _spin(idle, 1800)
         export.body_splitter.setSizes([260, 520])
         _spin(lambda: False, 0.5)
         window.grab().save(str(out / "threeway.png"))

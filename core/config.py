@@ -195,3 +195,96 @@ class PTQConfig:
             if key in data:
                 kwargs[key] = data[key]
         return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one override grammar and the one config builder, shared by the GUI and the CLI
+# ---------------------------------------------------------------------------------------------
+
+OVERRIDE_FIX = "write GLOB=DTYPE, e.g. encoder.layers.*=int16 or pooler=float"
+
+
+def parse_override_line(line: str, source: str) -> tuple[str, Any] | None:
+    """One override line as (glob, PTQConfig.overrides value); None for a blank or comment line.
+
+    The grammar (the A/B tab's override box and ``ptq-studio ab --b-override`` both):
+    ``GLOB = DTYPE`` sets the module's activations, ``GLOB = float`` keeps it in float, and
+    ``GLOB = ACT / WEIGHT`` sets activations and weights (``-`` leaves one side as configured);
+    ``:`` may stand for ``=`` and ``#`` starts a comment. A line that says none of these raises
+    ConfigError naming `source` (e.g. "override line 3" or "--b-override") and the line.
+    """
+    text = line.split("#", 1)[0].strip()
+    if not text:
+        return None
+    glob, sep, value = text.partition("=")
+    if not sep:
+        glob, sep, value = text.partition(":")
+    glob, value = glob.strip(), value.strip()
+    if not sep or not glob or not value:
+        raise ConfigError(f"{source} {line.strip()!r}: {OVERRIDE_FIX}")
+    if "/" not in value:
+        return glob, value
+    act, _, wgt = (v.strip() for v in value.partition("/"))
+    spec = {k: v for k, v in (("activation", act), ("weight", wgt)) if v and v != "-"}
+    if not spec:
+        raise ConfigError(f"{source} {line.strip()!r}: give an activation or a weight dtype, e.g. {glob}=int16/uint4")
+    return glob, spec
+
+
+def parse_override_lines(lines: str | Iterable[str], source: str = "override line") -> dict[str, Any]:
+    """Override lines (see parse_override_line) as PTQConfig.overrides values, in order.
+
+    A text is split into lines and an error names its line number ("override line 2"); a
+    sequence (command-line arguments) is read item by item and an error names the item.
+    """
+    numbered = isinstance(lines, str)
+    items = lines.splitlines() if isinstance(lines, str) else list(lines)
+    out: dict[str, Any] = {}
+    for number, raw in enumerate(items, start=1):
+        parsed = parse_override_line(raw, f"{source} {number}" if numbered else source)
+        if parsed is not None:
+            out[parsed[0]] = parsed[1]
+    return out
+
+
+def override_line(glob: str, value: Any) -> str | None:
+    """The line parse_override_line reads back as this override's JSON form (None if dtypes cannot say it)."""
+    if isinstance(value, str):
+        return f"{glob} = {value}"
+    if not isinstance(value, Mapping):
+        return None
+    act, wgt = value.get("activation"), value.get("weight")
+    if act and not wgt and set(act) <= {"dtype", "scheme", "per_channel"}:
+        return f"{glob} = {act['dtype']}"
+    if act or wgt:
+        return f"{glob} = {act['dtype'] if act else '-'} / {wgt['dtype'] if wgt else '-'}"
+    return None
+
+
+def build_config(
+    base: PTQConfig | None = None,
+    *,
+    activation: str | None = None,
+    weight: str | None = None,
+    observer: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    keep_float: Sequence[str] = (),
+) -> PTQConfig:
+    """A PTQConfig from front-end choices (CLI flags, GUI widgets) on top of `base` (default PTQConfig()).
+
+    A dtype replaces only the dtype of base's activation / weight spec (scheme and granularity
+    stay); None keeps base's choice. `overrides` replaces base's overrides; `keep_float` globs
+    are added last, so they win over every dtype override (PTQConfig.spec_for).
+    """
+    config = base if base is not None else PTQConfig()
+    changes: dict[str, Any] = {}
+    if activation is not None:
+        changes["activation"] = replace(config.activation, dtype=activation)
+    if weight is not None:
+        changes["weight"] = replace(config.weight, dtype=weight)
+    if observer is not None:
+        changes["observer"] = observer
+    if overrides is not None:
+        changes["overrides"] = dict(overrides)
+    config = replace(config, **changes)
+    return config.with_keep_float(list(keep_float)) if keep_float else config

@@ -19,6 +19,9 @@ import pytest
 from PIL import Image
 
 from core.cli import main as cli
+from core.cli.commands import report_document
+from core.cli.common import Progress
+from core.io import json_safe
 from core.session import MANIFEST, OBSERVERS, Session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,12 +191,12 @@ def test_reloaded_session_gives_the_same_report_in_a_new_process(workdir, sample
     folder = workdir / "same.session"
     session.save(folder)
     images = sample_images[6:8]
-    here = cli.report_document(session, session.evaluate(images=images))
+    here = report_document(session, session.evaluate(images=images))
     proc = run_cli("report", folder, "--images", *images, "--json")
     assert proc.returncode == 0, proc.stderr
     there = json.loads(proc.stdout)
-    assert json.loads(json.dumps(cli._clean_json(here["observers"]))) == there["observers"]
-    assert json.loads(json.dumps(cli._clean_json(here["errors"]))) == there["errors"]
+    assert json.loads(json.dumps(json_safe(here["observers"]))) == there["observers"]
+    assert json.loads(json.dumps(json_safe(here["errors"]))) == there["errors"]
     again = json.loads(run_cli("report", folder, "--images", *images, "--json").stdout)
     assert without_timing(again) == without_timing(there)
 
@@ -377,7 +380,7 @@ def test_progress_is_drawn_only_on_a_terminal():
 
     quiet, loud = Stream(False), Stream(True)
     for stream in (quiet, loud):
-        p = cli._Progress(stream)
+        p = Progress(stream)
         p(1, 2, "one")
         p(2, 2, "two")
         p.close()

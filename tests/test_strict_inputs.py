@@ -93,6 +93,37 @@ def test_check_globs_names_the_glob_and_the_closest_modules() -> None:
         PTQConfig(overrides={"pooler": "int16", "nosuch.*": "float"}).check_globs(NAMES)
 
 
+def test_one_override_grammar_for_the_gui_box_and_the_cli_flags() -> None:
+    from core.config import PTQConfig, override_line, parse_override_lines
+
+    box = "encoder.layers.* = int16\n*.probs : float  # keep\n\n*.mlp.* = int16 / uint4\npooler = - / int8"
+    flags = ["encoder.layers.*=int16", "*.probs=float", "*.mlp.*=int16/uint4", "pooler=-/int8"]
+    assert parse_override_lines(box) == parse_override_lines(flags, "--b-override")
+    config = PTQConfig(overrides=parse_override_lines(box))
+    lines = [override_line(g, v) for g, v in config.to_dict()["overrides"].items()]
+    assert PTQConfig(overrides=parse_override_lines("\n".join(lines))) == config
+    with pytest.raises(ConfigError, match=r"^override line 2 'no equals sign': write GLOB=DTYPE"):
+        parse_override_lines("a = int16\nno equals sign")
+    with pytest.raises(ConfigError, match=r"^--b-override 'pooler': write GLOB=DTYPE"):
+        parse_override_lines(["pooler"], "--b-override")
+    with pytest.raises(ConfigError, match="give an activation or a weight dtype"):
+        parse_override_lines(["pooler=-/-"], "--b-override")
+
+
+def test_one_config_builder_keeps_what_is_not_chosen() -> None:
+    from core.config import PTQConfig, QuantSpec, build_config
+
+    plain = build_config(activation="int16", weight="uint4", observer="ema", keep_float=["pooler"])
+    assert plain == PTQConfig(
+        activation=QuantSpec(dtype="int16"), weight=QuantSpec(dtype="uint4", per_channel=True), observer="ema"
+    ).with_keep_float(["pooler"])
+    base = PTQConfig(activation=QuantSpec(scheme="symmetric"), percentile=99.0, overrides={"pooler": "int16"})
+    b = build_config(base, activation="int8")
+    assert b.activation == QuantSpec(dtype="int8", scheme="symmetric") and b.percentile == 99.0
+    assert b.overrides == base.overrides and b.weight == base.weight and b.observer == base.observer
+    assert build_config(base) == base and build_config(base, overrides={}).overrides == {}
+
+
 def test_quantize_keep_float_typo_is_refused_before_calibrating(capfd, tmp_path, sample_images, no_work):
     out = tmp_path / "s"
     rc, stdout, err = run(

@@ -1,37 +1,45 @@
-"""PNG charts for `ptq-studio report --plots DIR`, drawn with Pillow (Qt-free, no matplotlib).
+"""PNG charts for `ptq-studio report --plots DIR` and `locate --png`, drawn with matplotlib's Agg
+canvas (no pyplot, no Qt: a Figure per chart, so nothing global is touched).
 
-- ranges.png   one row per observer (forward order): its [min, max] on a signed-log axis;
+- ranges.png   one row per observer (forward order): its [min, max] on a symlog axis;
                weights grey-blue, activations blue, outlier-dominated ranges red.
-- errors.png   per-module SQNR (dB) in forward order, lowest five labelled; the
-               end-to-end SQNR as a dashed line.
+- errors.png   per-module SQNR (dB) in forward order, coloured by kind, the lowest five
+               numbered and the worst named; the end-to-end SQNR as a dashed line.
 - scatter.png  FP vs quantized value samples of the worst modules (lowest SQNR), with the
                y = x diagonal.
 - heatmap_<image stem>.png  one per evaluated image: the resized image the model saw with the
                final output's per-soft-token relative error (core.analysis.heatmaps) as a
-               semi-transparent overlay, a colour bar with its min / max, the peak outlined.
+               semi-transparent overlay, a colour scale, the peak outlined.
+
+Every file is rendered in memory and written atomically (core.io). matplotlib is imported
+inside the chart functions: importing it costs ~0.3 s and only the report commands draw.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from core.errors import UnwritablePathError
 from core.io import atomic_write_bytes
 
-BG = (255, 255, 255)
-FG = (40, 40, 40)
-GRID = (225, 228, 232)
-BLUE = (52, 110, 190)
-WEIGHT = (130, 150, 175)
-RED = (205, 60, 50)
-GREEN = (60, 150, 90)
-ORANGE = (230, 140, 40)
-KIND_COLOURS = [BLUE, ORANGE, GREEN, (140, 90, 170), (90, 160, 170), (170, 120, 80), (200, 90, 150), WEIGHT]
+BLUE = "#346ebe"
+WEIGHT = "#8296af"
+RED = "#cd3c32"
+GREY = "#bebebe"
+KIND_COLOURS = ["#346ebe", "#e68c28", "#3c965a", "#8c5aaa", "#5aa0aa", "#aa7850", "#c85a96", "#8296af"]
+HEAT_ALPHA = 0.55
+HEAT_CMAP = "inferno"  # dark = small error, bright yellow = large; readable over photos
+PEAK = (0, 230, 255)  # outline of the peak patch(es): cyan over a black edge shows on any photo
+DPI = 100
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 __all__ = [
     "write_report_plots",
@@ -46,174 +54,171 @@ __all__ = [
 ]
 
 
-def _font(size: int = 12):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
+def _figure(width_px: float, height_px: float):
+    """A matplotlib Figure of this size in pixels, on an Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 -- matplotlib costs ~0.3 s; only the report commands draw
+    from matplotlib.figure import Figure  # noqa: PLC0415 -- matplotlib costs ~0.3 s; only the report commands draw
+
+    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _text_w(draw: ImageDraw.ImageDraw, text: str, font) -> int:
-    b = draw.textbbox((0, 0), text, font=font)
-    return b[2] - b[0]
-
-
-def _clip_text(draw, text: str, font, width: float, left: bool = False) -> str:
-    """Shorten text to fit width, dropping characters at the end (or the start when left)."""
-    if _text_w(draw, text, font) <= width:
-        return text
-    while len(text) > 4 and _text_w(draw, "..." + text, font) > width:
-        text = text[1:] if left else text[:-1]
-    return "..." + text if left else text + "..."
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
-        return [lo]
-    step = 10 ** math.floor(math.log10((hi - lo) / n))
-    for m in (1, 2, 5, 10):
-        if (hi - lo) / (step * m) <= n:
-            step *= m
-            break
-    start = math.ceil(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step) + 1)]
-
-
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-2:
-        return f"{v:.0e}"
-    return f"{v:g}"
-
-
-def _slog(x):
-    """Signed log axis: sign(x) * log10(1 + |x|), so ranges from 1e-3 to 1e3 share one chart."""
-    return np.sign(x) * np.log10(1.0 + np.abs(x))
-
-
-def _save_png(img: Image.Image, path: Path) -> Path:
-    # Encoded in memory and written atomically: a reader never sees half a PNG.
+def _png(fig) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    atomic_write_bytes(path, buf.getvalue())
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def _save(path: Path, fig) -> Path:
+    # Encoded in memory and written atomically: a reader never sees half a PNG.
+    atomic_write_bytes(path, _png(fig))
     return path
 
 
-def range_chart(records: Sequence, title: str = "Observer ranges") -> Image.Image:
-    """One horizontal bar per observer from min to max on a signed-log axis."""
-    font, small = _font(13), _font(10)
+def _pixel_axes(fig, left: float, top: float, width: float, height: float):
+    """Axes placed in pixels from the figure's top-left corner (images keep their exact size)."""
+    w, h = fig.get_size_inches() * DPI
+    return fig.add_axes((left / w, 1 - (top + height) / h, width / w, height / h))
+
+
+def _short(name: str, limit: int = 48) -> str:
+    """A module or observer name cut from the left to `limit` characters (the tail says most)."""
+    return name if len(name) <= limit else "..." + name[-(limit - 3):]
+
+
+def _fmt_err(v: float) -> str:
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:.3g}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# ranges, errors, scatter
+# ---------------------------------------------------------------------------------------------
+
+
+def range_chart(records: Sequence, title: str = "Observer ranges"):
+    """One horizontal bar per observer from min to max on a symlog axis (a Figure)."""
+    from matplotlib.patches import Patch  # noqa: PLC0415 -- matplotlib costs ~0.3 s; only the report commands draw
+
     rows = [r for r in records if getattr(r, "has_stats", True)]
-    row_h = 12 if len(rows) < 200 else 8
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = min(380, max([_text_w(probe, r.name, small) for r in rows] + [80]) + 10)
-    plot_w = 620
-    top, bottom = 44, 40
-    w = label_w + plot_w + 30
-    h = top + bottom + max(1, len(rows)) * row_h
-    img = Image.new("RGB", (w, h), BG)
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), f"{title} ({len(rows)} observers, signed-log axis)", fill=FG, font=font)
+    labelled = len(rows) <= 200  # past that the names would overlap: bars only
+    row_px = 13 if labelled else 8
+    label_px = min(380, 60 + 6 * max([len(r.name) for r in rows] + [10])) if labelled else 60
+    fig = _figure(label_px + 700, 150 + max(1, len(rows)) * row_px)
+    ax = _pixel_axes(fig, label_px, 84, 660, max(1, len(rows)) * row_px)
+    n_out = sum(bool(r.outlier) for r in rows)
+    fig.suptitle(
+        f"{title}: {len(rows)} observers, {n_out} outlier-dominated", x=0.01, y=1 - 10 / fig.bbox.height,
+        ha="left", va="top", fontsize=12,
+    )
     if not rows:
-        d.text((label_w, top), "no observer has statistics", fill=FG, font=small)
-        return img
-    lo = float(_slog(min(r.range_min for r in rows)))
-    hi = float(_slog(max(r.range_max for r in rows)))
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 1, hi + 1
-    x0, x1 = label_w, label_w + plot_w
-
-    def X(v):
-        return x0 + (float(_slog(v)) - lo) / (hi - lo) * (x1 - x0)
-
-    ticks = [t for t in (-1e4, -1e3, -100, -10, -1, 0, 1, 10, 100, 1e3, 1e4) if lo <= _slog(t) <= hi]
-    for t in ticks:
-        x = X(t)
-        d.line([(x, top - 4), (x, h - bottom)], fill=GRID if t else (170, 170, 170))
-        s = _fmt(t)
-        d.text((x - _text_w(d, s, small) / 2, h - bottom + 4), s, fill=FG, font=small)
-    for i, r in enumerate(rows):
-        y = top + i * row_h
-        colour = RED if r.outlier else (WEIGHT if r.kind == "weight" else BLUE)
-        if not r.enabled:
-            colour = (190, 190, 190)
-        if row_h >= 10:
-            name = _clip_text(d, r.name, small, label_w - 10, left=True)
-            d.text((x0 - 6 - _text_w(d, name, small), y), name, fill=FG, font=small)
-        a, b = X(r.range_min), X(r.range_max)
-        d.rectangle([a, y + 2, max(b, a + 1), y + row_h - 2], fill=colour)
-    legend = [("activation", BLUE), ("weight", WEIGHT), ("outlier-dominated", RED)]
-    lx = x0
-    for name, c in legend:
-        d.rectangle([lx, 30, lx + 10, 38], fill=c)
-        d.text((lx + 14, 28), name, fill=FG, font=small)
-        lx += 24 + _text_w(d, name, small)
-    return img
+        ax.text(0.5, 0.5, "no observer has statistics", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    colours = [GREY if not r.enabled else RED if r.outlier else WEIGHT if r.kind == "weight" else BLUE for r in rows]
+    lo = np.array([float(r.range_min) for r in rows])
+    hi = np.array([float(r.range_max) for r in rows])
+    y = np.arange(len(rows))
+    ax.barh(y, hi - lo, left=lo, height=0.7, color=colours)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # forward order, top to bottom
+    ax.axvline(0.0, color="#999999", linewidth=0.8)
+    ax.grid(axis="x", color="#e1e4e8")
+    ax.set_axisbelow(True)
+    if labelled:
+        ax.set_yticks(y, [_short(r.name, (label_px - 20) // 6) for r in rows], fontsize=7)
+    else:
+        ax.set_yticks([])
+        ax.set_ylabel(f"{len(rows)} observers in forward order")
+    ax.set_xlabel("observed value (symlog axis: linear within ±1, logarithmic beyond)")
+    ax.tick_params(axis="x", top=True, labeltop=True)  # a tall chart: the scale at both ends
+    widest = int(np.argmax(hi - lo))
+    ax.annotate(
+        "widest range", (hi[widest], widest), xytext=(6, 0), textcoords="offset points", va="center", fontsize=7,
+        color="#444444",
+    )
+    legend = [Patch(color=BLUE, label="activation"), Patch(color=WEIGHT, label="weight"), Patch(color=RED, label="outlier-dominated")]
+    fig.legend(handles=legend, loc="upper left", ncols=3, fontsize=8, frameon=False, bbox_to_anchor=(0.005, 1 - 28 / fig.bbox.height))
+    return fig
 
 
-def error_chart(result, title: str = "Per-module SQNR (higher is better)") -> Image.Image:
-    """Per-module SQNR bars in forward order, worst five labelled, end-to-end dashed."""
-    font, small = _font(13), _font(10)
+def _group(name: str) -> str:
+    """A short label of the part of the model a module belongs to (L3, embed, pool, ...)."""
+    m = _LAYER.search(name)
+    if m:
+        return f"L{m.group(1)}"
+    head = name.split(".")[0]
+    return {"patch_embedder": "embed", "encoder": "enc", "pooler": "pool", "": "model"}.get(head, head)
+
+
+def _group_ticks(names: Sequence[str]) -> tuple[list[int], list[str]]:
+    """One x tick at the first module of each layer / part, thinned so labels never collide."""
+    ticks: list[int] = []
+    labels: list[str] = []
+    gap = max(1, len(names) // 30)
+    for i, name in enumerate(names):
+        g = _group(name)
+        if labels and g == labels[-1]:
+            continue
+        if ticks and i - ticks[-1] < gap:
+            continue
+        ticks.append(i)
+        labels.append(g)
+    return ticks, labels
+
+
+def error_chart(result, title: str = "Per-module SQNR (higher is better)"):
+    """Per-module SQNR bars in forward order, the lowest five numbered, the worst named, end to end dashed."""
+    from matplotlib.patches import Patch  # noqa: PLC0415 -- matplotlib costs ~0.3 s; only the report commands draw
+
     mods = list(result.modules)
-    w, h = 960, 420
-    left, right, top, bottom = 60, 20, 56, 50
-    img = Image.new("RGB", (w, h), BG)
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), f"{title}: {len(mods)} modules, {len(result.images)} image(s)", fill=FG, font=font)
+    fig = _figure(1000, 480)
+    ax = fig.add_axes((0.07, 0.2, 0.91, 0.6))
+    fig.suptitle(f"{title}: {len(mods)} modules, {len(result.images)} image(s)", x=0.01, y=0.98, ha="left", fontsize=12)
     finite = [m.sqnr_db for m in mods if math.isfinite(m.sqnr_db)]
     e2e = result.end_to_end.sqnr_db
-    if math.isfinite(e2e):
-        finite.append(e2e)
-    if not finite:
-        d.text((left, top), "no finite SQNR to draw", fill=FG, font=small)
-        return img
-    lo, hi = min(0.0, min(finite)), max(finite) * 1.08 + 1
-    ticks = _nice_ticks(lo, hi)
-    x0, x1, y0, y1 = left, w - right, top, h - bottom
-
-    def Y(v):
-        v = hi if not math.isfinite(v) else v
-        return y1 - (v - lo) / (hi - lo) * (y1 - y0)
-
-    for t in ticks:
-        y = Y(t)
-        d.line([(x0, y), (x1, y)], fill=GRID)
-        s = _fmt(t)
-        d.text((x0 - 6 - _text_w(d, s, small), y - 6), s, fill=FG, font=small)
-    d.text((6, top - 16), "dB", fill=FG, font=small)
+    if not finite and not math.isfinite(e2e):
+        ax.text(0.5, 0.5, "no finite SQNR to draw", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    top = max(finite + ([e2e] if math.isfinite(e2e) else [])) * 1.1 + 1
     kinds = sorted({m.kind for m in mods})
     colour = {k: KIND_COLOURS[i % len(KIND_COLOURS)] for i, k in enumerate(kinds)}
-    n = max(1, len(mods))
-    bw = (x1 - x0) / n
-    for i, m in enumerate(mods):
-        xa = x0 + i * bw
-        d.rectangle([xa + bw * 0.1, Y(m.sqnr_db), max(xa + bw * 0.9, xa + bw * 0.1 + 1), Y(lo)], fill=colour[m.kind])
-    # The five lowest bars get a number; their names are listed under the title (no overlaps).
+    # An infinite SQNR (no error at all) is drawn to the top of the axis.
+    heights = [m.sqnr_db if math.isfinite(m.sqnr_db) else top for m in mods]
+    ax.bar(range(len(mods)), heights, width=0.8, color=[colour[m.kind] for m in mods])
+    ax.set_xlim(-0.6, len(mods) - 0.4)
+    ax.set_ylim(min(0.0, min(finite, default=0.0)), top)
+    ax.set_ylabel("SQNR (dB)")
+    ax.set_xlabel("modules in forward order (ticks: first module of each layer)")
+    ax.set_xticks(*_group_ticks([m.name for m in mods]), fontsize=8)
+    ax.grid(axis="y", color="#e1e4e8")
+    ax.set_axisbelow(True)
     worst = sorted(range(len(mods)), key=lambda i: mods[i].sqnr_db)[:5]
     for rank, i in enumerate(worst, 1):
-        xa = x0 + (i + 0.5) * bw
-        y = Y(mods[i].sqnr_db)
-        d.text((xa - _text_w(d, str(rank), small) / 2, y - 13), str(rank), fill=RED, font=small)
-    listing = "   ".join(f"{r}: {mods[i].name} ({mods[i].sqnr_db:.1f} dB)" for r, i in enumerate(worst, 1))
-    d.text((left, 28), _clip_text(d, "lowest: " + listing, small, w - left - 10), fill=RED, font=small)
+        ax.annotate(str(rank), (i, heights[i]), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                    color=RED, fontsize=9, fontweight="bold")
+    if worst:  # the worst bar outlined in red, so it reads at a glance
+        ax.bar([worst[0]], [heights[worst[0]]], width=0.8, fill=False, edgecolor=RED, linewidth=2)
+    listing = [f"{r}: {_short(mods[i].name, 44)} ({mods[i].sqnr_db:.1f} dB)" for r, i in enumerate(worst, 1)]
+    text = "lowest (outlined: worst): " + "   ".join(listing[:3]) + ("\n" + "   ".join(listing[3:]) if listing[3:] else "")
+    fig.text(0.01, 0.925, text, color=RED, fontsize=8, ha="left", va="top", linespacing=1.5)
     if math.isfinite(e2e):
-        y = Y(e2e)
-        for xs in range(int(x0), int(x1), 12):
-            d.line([(xs, y), (min(xs + 6, x1), y)], fill=FG, width=1)
-        d.text((x1 - 140, y + 2), f"end to end {e2e:.1f} dB", fill=FG, font=small)
-    lx = x0
-    for k in kinds[:8]:
-        d.rectangle([lx, h - 22, lx + 10, h - 12], fill=colour[k])
-        d.text((lx + 14, h - 24), k, fill=FG, font=small)
-        lx += 24 + _text_w(d, k, small)
-    d.text((x0, y1 + 4), "modules in forward order ->", fill=FG, font=small)
-    return img
+        ax.axhline(e2e, color="#282828", linestyle="--", linewidth=1)
+        ax.text(0.99, e2e, f"end to end {e2e:.1f} dB", ha="right", va="bottom", fontsize=8, transform=ax.get_yaxis_transform(),
+                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})
+    handles = [Patch(color=colour[k], label=k) for k in kinds[:8]]
+    fig.legend(handles=handles, loc="lower left", ncols=min(8, max(1, len(handles))), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.06, 0.0))
+    return fig
 
 
-def scatter_chart(result, n: int = 6, title: str = "FP vs quantized samples, worst modules") -> Image.Image:
+def scatter_chart(result, n: int = 6, title: str = "FP vs quantized samples, worst modules"):
     """A grid of FP (x) vs quantized (y) scatter plots for the n lowest-SQNR modules."""
-    font, small = _font(13), _font(10)
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 -- matplotlib costs ~0.3 s; only the report commands draw
+
     mods, seen = [], set()
     for m in result.worst(len(result.modules)):
         key = (m.num_values, m.sqnr_db, m.peir)  # attention and its o_proj report one tensor
@@ -224,126 +229,128 @@ def scatter_chart(result, n: int = 6, title: str = "FP vs quantized samples, wor
             break
     cols = 3
     rows = max(1, math.ceil(len(mods) / cols))
-    cw, ch = 300, 300
-    top = 40
-    img = Image.new("RGB", (cols * cw + 20, top + rows * ch), BG)
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), title, fill=FG, font=font)
+    fig = _figure(cols * 320, 50 + rows * 320)
+    fig.suptitle(f"{title} (lowest SQNR first)", x=0.01, y=1 - 10 / fig.bbox.height, ha="left", va="top", fontsize=12)
     if not mods:
-        d.text((20, top), "no samples", fill=FG, font=small)
+        fig.text(0.5, 0.5, "no samples", ha="center", va="center")
+        return fig
+    grid = fig.add_gridspec(rows, cols, left=0.07, right=0.98, bottom=0.1 / rows, top=1 - 60 / fig.bbox.height,
+                            hspace=0.45, wspace=0.35)
     for k, m in enumerate(mods):
-        ox = 10 + (k % cols) * cw
-        oy = top + (k // cols) * ch
-        x0, x1, y0, y1 = ox + 46, ox + cw - 12, oy + 22, oy + ch - 34
+        ax = fig.add_subplot(grid[k // cols, k % cols])
         fp, q = np.asarray(m.samples_fp, np.float64), np.asarray(m.samples_q, np.float64)
-        lo = float(min(fp.min(), q.min()))
-        hi = float(max(fp.max(), q.max()))
+        lo, hi = float(min(fp.min(), q.min())), float(max(fp.max(), q.max()))
         if hi - lo < 1e-12:
             lo, hi = lo - 1, hi + 1
         pad = (hi - lo) * 0.04
         lo, hi = lo - pad, hi + pad
-
-        def P(a, b):
-            return (x0 + (a - lo) / (hi - lo) * (x1 - x0), y1 - (b - lo) / (hi - lo) * (y1 - y0))
-
-        d.rectangle([x0, y0, x1, y1], outline=GRID)
-        for t in _nice_ticks(lo, hi, 5):
-            xa, _ = P(t, lo)
-            _, ya = P(lo, t)
-            d.line([(xa, y0), (xa, y1)], fill=GRID)
-            d.line([(x0, ya), (x1, ya)], fill=GRID)
-            s = _fmt(round(t, 10))
-            d.text((xa - _text_w(d, s, small) / 2, y1 + 3), s, fill=FG, font=small)
-            d.text((x0 - 4 - _text_w(d, s, small), ya - 6), s, fill=FG, font=small)
-        d.line([P(lo, lo), P(hi, hi)], fill=(160, 160, 160))
-        pts = np.stack(P(fp, q), axis=1)
-        for x, y in pts:
-            d.point((float(x), float(y)), fill=BLUE)
-        label = _clip_text(d, m.name, small, cw - 60, left=True)
-        d.text((x0, oy + 4), label, fill=FG, font=small)
-        d.text((x0, y1 + 16), f"SQNR {m.sqnr_db:.1f} dB  PEIR {m.peir:.3g}   x: FP, y: quantized", fill=FG, font=small)
-    return img
+        ax.plot([lo, hi], [lo, hi], color="#a0a0a0", linewidth=0.8, label="y = x")
+        ax.scatter(fp, q, s=1.5, color=BLUE, linewidths=0, rasterized=True)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_aspect("equal", adjustable="box")
+        ax.grid(color="#e1e4e8")
+        ax.set_axisbelow(True)
+        ax.set_title(f"{k + 1}. {_short(m.name, 40)}", fontsize=8, loc="left")
+        ax.set_xlabel(f"FP value   (SQNR {m.sqnr_db:.1f} dB, PEIR {m.peir:.3g})", fontsize=8)
+        ax.set_ylabel("quantized value", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.yaxis.set_major_locator(MaxNLocator(5))
+    return fig
 
 
 def write_report_plots(folder, records, result) -> list[Path]:
     """Write ranges.png, errors.png and scatter.png into folder; returns their paths."""
-    from core.errors import UnwritablePathError
-
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         return [
-            _save_png(range_chart(records), folder / "ranges.png"),
-            _save_png(error_chart(result), folder / "errors.png"),
-            _save_png(scatter_chart(result), folder / "scatter.png"),
+            _save(folder / "ranges.png", range_chart(records)),
+            _save(folder / "errors.png", error_chart(result)),
+            _save(folder / "scatter.png", scatter_chart(result)),
         ]
     except OSError as e:
         raise UnwritablePathError(f"{folder}: cannot write plots ({e.strerror or e}); choose another --plots folder") from None
 
 
 # ---------------------------------------------------------------------------------------------
-# Error heatmap over the image
+# images: the error heatmap and the extreme's location
 # ---------------------------------------------------------------------------------------------
 
-# Inferno-like anchors: dark = small error, bright yellow = large; readable over photos.
-_HEAT = np.array(
-    [(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21), (250, 193, 39), (252, 255, 164)],
-    dtype=np.float64,
-)
-HEAT_ALPHA = 0.55
-PEAK = (0, 230, 255)
+# Where heatmap_chart puts the image and the colour scale, in pixels from the top-left corner.
+HEATMAP_LEFT, HEATMAP_TOP, BAR_GAP, BAR_WIDTH = 12, 74, 20, 18
 
 
-def _colormap(t: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> uint8 RGB along the heat anchors (linear interpolation)."""
-    t = np.clip(np.nan_to_num(t, nan=0.0), 0.0, 1.0) * (len(_HEAT) - 1)
-    i = np.minimum(np.floor(t).astype(int), len(_HEAT) - 2)
-    f = (t - i)[..., None]
-    return np.rint(_HEAT[i] * (1 - f) + _HEAT[i + 1] * f).astype(np.uint8)
+def _zoomed(image: np.ndarray, target: int) -> tuple[Image.Image, float]:
+    """The image scaled up (bilinear) so its longer side is at least `target` pixels, and the zoom."""
+    base = Image.fromarray(np.asarray(image, dtype=np.uint8), "RGB")
+    zoom = max(1.0, target / max(base.height, base.width))
+    size = (int(round(base.width * zoom)), int(round(base.height * zoom)))
+    return base.resize(size, Image.BILINEAR), zoom
 
 
-def _heat_scale(values: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray], float, float, bool]:
-    """(normaliser to [0, 1], min, max, log?): log10 when the finite values span over 20x."""
+def _show_image(ax, image: Image.Image) -> None:
+    """The image pixel for pixel in axes of its own size, without ticks."""
+    ax.imshow(np.asarray(image), extent=(0, image.width, image.height, 0), interpolation="nearest")
+    ax.set_xlim(0, image.width)
+    ax.set_ylim(image.height, 0)
+    ax.set_axis_off()
+
+
+def _outline(ax, box, zoom: float) -> None:
+    """A pixel box of the resized image, drawn at `zoom`: cyan over a black edge, not antialiased."""
+    from matplotlib.patches import Rectangle  # noqa: PLC0415 -- matplotlib costs ~0.3 s; only the report commands draw
+
+    x0, y0, x1, y1 = (v * zoom for v in box)
+    for colour, width_px in (("black", 6), (tuple(c / 255 for c in PEAK), 3)):
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, antialiased=False,
+                               linewidth=width_px * 72 / DPI))
+
+
+def _heat_norm(values: np.ndarray) -> tuple[Any, float, float, bool]:
+    """(matplotlib norm, min, max, log?): logarithmic when the finite values span over 20x."""
+    from matplotlib.colors import LogNorm, Normalize  # noqa: PLC0415 -- matplotlib costs ~0.3 s; only the report commands draw
+
     v = values[np.isfinite(values)]
     if v.size == 0:
-        return (lambda x: np.zeros_like(x, dtype=np.float64)), 0.0, 0.0, False
+        return Normalize(0.0, 1.0), 0.0, 0.0, False
     lo, hi = float(v.min()), float(v.max())
     if lo > 0 and hi / lo > 20:
-        a, b = math.log10(lo), math.log10(hi)
-        return (lambda x: (np.log10(np.maximum(x, lo)) - a) / (b - a)), lo, hi, True
+        return LogNorm(lo, hi), lo, hi, True
     if hi - lo <= 0:
-        return (lambda x: np.full(np.shape(x), 0.5)), lo, hi, False
-    return (lambda x: (x - lo) / (hi - lo)), lo, hi, False
+        return Normalize(lo - 1.0, hi + 1.0), lo, hi, False
+    return Normalize(lo, hi), lo, hi, False
 
 
-def heatmap_chart(heatmap, title: str | None = None, target: int = 640) -> Image.Image:
-    """The image with a per-patch error overlay, colour bar (min / max) and the peak outlined."""
-    font, small = _font(13), _font(11)
-    base = Image.fromarray(np.asarray(heatmap.image, dtype=np.uint8), "RGB")
-    h, w = base.height, base.width
-    zoom = max(1.0, target / max(h, w))
-    W, H = int(round(w * zoom)), int(round(h * zoom))
-    base = base.resize((W, H), Image.BILINEAR)
+def heatmap_chart(heatmap, title: str | None = None, target: int = 640):
+    """The image with a per-patch error overlay, a colour scale and the peak outlined (a Figure)."""
+    from matplotlib import colormaps  # noqa: PLC0415 -- matplotlib costs ~0.3 s; only the report commands draw
+
+    base, zoom = _zoomed(heatmap.image, target)
+    W, H = base.width, base.height
+    left, top = HEATMAP_LEFT, HEATMAP_TOP
+    bar_h = max(120, H - 20)
+    fig = _figure(max(left + W + BAR_GAP + BAR_WIDTH + 110, 720), max(top + H + 40, 260))
+    ax = _pixel_axes(fig, left, top, W, H)
+    _show_image(ax, base)
     grid = np.asarray(heatmap.grid, dtype=np.float64)
-    norm, lo, hi, logscale = _heat_scale(grid)
-    rgb = _colormap(norm(grid))
-    alpha = np.where(np.isnan(grid), 0, int(255 * HEAT_ALPHA)).astype(np.uint8)
-    overlay = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
-    # One grid cell per patch: nearest-neighbour keeps patch edges sharp.
-    p = heatmap.layout.patch_size
-    overlay = overlay.resize((int(round(grid.shape[1] * p * zoom)), int(round(grid.shape[0] * p * zoom))), Image.NEAREST)
-    shown = base.convert("RGBA")
-    shown.alpha_composite(overlay.crop((0, 0, W, H)))
-    left, top, bar_w, right_pad = 12, 74, 18, 110
-    canvas = Image.new("RGB", (max(left + W + 20 + bar_w + right_pad, 720), max(top + H + 40, 260)), BG)
-    canvas.paste(shown.convert("RGB"), (left, top))
-    d = ImageDraw.Draw(canvas)
-    # Peak: the patches behind the peak row (a soft token's block), outlined.
-    _outline(d, heatmap.peak_box(), left, top, zoom)
+    norm, lo, hi, logscale = _heat_norm(grid)
+    cmap = colormaps[HEAT_CMAP].with_extremes(bad=(0, 0, 0, 0))  # cells without a patch stay clear
+    p = heatmap.layout.patch_size * zoom
+    # One grid cell per patch: nearest-neighbour keeps the patch edges sharp.
+    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, alpha=HEAT_ALPHA, interpolation="nearest",
+              extent=(0, grid.shape[1] * p, grid.shape[0] * p, 0))
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    _outline(ax, heatmap.peak_box(), zoom)
+    bar = _pixel_axes(fig, left + W + BAR_GAP, top, BAR_WIDTH, bar_h)
+    scale = fig.colorbar(ax.images[-1], cax=bar)
+    scale.solids.set(alpha=1.0)  # the scale shows the colours themselves, not blended with white
+    scale.set_label(f"relative error, {_fmt_err(lo)} to {_fmt_err(hi)} ({'log' if logscale else 'linear'} scale)", fontsize=8)
+    scale.ax.tick_params(which="both", labelsize=7)
     unit = "soft token" if heatmap.level == "token" else "patch"
     title = title or f"Quantization error per {unit}: image {heatmap.image_id}"
-    d.text((10, 8), _clip_text(d, title, font, canvas.width - 20), fill=FG, font=font)
-    d.text((10, 28), _clip_text(d, f"module {heatmap.module}", font, canvas.width - 20, left=True), fill=FG, font=font)
     sq = None if heatmap.row_sqnr_db is None else float(heatmap.row_sqnr_db[heatmap.peak_row])
     peak = float(heatmap.row_error[heatmap.peak_row]) if heatmap.row_error.size else float("nan")
     sub = (
@@ -351,32 +358,13 @@ def heatmap_chart(heatmap, title: str | None = None, target: int = 640) -> Image
         f"({heatmap.peak_xy[0]}, {heatmap.peak_xy[1]}): {_fmt_err(peak)}"
         + (f" ({sq:.1f} dB SQNR)" if sq is not None and math.isfinite(sq) else "")
     )
-    d.text((10, 50), _clip_text(d, sub, small, canvas.width - 20), fill=FG, font=small)
-    # Colour bar: max at the top, min at the bottom.
-    bx = left + W + 20
-    bar_h = max(120, H - 20)
-    ramp = _colormap(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
-    canvas.paste(Image.fromarray(ramp, "RGB"), (bx, top))
-    d.rectangle([bx - 1, top - 1, bx + bar_w, top + bar_h], outline=FG)
-    d.text((bx + bar_w + 6, top - 2), "max " + _fmt_err(hi), fill=FG, font=small)
-    d.text((bx + bar_w + 6, top + bar_h - 12), "min " + _fmt_err(lo), fill=FG, font=small)
-    d.text((bx + bar_w + 6, top + bar_h // 2 - 6), "log scale" if logscale else "linear", fill=FG, font=small)
-    foot = f"peak outlined; {heatmap.layout.num_patches} patches, {heatmap.layout.num_tokens} soft tokens"
-    d.text((left, top + H + 8), foot, fill=FG, font=small)
-    return canvas
-
-
-def _outline(d: ImageDraw.ImageDraw, box, left: int, top: int, zoom: float) -> None:
-    """A pixel box of the resized image, drawn at `zoom` and offset: two bright lines, one dark."""
-    x0, y0, x1, y1 = (v * zoom for v in box)
-    for k in range(3):
-        d.rectangle([left + x0 - k, top + y0 - k, left + x1 + k - 1, top + y1 + k - 1], outline=PEAK if k < 2 else (0, 0, 0))
-
-
-def _fmt_err(v: float) -> str:
-    if not math.isfinite(v):
-        return str(v)
-    return f"{v:.3g}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+    height = fig.bbox.height
+    fig.text(10 / fig.bbox.width, 1 - 8 / height, title, fontsize=11, va="top", ha="left")
+    fig.text(10 / fig.bbox.width, 1 - 28 / height, f"module {_short(heatmap.module, 90)}", fontsize=10, va="top", ha="left")
+    fig.text(10 / fig.bbox.width, 1 - 50 / height, sub, fontsize=8, va="top", ha="left")
+    foot = f"peak outlined in cyan; {heatmap.layout.num_patches} patches, {heatmap.layout.num_tokens} soft tokens"
+    fig.text(left / fig.bbox.width, 1 - (top + H + 8) / height, foot, fontsize=8, va="top", ha="left")
+    return fig
 
 
 def heatmap_file_name(path_or_id, used: set[str] | None = None) -> str:
@@ -395,42 +383,36 @@ def heatmap_file_name(path_or_id, used: set[str] | None = None) -> str:
 
 def write_heatmap(path, heatmap, title: str | None = None) -> Path:
     """Write one heatmap PNG atomically; returns its path."""
-    from core.errors import UnwritablePathError
-
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return _save_png(heatmap_chart(heatmap, title), path)
+        return _save(path, heatmap_chart(heatmap, title))
     except OSError as e:
         raise UnwritablePathError(path, f"heatmap not written: {e.strerror or e}") from None
 
 
-def extreme_location_chart(loc, target: int = 640) -> Image.Image:
+def extreme_location_chart(loc, target: int = 640):
     """The image that set an observer's min or max, with the patch(es) where it occurred outlined."""
-    font, small = _font(13), _font(11)
-    base = Image.fromarray(np.asarray(loc.image, dtype=np.uint8), "RGB")
-    zoom = max(1.0, target / max(base.height, base.width))
-    W, H = int(round(base.width * zoom)), int(round(base.height * zoom))
+    base, zoom = _zoomed(loc.image, target)
     left, top = 12, 56
-    canvas = Image.new("RGB", (max(left + W + 12, 520), top + H + 36), BG)
-    canvas.paste(base.resize((W, H), Image.BILINEAR), (left, top))
-    d = ImageDraw.Draw(canvas)
+    fig = _figure(max(left + base.width + 12, 520), top + base.height + 36)
+    ax = _pixel_axes(fig, left, top, base.width, base.height)
+    _show_image(ax, base)
     for box in loc.boxes:
-        _outline(d, box, left, top, zoom)
+        _outline(ax, box, zoom)
+    height = fig.bbox.height
     title = f"{loc.observer}: {loc.which} {_fmt_err(float(loc.value))} set by {loc.image_id}"
-    d.text((10, 8), _clip_text(d, title, font, canvas.width - 20), fill=FG, font=font)
-    where = f"row {loc.row} ({loc.level}), {len(loc.boxes)} patch(es) outlined" if loc.level else "no patch-level row"
-    d.text((10, 30), _clip_text(d, where, small, canvas.width - 20), fill=FG, font=small)
-    return canvas
+    where = f"row {loc.row} ({loc.level}), {len(loc.boxes)} patch(es) outlined in cyan" if loc.level else "no patch-level row"
+    fig.text(10 / fig.bbox.width, 1 - 8 / height, title, fontsize=11, va="top", ha="left")
+    fig.text(10 / fig.bbox.width, 1 - 30 / height, where, fontsize=9, va="top", ha="left")
+    return fig
 
 
 def write_extreme_location(path, loc) -> Path:
     """Write extreme_location_chart atomically; returns its path."""
-    from core.errors import UnwritablePathError
-
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return _save_png(extreme_location_chart(loc), path)
+        return _save(path, extreme_location_chart(loc))
     except OSError as e:
         raise UnwritablePathError(path, f"image not written: {e.strerror or e}") from None

@@ -1,42 +1,38 @@
 """`ptq-studio` diagnostics commands: images (provenance ranking), locate, recalibrate, ab.
 
-Each command returns (json document, human text) like the ones in core.cli.main, which registers them.
+Each command returns (json document, human text) like those of core.cli.commands; core.cli.main
+registers both sets.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from core.cli.main import (
-    _load,
-    _no_images_error,
-    _rejected_text,
-    _table,
-    check_output,
-    count,
-    ensure_parent,
-    module_names,
-)
-
-DTYPES = ("uint8", "int8", "int16", "uint4", "int4")
-OBSERVERS = ("minmax", "ema", "percentile")
+from core.cli import common
+from core.config import OBSERVERS, build_config, check_globs, parse_override_lines
+from core.errors import CancelledError, ConfigError
+from core.export.config_export import one_name_map, to_one_quant_config, write_one_quant_config, write_tico_ptq_yaml
+from core.quant.dtypes import DTYPES
 
 
-def add_parsers(sub, common) -> None:
+def add_parsers(sub: Any) -> None:
     """Register the diagnostics subcommands on core.cli.main's subparsers."""
+    dtypes = tuple(DTYPES)
     i = sub.add_parser("images", help="calibration images ranked by how many observer extremes they set")
     i.add_argument("session", metavar="SESSION")
-    i.add_argument("--top", type=count(0), default=0, metavar="N", help="show only the first N images (0: all)")
-    common(i)
+    i.add_argument("--top", type=common.count(0), default=0, metavar="N", help="show only the first N images (0: all)")
+    common.add_common_flags(i)
 
     loc = sub.add_parser("locate", help="the image and patch where an observer's min or max occurred")
     loc.add_argument("session", metavar="SESSION")
     loc.add_argument("observer", metavar="OBSERVER", help="observer name, e.g. encoder.layers.0.mlp.act")
     loc.add_argument("--which", default="max", choices=("max", "min"))
     loc.add_argument("--png", metavar="FILE.png", help="write the image with the patch outlined")
-    common(loc)
+    common.add_common_flags(loc)
 
     rc = sub.add_parser("recalibrate", help="exclude images and calibrate again on the rest (saves the session)")
     rc.add_argument("session", metavar="SESSION")
@@ -45,12 +41,12 @@ def add_parsers(sub, common) -> None:
         help="image paths, image ids or globs over them (e.g. '*/night_*.jpg')",
     )
     rc.add_argument("--out", metavar="SESSION", help="save into this folder instead of SESSION")
-    common(rc)
+    common.add_common_flags(rc)
 
     ab = sub.add_parser("ab", help="calibrate a second configuration B beside the session's A and compare them")
     ab.add_argument("session", metavar="SESSION")
-    ab.add_argument("--b-activation", choices=DTYPES, help="B's activation dtype (default: A's)")
-    ab.add_argument("--b-weight", choices=DTYPES, help="B's weight dtype (default: A's)")
+    ab.add_argument("--b-activation", choices=dtypes, help="B's activation dtype (default: A's)")
+    ab.add_argument("--b-weight", choices=dtypes, help="B's weight dtype (default: A's)")
     ab.add_argument("--b-observer", choices=OBSERVERS, help="B's observer (default: A's)")
     ab.add_argument(
         "--b-override", nargs="+", default=[], metavar="GLOB=DTYPE",
@@ -65,12 +61,12 @@ def add_parsers(sub, common) -> None:
         help="layer names in --one-json: our module names (default), or the Circle tensor names "
         "of an export of the session (exports it to a temporary file first: slow for e2b)",
     )
-    common(ab)
+    common.add_common_flags(ab)
 
 
 def cmd_images(args, progress) -> tuple[dict, str]:
     """Rank the calibration images by the observer extremes they set."""
-    session = _load(args.session, args.device)
+    session = common.load_session(args.session, args.device)
     ranks = session.rank_images()
     shown = ranks[: args.top] if args.top and args.top > 0 else ranks
     doc = {
@@ -89,7 +85,7 @@ def cmd_images(args, progress) -> tuple[dict, str]:
             for r in ranks
         ],
     }
-    text = _table(
+    text = common.table(
         [[r.image_id, r.extremes, r.min_count, r.max_count, getattr(r, "status", "")] for r in shown],
         ["image", "extremes set", "mins", "maxes", "status"],
     )
@@ -99,12 +95,12 @@ def cmd_images(args, progress) -> tuple[dict, str]:
 def cmd_locate(args, progress) -> tuple[dict, str]:
     """Where an observer's extreme occurred: image, row, patches, pixel boxes."""
     if args.png:
-        check_output(args.png, "--png")
-    session = _load(args.session, args.device)
+        common.check_output(args.png, "--png")
+    session = common.load_session(args.session, args.device)
     loc = session.locate_extreme(args.observer, args.which)
     png = None
     if args.png:
-        from core.cli.charts import write_extreme_location
+        from core.cli.charts import write_extreme_location  # noqa: PLC0415 -- numpy, PIL and matplotlib cost ~0.5 s; only the report commands draw
 
         png = str(write_extreme_location(args.png, loc))
     boxes = [list(map(int, b)) for b in loc.boxes]
@@ -142,21 +138,15 @@ def cmd_locate(args, progress) -> tuple[dict, str]:
 
 def cmd_recalibrate(args, progress) -> tuple[dict, str]:
     """Exclude images and calibrate again; the session is saved only when that succeeded."""
-    from core.session import MANIFEST
-
-    out = check_output(args.out or args.session, "--out" if args.out else "SESSION", kind="session")
-    if args.out and out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        from core.errors import UnwritablePathError
-
-        raise UnwritablePathError(out, "the folder exists and is not a PTQ Studio session; pick a new --out")
-    session = _load(args.session, args.device)
+    out = common.check_output(args.out or args.session, "--out" if args.out else "SESSION", kind="session")
+    if args.out:
+        common.check_new_session_folder(out)
+    session = common.load_session(args.session, args.device)
     excluded_ids = _expand_images(session, args.exclude, "--exclude")
     before = {r.name: (r.min, r.max) for r in session.observer_table()}
     cal = session.recalibrate_without(excluded_ids, progress=progress)
     progress.close()
     if cal.cancelled:
-        from core.errors import CancelledError
-
         raise CancelledError("recalibration cancelled; the session on disk is unchanged")
     saved = session.save(out)
     changed = []
@@ -183,10 +173,6 @@ def cmd_recalibrate(args, progress) -> tuple[dict, str]:
 
 def _expand_images(session, items, flag: str) -> list[str]:
     """Image ids named by paths, ids or globs over them; a name or glob that matches none is a ConfigError."""
-    from fnmatch import fnmatchcase
-
-    from core.config import check_globs
-
     entries = [e for e in session.images if e.status != "rejected"]
 
     def keys(e) -> tuple[str, ...]:
@@ -205,7 +191,7 @@ def _expand_images(session, items, flag: str) -> list[str]:
 
 
 def _differs(a, b) -> bool:
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 -- numpy is kept off the --help path (tests/test_strict_inputs.py)
 
     if a is None or b is None:
         return a is not b
@@ -213,27 +199,10 @@ def _differs(a, b) -> bool:
 
 
 def _config_b(session, args):
-    from dataclasses import replace
-
-    from core.config import QuantSpec
-    from core.errors import ConfigError
-
+    """B: the session's config A with the --b-* flags applied; ConfigError when nothing differs."""
     a = session.config
-    cfg = a
-    if args.b_activation:
-        cfg = replace(cfg, activation=QuantSpec(dtype=args.b_activation, scheme=a.activation.scheme))
-    if args.b_weight:
-        cfg = replace(cfg, weight=QuantSpec(dtype=args.b_weight, scheme=a.weight.scheme, per_channel=a.weight.per_channel))
-    if args.b_observer:
-        cfg = replace(cfg, observer=args.b_observer)
-    if args.b_override:
-        overrides: dict[str, Any] = dict(cfg.overrides)
-        for item in args.b_override:
-            glob, sep, value = item.partition("=")
-            if not sep or not glob.strip() or not value.strip():
-                raise ConfigError(f"--b-override {item!r}: write GLOB=DTYPE, e.g. encoder.layers.*=int16 or pooler=float")
-            overrides[glob.strip()] = value.strip()
-        cfg = replace(cfg, overrides=overrides)
+    overrides = {**a.overrides, **parse_override_lines(args.b_override, "--b-override")} if args.b_override else None
+    cfg = build_config(a, activation=args.b_activation, weight=args.b_weight, observer=args.b_observer, overrides=overrides)
     if cfg == a:
         raise ConfigError("config B equals the session's config A: give --b-activation, --b-weight, --b-observer or --b-override")
     return cfg
@@ -241,15 +210,15 @@ def _config_b(session, args):
 
 def cmd_ab(args, progress) -> tuple[dict, str]:
     """Calibrate B on A's calibration images, compare both per module, write the winners."""
-    from core.analysis.abtest import ABComparison
+    from core.analysis.abtest import ABComparison  # noqa: PLC0415 -- loads torch (seconds); --help stays fast
 
     t0 = time.perf_counter()
     for flag, path in (("--tico-yaml", args.tico_yaml), ("--one-json", args.one_json)):
         if path:
-            check_output(path, flag)
-    session = _load(args.session, args.device)
+            common.check_output(path, flag)
+    session = common.load_session(args.session, args.device)
     config_b = _config_b(session, args)
-    names = module_names(session)
+    names = common.module_names(session)
     config_b.check_globs(names, "--b-override")
     if args.one_json:
         _check_one_expressible(session.config, config_b, names)
@@ -258,7 +227,7 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
     if args.images:
         probe = session.probe_images(args.images)
         if not probe.accepted:
-            raise _no_images_error(probe.rejected)
+            raise common.no_images_error(probe.rejected)
         images, rejected = [e.path for e in probe.accepted], probe.rejected
     ab = ABComparison(session, config_b)
     ab.calibrate_b(progress=progress)
@@ -268,17 +237,13 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
     written = {}
     overrides = result.winning_overrides(args.margin)
     if args.tico_yaml:
-        from core.export.config_export import write_tico_ptq_yaml
-
-        path = write_tico_ptq_yaml(ensure_parent(args.tico_yaml), overrides, base=result.config_a, modules=result.module_names)
+        path = write_tico_ptq_yaml(common.ensure_parent(args.tico_yaml), overrides, base=result.config_a, modules=result.module_names)
         written["tico_yaml"] = str(path)
     if args.one_json:
-        from core.export.config_export import write_one_quant_config
-
         name_map = _circle_name_map(session, result.module_names, progress) if args.one_names == "circle" else None
         written["one_json"] = str(
             write_one_quant_config(
-                ensure_parent(args.one_json), overrides, name_map, base=result.config_a, modules=result.module_names
+                common.ensure_parent(args.one_json), overrides, name_map, base=result.config_a, modules=result.module_names
             )
         )
     doc = {
@@ -288,7 +253,7 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
         "written": written,
         "seconds": time.perf_counter() - t0,
     }
-    lines = [_rejected_text(rejected), *ab.summary_lines(args.margin)]
+    lines = [common.rejected_text(rejected), *ab.summary_lines(args.margin)]
     lines += [f"wrote {v}" for v in written.values()]
     ab.release()
     return doc, "\n".join(filter(None, lines))
@@ -296,9 +261,6 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
 
 def _check_one_expressible(config_a, config_b, names: list[str]) -> None:
     """Refuse --one-json before calibrating when A or B holds what ONE cannot say (float layers, int8)."""
-    from core.errors import ConfigError
-    from core.export.config_export import to_one_quant_config
-
     # Placeholder tensor names: only dtypes are in question here, not the Circle names.
     name_map = {n: [n or "root"] for n in names}
     for label, cfg in (("config A", config_a), ("config B", config_b)):
@@ -311,10 +273,7 @@ def _check_one_expressible(config_a, config_b, names: list[str]) -> None:
 
 
 def _circle_name_map(session, modules, progress) -> dict[str, list[str]]:
-    import tempfile
-
-    from core.export.config_export import one_name_map
-
+    """Module -> Circle tensor names, from an export of the session to a temporary file."""
     with tempfile.TemporaryDirectory(prefix="ptq-names-") as tmp:
         res = session.export(Path(tmp) / "names.circle", progress=progress)
         progress.close()
