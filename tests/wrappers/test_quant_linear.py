@@ -11,10 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from core.ptq import prepare
-from core.quant.mode import Mode
-from core.wrappers.layers import QuantLinear
 from wrapper_support import (
     assert_on_grid,
     assert_within,
@@ -25,6 +21,10 @@ from wrapper_support import (
     tiny_vision_model,
     weight_error,
 )
+
+from core.ptq import prepare
+from core.quant.mode import Mode
+from core.wrappers.layers import QuantLinear
 
 
 @pytest.fixture

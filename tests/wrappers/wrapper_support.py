@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.data.images import ImagePreprocessor, SUPPORTED_SOFT_TOKENS
+from core.data.images import SUPPORTED_SOFT_TOKENS, ImagePreprocessor
 from core.export.verdict import FLOAT32_UNIT_ROUNDOFF, NoiseFloor, Verdict, gemm_rounding_error, judge, rounding_noise
 from core.models import build_seeded_model, tiny_config
 from core.quant.observers import Observer
@@ -89,6 +89,16 @@ def calls_of(module: nn.Module) -> Iterator[list[Call]]:
     handle = module.register_forward_hook(hook, with_kwargs=True)
     try:
         yield calls
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def fed_with(module: nn.Module, args: tuple[Any, ...]) -> Iterator[None]:
+    """Replace the positional inputs of every call of `module` by `args` (to rerun one call in another mode)."""
+    handle = module.register_forward_pre_hook(lambda _module, _args: args)
+    try:
+        yield
     finally:
         handle.remove()
 
@@ -198,20 +208,36 @@ def assert_within(actual: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, 
 
 
 # --------------------------------------------------------------------------- provenance
-def assert_min_max_provenance(obs: Observer, per_image: Mapping[str, torch.Tensor]) -> None:
-    """A min-max observer's range is the extremes of every image's tensor, set by the image that held them.
+@torch.no_grad()
+def calibrate_per_image(qmodel: QuantVisionModel, batches: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[torch.Tensor]]]:
+    """Calibrate on `batches` (one image each) and return what each observer saw: name -> image id -> tensors."""
+    qmodel.enable_calibration()
+    per_image: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(dict)
+    for batch in batches:
+        (image_id,) = batch["image_ids"]
+        with fq_tensors(qmodel) as seen:
+            qmodel(**batch)
+        for name, pairs in seen.items():
+            per_image[name][image_id] = [x for x, _ in pairs]
+    return per_image
 
-    Comparisons are strict, so on a tie the earliest image keeps the extreme (`per_image` in run order).
+
+def assert_min_max_provenance(obs: Observer, per_image: Mapping[str, Sequence[torch.Tensor]]) -> None:
+    """A min-max observer's range is the extremes of every image's tensors, set by the image that held them.
+
+    Comparisons are strict, so on a tie the earliest image keeps the extreme (`per_image` in run order)
+    and the tie is noted.
     """
-    mins = {k: float(t.min()) for k, t in per_image.items()}
-    maxs = {k: float(t.max()) for k, t in per_image.items()}
+    mins = {k: min(float(t.min()) for t in ts) for k, ts in per_image.items()}
+    maxs = {k: max(float(t.max()) for t in ts) for k, ts in per_image.items()}
     lo, hi = min(mins.values()), max(maxs.values())
     assert float(obs.min_val) == lo and float(obs.max_val) == hi, obs.name
     assert obs.min_source == next(k for k, v in mins.items() if v == lo), obs.name
     assert obs.max_source == next(k for k, v in maxs.items() if v == hi), obs.name
+    assert obs.max_tied == (sum(v == hi for v in maxs.values()) > 1), obs.name
+    holder = next(t for t in per_image[obs.max_source] if float(t.max()) == hi)
     index, shape = obs.location("max")
-    assert shape == tuple(per_image[obs.max_source].shape)
-    assert float(per_image[obs.max_source].reshape(-1)[index]) == hi
+    assert shape == tuple(holder.shape) and float(holder.reshape(-1)[index]) == hi, obs.name
 
 
 # --------------------------------------------------------------------------- float noise floor
