@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import wrapper_support
 from wrapper_support import (
     U,
     assert_min_max_provenance,
