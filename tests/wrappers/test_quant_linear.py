@@ -6,40 +6,25 @@ b' = b - W.1, see QuantPatchEmbedder), so that nn.Linear is the module it must m
 the model's: it moves only through QuantVisionModel's transitions.
 """
 
-from __future__ import annotations
-
 import pytest
 import torch
 import torch.nn.functional as F
-from wrapper_support import (
-    assert_on_grid,
-    assert_within,
-    calibrate,
-    fq_bound,
-    image_batches,
-    linear_bound,
-    tiny_vision_model,
-    weight_error,
-)
+import wrapper_support as ws
 
-from core.ptq import prepare
 from core.quant.mode import Mode
 from core.wrappers.layers import QuantLinear
 
 
 @pytest.fixture
 def setup(sample_images):
-    torch.manual_seed(0)
-    qmodel = prepare(tiny_vision_model())
-    linear = qmodel.patch_embedder.input_proj
-    assert type(linear) is QuantLinear
+    qmodel, linear, _, batches = ws.prepared(sample_images, "patch_embedder.input_proj", QuantLinear, images=2)
     x = torch.rand(1, 40, linear.linear.in_features)  # pixels live in [0, 1]
-    return qmodel, linear, x, image_batches(qmodel.config, sample_images[:2])
+    return qmodel, linear, x, batches
 
 
 @torch.no_grad()
 def test_no_quant_is_bit_exact_with_the_linear_it_wraps(setup):
-    qmodel, linear, x, _ = setup
+    _, linear, x, _ = setup
     assert torch.equal(linear(x), linear.linear(x))
     assert torch.equal(linear(x[0]), linear.linear(x[0]))  # 2-D rows as well
 
@@ -47,26 +32,16 @@ def test_no_quant_is_bit_exact_with_the_linear_it_wraps(setup):
 @torch.no_grad()
 def test_mode_follows_the_model_through_every_transition(setup):
     qmodel, linear, x, batches = setup
-    assert linear.mode is Mode.NO_QUANT
-    expected = linear.linear(x)
-    calibrate(qmodel, batches)
-    assert linear.mode is Mode.CALIB
-    qmodel.freeze()
-    assert linear.mode is Mode.QUANT
-    assert not torch.equal(linear(x), expected)
-    qmodel.set_mode(Mode.NO_QUANT)
-    assert linear.mode is Mode.NO_QUANT
-    assert torch.equal(linear(x), linear.linear(x))
+    ws.assert_mode_cycle(qmodel, linear, batches, lambda: linear(x), lambda: linear.linear(x))
     qmodel.set_mode(Mode.QUANT)  # back to QUANT refreezes the same statistics
     assert linear.mode is Mode.QUANT
     qmodel.set_mode(Mode.CALIB)  # and on to more calibration
-    assert linear.mode is Mode.CALIB
-    assert torch.equal(linear(x), linear.linear(x))
+    assert linear.mode is Mode.CALIB and torch.equal(linear(x), linear.linear(x))
 
 
 @torch.no_grad()
 def test_calib_records_weight_and_output_ranges_without_changing_the_output(setup):
-    qmodel, linear, x, batches = setup
+    qmodel, linear, x, _ = setup
     qmodel.enable_calibration()
     out = linear(x)
     assert torch.equal(out, linear.linear(x))
@@ -85,23 +60,23 @@ def test_calib_records_weight_and_output_ranges_without_changing_the_output(setu
 @torch.no_grad()
 def test_quant_output_is_on_the_grid_and_within_half_steps(setup):
     qmodel, linear, x, batches = setup
-    calibrate(qmodel, batches)
+    ws.calibrate(qmodel, batches)
     linear(x)  # x's own output range is part of what the observer saw
     qmodel.freeze()
     y_q = linear(x)
-    assert_on_grid(y_q, linear.obs_output)
+    ws.assert_on_grid(y_q, linear.obs_output)
     weight, bias = linear.linear.weight, linear.linear.bias
-    assert_on_grid(linear.weight_fq, linear.obs_weight)
+    ws.assert_on_grid(linear.weight_fq, linear.obs_weight)
     y = F.linear(x, weight, bias)
     # The weight's rounding reaches the output through |x|; the output rounds once more.
-    upstream = linear_bound(x, 0.0, weight, weight_error(weight, linear.obs_weight))
-    assert_within(y_q, y, fq_bound(linear.obs_output, y, upstream), "QuantLinear output")
+    upstream = ws.linear_bound(x, 0.0, weight, ws.weight_error(weight, linear.obs_weight))
+    ws.assert_within(y_q, y, ws.fq_bound(linear.obs_output, y, upstream), "QuantLinear output")
 
 
 @torch.no_grad()
 def test_export_path_is_the_same_arithmetic_as_the_runtime_one(setup):
     qmodel, linear, x, batches = setup
-    calibrate(qmodel, batches)
+    ws.calibrate(qmodel, batches)
     qmodel.freeze()
     runtime = linear(x)
     with qmodel.exporting():

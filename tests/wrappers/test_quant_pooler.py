@@ -5,47 +5,30 @@ path (``forward_static``, called directly) is one constant matmul over the valid
 valid rows (the profile's pooling matrix), then the sqrt(hidden) scale as a quantized constant.
 """
 
-from __future__ import annotations
-
 import pytest
 import torch
-from wrapper_support import (
-    U,
-    assert_min_max_provenance,
-    assert_on_grid,
-    assert_within,
-    calibrate,
-    calibrate_per_image,
-    calls_of,
-    fq_bound,
-    fq_tensors,
-    image_batches,
-    judged_against_noise,
-    matmul_noise,
-    tiny_vision_model,
-)
+import wrapper_support as ws
 
-from core.ptq import prepare
-from core.quant.mode import Mode
 from core.wrappers.vision import QuantPooler
 
 
 @pytest.fixture
 def setup(sample_images):
-    torch.manual_seed(0)
-    qmodel = prepare(tiny_vision_model())
-    batches = image_batches(qmodel.config, sample_images[:3])
-    pooler = qmodel.pooler
-    assert type(pooler) is QuantPooler
-    return qmodel, pooler, qmodel.source.pooler, batches
+    return ws.prepared(sample_images, "pooler", QuantPooler)
 
 
 @torch.no_grad()
 def _padded_call(qmodel, pooler, batch):
     """The pooler's inputs and output in the model's NO_QUANT padded run."""
-    with calls_of(pooler) as calls:
+    with ws.calls_of(pooler) as calls:
         qmodel(**batch)
     return calls[0]
+
+
+def _static_inputs(qmodel, pooler, batch):
+    """(valid rows of the encoder output, the profile's pooling matrix) for forward_static."""
+    profile = qmodel.build_profile(batch["pixel_position_ids"])
+    return _padded_call(qmodel, pooler, batch).args[0][:, : profile.num_patches], profile.pool
 
 
 @torch.no_grad()
@@ -66,71 +49,53 @@ def test_no_quant_static_matmul_matches_hf_pooling_within_float_noise(setup):
     pooled, keep = call.output
     reference = pooled[keep][None]
     assert profile.pool.shape == (1, reference.shape[1], n)
-    verdict = judged_against_noise(qmodel, lambda: pooler.forward_static(hidden, profile.pool), reference, n)
+    verdict = ws.judged_against_noise(qmodel, lambda: pooler.forward_static(hidden, profile.pool), reference, n)
     assert verdict.ok, verdict.summary
 
 
 @torch.no_grad()
 def test_mode_transitions_through_the_model(setup):
     qmodel, pooler, hf, batches = setup
-    call = _padded_call(qmodel, pooler, batches[0])
-    profile = qmodel.build_profile(batches[0]["pixel_position_ids"])
-    hidden = call.args[0][:, : profile.num_patches]
-    expected = pooler.forward_static(hidden, profile.pool)
-    calibrate(qmodel, batches)
-    assert pooler.mode is Mode.CALIB and torch.equal(pooler.forward_static(hidden, profile.pool), expected)
-    qmodel.freeze()
-    assert pooler.mode is Mode.QUANT and not torch.equal(pooler.forward_static(hidden, profile.pool), expected)
-    qmodel.set_mode(Mode.NO_QUANT)
-    assert pooler.mode is Mode.NO_QUANT and torch.equal(pooler.forward_static(hidden, profile.pool), expected)
+    hidden, pool = _static_inputs(qmodel, pooler, batches[0])
+    expected = pooler.forward_static(hidden, pool)
+    ws.assert_mode_cycle(qmodel, pooler, batches, lambda: pooler.forward_static(hidden, pool), lambda: expected)
 
 
 @torch.no_grad()
 def test_calib_records_matrix_pooled_scale_and_output(setup):
     qmodel, pooler, _, batches = setup
-    per_image = calibrate_per_image(qmodel, batches)
-    roles = ["matrix", "pooled", "root_scale", "output"]
-    assert [n for n, _ in pooler.named_children() if n.startswith("obs_")] == [f"obs_{r}" for r in roles]
+    per_image = ws.calibrate_per_image(qmodel, batches)
+    ws.assert_observers_recorded(pooler, ["matrix", "pooled", "root_scale", "output"], per_image)
     k = qmodel.config.pooling_kernel_size
     # The averaging matrix holds 0 and 1/k^2 only; every image's matrix reaches both, so later images tie.
     assert float(pooler.obs_matrix.min_val) == 0.0 and float(pooler.obs_matrix.max_val) == float(torch.tensor(1.0 / (k * k)))
     assert pooler.obs_matrix.max_tied
     root = pooler.obs_root_scale
     assert float(root.min_val) == float(root.max_val) == qmodel.config.hidden_size**0.5 and root.min_source == "weights"
-    for obs in (pooler.obs_matrix, pooler.obs_pooled, pooler.obs_output):
-        assert obs.name == f"pooler.{obs.role}" and obs.min_val.shape == ()
-        assert_min_max_provenance(obs, per_image[obs.name])
 
 
 @torch.no_grad()
 def test_quant_is_on_the_grids_and_within_half_steps(setup):
     qmodel, pooler, _, batches = setup
-    call = _padded_call(qmodel, pooler, batches[1])
-    profile = qmodel.build_profile(batches[1]["pixel_position_ids"])
-    hidden = call.args[0][:, : profile.num_patches]
-    calibrate(qmodel, batches)
-    pooler.forward_static(hidden, profile.pool)  # its own input's range, so nothing saturates by choice of input
+    hidden, pool = _static_inputs(qmodel, pooler, batches[1])
+    ws.calibrate(qmodel, batches)
+    pooler.forward_static(hidden, pool)  # its own input's range, so nothing saturates by choice of input
     qmodel.freeze()
-    with fq_tensors(qmodel) as seen:
-        y_q = pooler.forward_static(hidden, profile.pool)
-
-    def tensor(role):
-        (_, out), = seen[f"pooler.{role}"]
-        return out
-
+    with ws.fq_tensors(qmodel) as seen:
+        y_q = pooler.forward_static(hidden, pool)
     for role in ("matrix", "pooled", "output"):
-        assert_on_grid(tensor(role), getattr(pooler, f"obs_{role}"))
+        ws.assert_on_grid(ws.fq_output(seen, f"pooler.{role}"), getattr(pooler, f"obs_{role}"))
     root_q = pooler.fq_weight(pooler.root_scale, pooler.obs_root_scale, None)
-    assert_on_grid(root_q, pooler.obs_root_scale)
+    ws.assert_on_grid(root_q, pooler.obs_root_scale)
     # Carried from the float pooling: matrix rounding through |hidden|, the pooled sum's own rounding,
     # the scale's rounding through |pooled|, and the output's.
-    pool, root = profile.pool.double(), pooler.root_scale.double()
-    matrix_err = fq_bound(pooler.obs_matrix, pool)
+    pool, root = pool.double(), pooler.root_scale.double()
+    matrix_err = ws.fq_bound(pooler.obs_matrix, pool)
     pooled = pool @ hidden.double()
-    pooled_err = fq_bound(pooler.obs_pooled, pooled, matrix_err @ hidden.double().abs() + matmul_noise(pool + matrix_err, hidden))
-    root_err = fq_bound(pooler.obs_root_scale, root)
+    pooled_err = ws.fq_bound(pooler.obs_pooled, pooled, matrix_err @ hidden.double().abs() + ws.matmul_noise(pool + matrix_err, hidden))
+    root_err = ws.fq_bound(pooler.obs_root_scale, root)
     y = pooled * root
-    y_err = fq_bound(
-        pooler.obs_output, y, pooled_err * (root + root_err) + pooled.abs() * root_err + U * (y.abs() + pooled_err * root)
+    y_err = ws.fq_bound(
+        pooler.obs_output, y, pooled_err * (root + root_err) + pooled.abs() * root_err + ws.U * (y.abs() + pooled_err * root)
     )
-    assert_within(y_q, y, y_err, "QuantPooler output")
+    ws.assert_within(y_q, y, y_err, "QuantPooler output")

@@ -5,29 +5,11 @@ adds the observers of the activation and of the gated product, and the QUANT bou
 every quantizer's half step through the MLP's own arithmetic.
 """
 
-from __future__ import annotations
-
 import pytest
 import torch
 import torch.nn.functional as F
-from wrapper_support import (
-    U,
-    assert_min_max_provenance,
-    assert_on_grid,
-    assert_within,
-    calibrate,
-    calibrate_per_image,
-    calls_of,
-    fq_bound,
-    fq_tensors,
-    image_batches,
-    linear_bound,
-    tiny_vision_model,
-    weight_error,
-)
+import wrapper_support as ws
 
-from core.ptq import prepare
-from core.quant.mode import Mode
 from core.wrappers.layers import QuantVisionMLP
 
 PREFIX = "encoder.layers.0.mlp."
@@ -35,14 +17,10 @@ PREFIX = "encoder.layers.0.mlp."
 
 @pytest.fixture
 def setup(sample_images):
-    torch.manual_seed(0)
-    qmodel = prepare(tiny_vision_model())
-    batches = image_batches(qmodel.config, sample_images[:3])
-    mlp = qmodel.encoder.layers[0].mlp
-    assert type(mlp) is QuantVisionMLP
-    with torch.no_grad(), calls_of(mlp) as calls:
+    qmodel, mlp, hf, batches = ws.prepared(sample_images, PREFIX[:-1], QuantVisionMLP)
+    with torch.no_grad(), ws.calls_of(mlp) as calls:
         qmodel(**batches[0])
-    return qmodel, mlp, qmodel.source.encoder.layers[0].mlp, calls[0].args[0], batches
+    return qmodel, mlp, hf, calls[0].args[0], batches
 
 
 def lipschitz(fn, lo: float, hi: float, points: int = 200_001) -> float:
@@ -60,31 +38,16 @@ def lipschitz(fn, lo: float, hi: float, points: int = 200_001) -> float:
 
 
 @torch.no_grad()
-def test_no_quant_is_bit_exact_with_the_hf_mlp(setup):
-    _, mlp, hf, x, _ = setup
-    assert torch.equal(mlp(x), hf(x))
-
-
-@torch.no_grad()
-def test_mode_transitions_through_the_model(setup):
+def test_bit_exact_with_the_hf_mlp_in_every_mode_but_quant(setup):
     qmodel, mlp, hf, x, batches = setup
-    calibrate(qmodel, batches)
-    assert mlp.mode is Mode.CALIB and torch.equal(mlp(x), hf(x))
-    qmodel.freeze()
-    assert mlp.mode is Mode.QUANT and not torch.equal(mlp(x), hf(x))
-    qmodel.set_mode(Mode.NO_QUANT)
-    assert mlp.mode is Mode.NO_QUANT and torch.equal(mlp(x), hf(x))
+    ws.assert_mode_cycle(qmodel, mlp, batches, lambda: mlp(x), lambda: hf(x))
 
 
 @torch.no_grad()
 def test_calib_records_activation_and_product_with_their_images(setup):
     qmodel, mlp, _, _, batches = setup
-    per_image = calibrate_per_image(qmodel, batches)
-    assert [n for n, _ in mlp.named_children() if n.startswith("obs_")] == ["obs_act", "obs_product"]
-    for obs in (mlp.obs_act, mlp.obs_product):
-        assert obs.name == PREFIX + obs.role and obs.min_val.shape == ()
-        assert float(obs.min_val) <= float(obs.max_val)
-        assert_min_max_provenance(obs, per_image[obs.name])
+    per_image = ws.calibrate_per_image(qmodel, batches)
+    ws.assert_observers_recorded(mlp, ["act", "product"], per_image)
     # GELU is bounded below by its minimum, about -0.17.
     assert float(mlp.obs_act.min_val) > -0.18
 
@@ -92,45 +55,39 @@ def test_calib_records_activation_and_product_with_their_images(setup):
 @torch.no_grad()
 def test_quant_is_on_the_grid_and_within_the_half_steps_it_carries(setup):
     qmodel, mlp, hf, _, batches = setup
-    calibrate(qmodel, batches)
-    qmodel.freeze()
-    with calls_of(mlp) as calls, fq_tensors(qmodel) as seen:
-        qmodel(**batches[1])
+    seen, (calls,) = ws.quant_run(qmodel, batches, mlp)
     x, y_q = calls[0].args[0], calls[0].output
     for obs in (mlp.obs_act, mlp.obs_product, mlp.gate_proj.obs_output, mlp.up_proj.obs_output, mlp.down_proj.obs_output):
-        (_, tensor), = seen[obs.name]
-        assert_on_grid(tensor, obs)
+        ws.assert_on_grid(ws.fq_output(seen, obs.name), obs)
 
     def projection(wrapper, inp, inp_err):
         weight = wrapper.linear.weight
         ref = F.linear(inp.double(), weight.double())
-        return ref, fq_bound(wrapper.obs_output, ref, linear_bound(inp, inp_err, weight, weight_error(weight, wrapper.obs_weight)))
+        return ref, ws.fq_bound(wrapper.obs_output, ref, ws.linear_bound(inp, inp_err, weight, ws.weight_error(weight, wrapper.obs_weight)))
 
     gate, gate_err = projection(mlp.gate_proj, x, 0.0)
     up, up_err = projection(mlp.up_proj, x, 0.0)
-    (_, gate_q), = seen[mlp.gate_proj.obs_output.name]
+    gate_q = ws.fq_output(seen, mlp.gate_proj.obs_output.name)
     act_fn = hf.act_fn
     # The activation moves by at most its steepest slope times the gate's error, and float32's own
     # evaluation of it on the quantized gate is measured element by element.
     slope = lipschitz(act_fn, float((gate - gate_err).min()), float((gate + gate_err).max()))
     act = act_fn(gate)
     act_float32 = (act_fn(gate_q).double() - act_fn(gate_q.double())).abs()
-    act_err = fq_bound(mlp.obs_act, act, slope * gate_err + act_float32)
+    act_err = ws.fq_bound(mlp.obs_act, act, slope * gate_err + act_float32)
     product = act * up
-    product_err = fq_bound(
-        mlp.obs_product, product, act.abs() * up_err + up.abs() * act_err + act_err * up_err + U * product.abs()
+    product_err = ws.fq_bound(
+        mlp.obs_product, product, act.abs() * up_err + up.abs() * act_err + act_err * up_err + ws.U * product.abs()
     )
     y, y_err = projection(mlp.down_proj, product, product_err)
-    assert_within(y_q, y, y_err, "QuantVisionMLP output")
+    ws.assert_within(y_q, y, y_err, "QuantVisionMLP output")
 
     # Step by step, each quantized tensor is within its own half step of the float op on the
     # quantized tensors before it (a far tighter check than the carried bound above).
-    (_, act_q), = seen[mlp.obs_act.name]
-    (_, up_q), = seen[mlp.up_proj.obs_output.name]
-    (_, product_q), = seen[mlp.obs_product.name]
+    act_q, up_q, product_q = (ws.fq_output(seen, o.name) for o in (mlp.obs_act, mlp.up_proj.obs_output, mlp.obs_product))
     act_exact = act_fn(gate_q.double())
-    assert_within(act_q, act_exact, fq_bound(mlp.obs_act, act_exact, act_float32), "activation step")
+    ws.assert_within(act_q, act_exact, ws.fq_bound(mlp.obs_act, act_exact, act_float32), "activation step")
     product_exact = act_q.double() * up_q.double()
-    assert_within(product_q, product_exact, fq_bound(mlp.obs_product, product_exact, U * product_exact.abs()), "product step")
+    ws.assert_within(product_q, product_exact, ws.fq_bound(mlp.obs_product, product_exact, ws.U * product_exact.abs()), "product step")
     y_step, y_step_err = projection(mlp.down_proj, product_q, 0.0)
-    assert_within(y_q, y_step, y_step_err, "down projection step")
+    ws.assert_within(y_q, y_step, y_step_err, "down projection step")

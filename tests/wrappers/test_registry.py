@@ -1,12 +1,10 @@
 """The wrapper registry: every Hugging Face submodule of Gemma4VisionModel gets its wrapper, by exact class."""
 
-from __future__ import annotations
-
 import pytest
 import torch
+import wrapper_support as ws
 from torch import nn
 from transformers.models.gemma4 import modeling_gemma4 as hf
-from wrapper_support import tiny_vision_model
 
 from core.config import PTQConfig
 from core.ptq import prepare
@@ -31,7 +29,7 @@ def wrapped_hf_modules(model: nn.Module) -> dict[str, nn.Module]:
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    model = tiny_vision_model(use_clipped_linears=True)
+    model = ws.tiny_vision_model(use_clipped_linears=True)
     return model, prepare(model)
 
 

@@ -4,31 +4,19 @@ It wraps a QuantVisionModel (every child wrapped) and holds one profile's positi
 buffers; ``forward`` is ``forward_export``, the graph torch.export traces.
 """
 
-from __future__ import annotations
-
 import pytest
 import torch
-from wrapper_support import (
-    assert_on_grid,
-    calibrate,
-    fq_tensors,
-    image_batches,
-    judged_against_noise,
-    tiny_vision_model,
-)
+import wrapper_support as ws
 
 from core.errors import ExportError
-from core.ptq import prepare
 from core.quant.mode import Mode
-from core.wrappers import VisionExportModule
+from core.wrappers import QuantVisionModel, VisionExportModule
 
 
 @pytest.fixture
 def setup(sample_images):
-    torch.manual_seed(0)
-    model = tiny_vision_model()
-    qmodel = prepare(model)
-    return qmodel, model, image_batches(model.config, sample_images[:3])
+    qmodel, _, model, batches = ws.prepared(sample_images, "", QuantVisionModel)
+    return qmodel, model, batches
 
 
 def test_positions_are_required_and_calibration_must_be_finished(setup):
@@ -62,7 +50,7 @@ def test_no_quant_export_matches_hf_within_float_noise(setup):
     batch = batches[0]
     module = qmodel.as_export_module(batch["pixel_position_ids"])
     reference = model(pixel_values=batch["pixel_values"], pixel_position_ids=batch["pixel_position_ids"]).last_hidden_state
-    verdict = judged_against_noise(qmodel, lambda: module(batch["pixel_values"]), reference, module.num_patches)
+    verdict = ws.judged_against_noise(qmodel, lambda: module(batch["pixel_values"]), reference, module.num_patches)
     assert verdict.ok, verdict.summary
     # forward_export is the static path itself: bit-exact with it.
     assert torch.equal(module(batch["pixel_values"]), qmodel(**batch, static=True).last_hidden_state)
@@ -71,15 +59,15 @@ def test_no_quant_export_matches_hf_within_float_noise(setup):
 @torch.no_grad()
 def test_quant_export_is_bit_exact_with_the_runtime_static_path(setup):
     qmodel, _, batches = setup
-    calibrate(qmodel, batches)
+    ws.calibrate(qmodel, batches)
     qmodel.freeze()
     batch = batches[1]
     module = qmodel.as_export_module(batch["pixel_position_ids"])
     # Explicit weight fake-quant ops and 2-D projections instead of cached weights: the same arithmetic.
-    with fq_tensors(qmodel) as seen:
+    with ws.fq_tensors(qmodel) as seen:
         exported = module(batch["pixel_values"])
     assert torch.equal(exported, qmodel(**batch).last_hidden_state)
-    assert_on_grid(exported, qmodel.obs_output)
+    ws.assert_on_grid(exported, qmodel.obs_output)
     # The graph input is quantized before the slice (an integer graph input), and only once more after.
     first_pixels, _ = seen["patch_embedder.pixels"][0]
     assert first_pixels.shape == batch["pixel_values"].shape

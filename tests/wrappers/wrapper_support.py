@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,10 @@ from torch import nn
 from core.data.images import SUPPORTED_SOFT_TOKENS, ImagePreprocessor
 from core.export.verdict import FLOAT32_UNIT_ROUNDOFF, NoiseFloor, Verdict, gemm_rounding_error, judge, rounding_noise
 from core.models import build_seeded_model, tiny_config
+from core.ptq import prepare
+from core.quant.mode import Mode
 from core.quant.observers import Observer
-from core.wrappers import QuantVisionModel
+from core.wrappers import QuantModule, QuantVisionModel
 
 U = FLOAT32_UNIT_ROUNDOFF
 # The smallest soft-token budget the preprocessor supports: 630 patches per image, a 0.1 s forward.
@@ -38,6 +40,23 @@ def tiny_vision_model(**overrides: Any) -> nn.Module:
     values: dict[str, Any] = {"num_hidden_layers": 1}
     values.update(overrides)
     return build_seeded_model(tiny_config(**values))
+
+
+def prepared(
+    sample_images: Sequence[Path], name: str, cls: type[QuantModule], images: int = 3, **overrides: Any
+) -> tuple[QuantVisionModel, Any, nn.Module, list[dict[str, Any]]]:
+    """(wrapped tiny model, its wrapper `name` checked to be a `cls`, the HF module there, one batch per image)."""
+    torch.manual_seed(0)
+    qmodel = prepare(tiny_vision_model(**overrides))
+    wrapper = qmodel.get_submodule(name) if name else qmodel
+    assert type(wrapper) is cls, f"{name} is a {type(wrapper).__name__}"
+    hf = qmodel.source.get_submodule(name) if name else qmodel.source
+    return qmodel, wrapper, hf, image_batches(qmodel.config, sample_images[:images])
+
+
+def pixels(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The inputs Gemma4VisionModel itself takes (no image ids)."""
+    return {k: batch[k] for k in ("pixel_values", "pixel_position_ids")}
 
 
 def image_batches(config: Any, paths: Sequence[Path]) -> list[dict[str, Any]]:
@@ -58,6 +77,55 @@ def calibrate(qmodel: QuantVisionModel, batches: Sequence[Mapping[str, Any]]) ->
     qmodel.enable_calibration()
     for batch in batches:
         qmodel(**batch)
+
+
+def assert_mode_cycle(
+    qmodel: QuantVisionModel, wrapper: QuantModule, batches: Sequence[Mapping[str, Any]],
+    run: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor],
+) -> None:
+    """NO_QUANT -> CALIB -> QUANT -> NO_QUANT through the model's API; `run()` equals `reference()` in all but QUANT."""
+    assert wrapper.mode is Mode.NO_QUANT and torch.equal(run(), reference())
+    calibrate(qmodel, batches)
+    assert wrapper.mode is Mode.CALIB and torch.equal(run(), reference())
+    qmodel.freeze()
+    assert wrapper.mode is Mode.QUANT and not torch.equal(run(), reference())
+    qmodel.set_mode(Mode.NO_QUANT)
+    assert wrapper.mode is Mode.NO_QUANT and torch.equal(run(), reference())
+
+
+def assert_mode_cycle_on_model_input(
+    qmodel: QuantVisionModel, wrapper: QuantModule, batches: Sequence[Mapping[str, Any]],
+    pick: Callable[[Any], torch.Tensor] = lambda output: output,
+) -> None:
+    """assert_mode_cycle with the inputs the model's padded NO_QUANT run gives `wrapper`, against its output there."""
+    with torch.no_grad(), calls_of(wrapper) as calls:
+        qmodel(**batches[0])
+    args, expected = calls[0].args, pick(calls[0].output)
+    assert_mode_cycle(qmodel, wrapper, batches, lambda: pick(wrapper(*args)), lambda: expected)
+
+
+@torch.no_grad()
+def paired_calls(qmodel: QuantVisionModel, wrapper: QuantModule, hf: nn.Module, batch: Mapping[str, Any]) -> tuple[Call, Call]:
+    """(the wrapper's first call in the wrapped model's run on `batch`, the HF module's in the HF model's run)."""
+    with calls_of(hf) as hf_calls:
+        qmodel.source(**pixels(batch))
+    with calls_of(wrapper) as calls:
+        qmodel(**batch)
+    return calls[0], hf_calls[0]
+
+
+@torch.no_grad()
+def quant_run(
+    qmodel: QuantVisionModel, batches: Sequence[Mapping[str, Any]], *modules: nn.Module
+) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], list[list[Call]]]:
+    """Calibrate on `batches`, freeze, run the second batch in QUANT: (fq tensors by observer, calls of each module)."""
+    calibrate(qmodel, batches)
+    qmodel.freeze()
+    with ExitStack() as stack:
+        seen = stack.enter_context(fq_tensors(qmodel))
+        calls = [stack.enter_context(calls_of(m)) for m in modules]
+        qmodel(**batches[1])
+    return seen, calls
 
 
 # --------------------------------------------------------------------------- taps
@@ -129,6 +197,12 @@ def fq_tensors(qmodel: QuantVisionModel) -> Iterator[dict[str, list[tuple[torch.
     finally:
         for module in patched:
             module.__dict__.pop("fq", None)
+
+
+def fq_output(seen: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]], name: str) -> torch.Tensor:
+    """What the one fq call of observer `name` returned."""
+    ((_, out),) = seen[name]
+    return out
 
 
 # --------------------------------------------------------------------------- grid and bounds
@@ -222,6 +296,20 @@ def calibrate_per_image(qmodel: QuantVisionModel, batches: Sequence[Mapping[str,
     return per_image
 
 
+def assert_observers_recorded(
+    wrapper: QuantModule, roles: Sequence[str], per_image: Mapping[str, Mapping[str, Sequence[torch.Tensor]]]
+) -> None:
+    """`wrapper` owns exactly `obs_<role>` in forward order, each per-tensor, named after the wrapper, with a
+    range (min <= max) that every image's tensors set, as assert_min_max_provenance checks."""
+    assert [n for n, _ in wrapper.named_children() if n.startswith("obs_")] == [f"obs_{r}" for r in roles]
+    for role in roles:
+        obs = getattr(wrapper, f"obs_{role}")
+        assert obs.name == (f"{wrapper.module_name}.{role}" if wrapper.module_name else role)
+        assert obs.min_val.shape == () and float(obs.min_val) <= float(obs.max_val), obs.name
+        if obs.kind == "activation":
+            assert_min_max_provenance(obs, per_image[obs.name])
+
+
 def assert_min_max_provenance(obs: Observer, per_image: Mapping[str, Sequence[torch.Tensor]]) -> None:
     """A min-max observer's range is the extremes of every image's tensors, set by the image that held them.
 
@@ -259,3 +347,24 @@ def judged_against_noise(
     floor = NoiseFloor(rel, None, None, worst, NOISE_DRAWS, int(clean.numel()))
     max_abs = float((clean - reference).abs().max())
     return judge(mode="no_quant", within=None, max_steps=None, max_abs=max_abs, floor=floor)
+
+
+def judge_static_against_padded(
+    qmodel: QuantVisionModel,
+    batch: Mapping[str, Any],
+    static_module: nn.Module,
+    padded_module: nn.Module | None = None,
+    pick: Callable[[Any], torch.Tensor] = lambda output: output,
+) -> Verdict:
+    """NO_QUANT: `static_module`'s output on the static path against `padded_module`'s (default: the same
+    module) on HF's padded one, valid patches only, judged against float noise."""
+    n = qmodel.build_profile(batch["pixel_position_ids"]).num_patches
+
+    def static_output() -> torch.Tensor:
+        with calls_of(static_module) as calls:
+            qmodel(**batch, static=True)
+        return pick(calls[0].output)
+
+    with torch.no_grad(), calls_of(padded_module or static_module) as calls:
+        qmodel(**batch)
+    return judged_against_noise(qmodel, static_output, pick(calls[0].output)[:, :n], n)
