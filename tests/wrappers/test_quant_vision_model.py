@@ -87,9 +87,7 @@ def test_calib_records_standardization_with_its_images_and_every_observer_in_for
     assert all(o.has_stats and bool((o.min_val <= o.max_val).all()) for o in qmodel.observers())
     assert float(qmodel.obs_std_bias.min_val) == float(model.std_bias.min())
     assert float(qmodel.obs_std_scale.max_val) == float(model.std_scale.max())
-    for role in ("centered", "output"):
-        obs = getattr(qmodel, f"obs_{role}")
-        ws.assert_min_max_provenance(obs, per_image[obs.name])
+    ws.assert_observers_recorded(qmodel, STANDARDIZE, per_image)
     # Without image ids the statistics still count; the image is simply unnamed.
     qmodel.enable_calibration()
     qmodel(**ws.pixels(batches[0]))
