@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from app.main import prepare_qt_environment
+from core.config import DEFAULT_SOFT_TOKENS
 from core.data.resources import sample_images
 
 
@@ -40,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtWidgets import QApplication  # noqa: PLC0415 -- Qt loads only after prepare_qt_environment() has set its variables
 
     from app.qt_main_window import QtMainWindow  # noqa: PLC0415 -- Qt loads only after prepare_qt_environment() has set its variables
-    from core.data.images import DEFAULT_SOFT_TOKENS  # noqa: PLC0415 -- loads torch; imported after the Qt environment is prepared
 
     _qapp = QApplication.instance() or QApplication([])  # held: Qt needs it alive while windows exist
     work = Path(tempfile.mkdtemp(prefix="ptq-shots-"))

@@ -14,6 +14,10 @@ from core.quant.dtypes import get_dtype
 FLOAT = "float"  # override value that keeps a module in float
 SCHEMES = ("affine", "symmetric")
 OBSERVERS = ("minmax", "ema", "percentile")
+# The soft-token budget per image when nobody chooses one: Gemma 4's own default image size (a
+# 3x3-pooled patch grid of up to 2520 patches). Here, not in core.data.images, so that the CLI's
+# help can show it without loading torch.
+DEFAULT_SOFT_TOKENS = 280
 
 
 def closest_names(pattern: str, names: Iterable[str], n: int = 3) -> list[str]:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from core.cli.common import (
-    SOFT_TOKENS_DEFAULT_MARK,
     add_common_flags,
     check_new_session_folder,
     check_output,
@@ -27,7 +26,7 @@ from core.cli.common import (
     rejected_text,
     table,
 )
-from core.config import OBSERVERS, build_config, check_globs
+from core.config import DEFAULT_SOFT_TOKENS, OBSERVERS, build_config, check_globs
 from core.errors import CancelledError, NoImagesError
 from core.io import json_safe
 from core.quant.dtypes import DTYPES
@@ -41,8 +40,8 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
     q.add_argument("--out", required=True, metavar="SESSION", help="session folder to write")
     q.add_argument(
-        "--max-soft-tokens", type=int, default=None, metavar="N",
-        help=f"soft tokens per image (default {SOFT_TOKENS_DEFAULT_MARK})",
+        "--max-soft-tokens", type=int, default=DEFAULT_SOFT_TOKENS, metavar="N",
+        help=f"soft tokens per image (default {DEFAULT_SOFT_TOKENS})",
     )
     q.add_argument("--activation", default="uint8", choices=dtypes, help="activation dtype (default uint8)")
     q.add_argument("--weight", default="uint8", choices=dtypes, help="weight dtype (default uint8)")
@@ -88,16 +87,14 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_quantize(args, progress) -> tuple[dict, str]:
     """Load, add images, calibrate, save."""
-    from core.data.images import DEFAULT_SOFT_TOKENS  # noqa: PLC0415 -- loads torch and transformers (seconds); --help stays fast
     from core.session import Session  # noqa: PLC0415 -- loads torch (seconds); --help stays fast
 
     out = check_output(args.out, "--out", kind="session")
     check_new_session_folder(out)
     check_soft_tokens(args.max_soft_tokens)
-    soft_tokens = DEFAULT_SOFT_TOKENS if args.max_soft_tokens is None else args.max_soft_tokens
     config = build_config(activation=args.activation, weight=args.weight, observer=args.observer, keep_float=args.keep_float)
     t0 = time.perf_counter()
-    session = Session(args.model, config, soft_tokens, device=args.device)
+    session = Session(args.model, config, args.max_soft_tokens, device=args.device)
     session.config.check_globs(module_names(session), "--keep-float")
     added = session.add_images(args.images)
     if not added.accepted:

@@ -18,10 +18,6 @@ from typing import Any
 
 from core.errors import ConfigError, NoImagesError, UnwritablePathError
 
-# Stands for core.data.images.DEFAULT_SOFT_TOKENS in help texts: that module loads torch and
-# transformers, so the number is filled in only when help is shown (core.cli.main's parser).
-SOFT_TOKENS_DEFAULT_MARK = "<default soft tokens>"
-
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """--json, --debug and --device, which every command takes."""

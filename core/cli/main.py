@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from importlib import metadata
 
 from core.cli import commands, diag
-from core.cli.common import SOFT_TOKENS_DEFAULT_MARK, Channels, Progress
+from core.cli.common import Channels, Progress
 from core.errors import PTQStudioError, one_line
 from core.io import json_safe
 
@@ -35,14 +35,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage)
         raise UsageError(f"{PROG}: error: {message} (see {self.prog} --help)")
-
-    def format_help(self) -> str:
-        text = super().format_help()
-        if SOFT_TOKENS_DEFAULT_MARK in text:
-            from core.data.images import DEFAULT_SOFT_TOKENS  # noqa: PLC0415 -- torch and transformers cost seconds; only `quantize --help` shows it
-
-            text = text.replace(SOFT_TOKENS_DEFAULT_MARK, str(DEFAULT_SOFT_TOKENS))
-        return text
 
 
 def build_parser() -> argparse.ArgumentParser:

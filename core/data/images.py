@@ -20,6 +20,7 @@ from transformers.models.gemma4.image_processing_pil_gemma4 import (
     get_aspect_ratio_preserving_size,
 )
 
+from core.config import DEFAULT_SOFT_TOKENS
 from core.errors import BadImageError, NoImagesError
 
 __all__ = [
@@ -38,9 +39,6 @@ __all__ = [
 
 # Whatever the installed transformers' Gemma 4 processor accepts (70, 140, 280, 560, 1120).
 SUPPORTED_SOFT_TOKENS: tuple[int, ...] = tuple(_SUPPORTED_SOFT_TOKENS)
-# The soft-token budget when nobody chooses one: Gemma 4's own default image size (a 3x3-pooled
-# patch grid of up to 2520 patches).
-DEFAULT_SOFT_TOKENS = 280
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2"}
