@@ -92,11 +92,16 @@ class QuantPatchEmbedder(QuantModule):
 
     def forward_static(self, pixel_values: torch.Tensor, pos_rows: torch.Tensor) -> torch.Tensor:
         """Valid patches only; every intermediate observed (the input affine folded into input_proj)."""
-        if self.mode is Mode.NO_QUANT:
+        if self.mode is Mode.QUANT:
+            hidden = self.input_proj(self.fq(pixel_values, self.obs_pixels))
+        else:
             # Float: HF's own maths, so forward_export matches the padded path bit for bit.
             hidden = self.source.input_proj(2 * (pixel_values - 0.5))
-        else:
-            hidden = self.input_proj(self.fq(pixel_values, self.obs_pixels))
+            if self.mode is Mode.CALIB:
+                # The folded projection's observers record what QUANT will run, while the output
+                # stays HF's: CALIB must not change the numbers it calibrates on (the folded
+                # matmul rounds differently by ~1e-6).
+                self.input_proj(self.fq(pixel_values, self.obs_pixels))
         position = self.fq(pos_rows, self.obs_position)
         return self.fq(hidden + position, self.obs_output)
 
