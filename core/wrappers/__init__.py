@@ -1,7 +1,12 @@
-"""Quant wrappers for every module class of Gemma4VisionModel."""
+"""Quant wrappers for every module class of Gemma4VisionModel.
 
+Importing this package imports every wrapper module, and each registers its classes with the
+registry (core.wrappers.registry.register), so ``wrap`` knows them all.
+"""
+
+from core.wrappers import attention, layers, vision  # noqa: F401  (each registers its wrappers)
 from core.wrappers.base import QuantContext, QuantModule
-from core.wrappers.registry import WRAPPERS, UnsupportedModuleError, wrap
+from core.wrappers.registry import WRAPPERS, UnsupportedModuleError, register, wrap
 from core.wrappers.vision import QuantVisionModel, StaticProfile, VisionExportModule
 
 __all__ = [
@@ -12,5 +17,6 @@ __all__ = [
     "VisionExportModule",
     "WRAPPERS",
     "UnsupportedModuleError",
+    "register",
     "wrap",
 ]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.gemma4 import modeling_gemma4 as hf
 
 from core.wrappers.base import QuantContext, QuantModule
+from core.wrappers.registry import register, wrap
 
 
 def rope_tables(rotary: nn.Module, positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +43,7 @@ def _rope_swap(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+@register(hf.Gemma4VisionAttention)
 class QuantVisionAttention(QuantModule):
     """Gemma4VisionAttention: q/k/v projections and norms, 2-D RoPE, softmax attention, output projection.
 
@@ -50,8 +53,6 @@ class QuantVisionAttention(QuantModule):
 
     def __init__(self, module: nn.Module, module_name: str, ctx: QuantContext) -> None:
         super().__init__(module_name, ctx)
-        from core.wrappers.registry import wrap
-
         cfg = module.config
         self.head_dim = int(module.head_dim)
         self.num_heads = int(cfg.num_attention_heads)
@@ -123,13 +124,12 @@ class QuantVisionAttention(QuantModule):
         return self.o_proj(context), None
 
 
+@register(hf.Gemma4VisionEncoderLayer)
 class QuantVisionEncoderLayer(QuantModule):
     """Gemma4VisionEncoderLayer: sandwich-normed attention and MLP blocks with observed residual sums."""
 
     def __init__(self, module: nn.Module, module_name: str, ctx: QuantContext) -> None:
         super().__init__(module_name, ctx)
-        from core.wrappers.registry import wrap
-
         n = module_name
         self.input_layernorm = wrap(module.input_layernorm, f"{n}.input_layernorm", ctx)
         self.self_attn = wrap(module.self_attn, f"{n}.self_attn", ctx)
@@ -155,13 +155,12 @@ class QuantVisionEncoderLayer(QuantModule):
         return self.fq(residual + hidden_states, self.obs_output)
 
 
+@register(hf.Gemma4VisionEncoder)
 class QuantVisionEncoder(QuantModule):
     """Gemma4VisionEncoder: the RoPE tables are observed once and shared by every layer."""
 
     def __init__(self, module: nn.Module, module_name: str, ctx: QuantContext) -> None:
         super().__init__(module_name, ctx)
-        from core.wrappers.registry import wrap
-
         self.config = module.config
         self.rotary_emb = module.rotary_emb  # computes tables only; never part of the exported graph
         self.head_dim = int(module.layers[0].self_attn.head_dim)

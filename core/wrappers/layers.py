@@ -8,10 +8,13 @@ import tico  # noqa: F401  (registers torch.ops.circle_custom.rms_norm, the Circ
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.gemma4 import modeling_gemma4 as hf
 
 from core.wrappers.base import QuantContext, QuantModule
+from core.wrappers.registry import register, wrap
 
 
+@register(nn.Linear)
 class QuantLinear(QuantModule):
     """nn.Linear: per-channel weight observer and one output observer."""
 
@@ -43,6 +46,7 @@ class QuantLinear(QuantModule):
         return self.fq(self._project(x), self.obs_output)
 
 
+@register(hf.Gemma4ClippableLinear)
 class QuantClippableLinear(QuantLinear):
     """Gemma4ClippableLinear: optional input/output clamps, each clamp output observed."""
 
@@ -77,6 +81,7 @@ class QuantClippableLinear(QuantLinear):
         return self.fq(y, self.obs_output)
 
 
+@register(hf.Gemma4RMSNorm)
 class QuantRMSNorm(QuantModule):
     """Gemma4RMSNorm with or without scale; one Circle RMS_NORM op on the static path."""
 
@@ -122,13 +127,12 @@ class QuantRMSNorm(QuantModule):
         return self.fq(out, self.obs_output)
 
 
+@register(hf.Gemma4VisionMLP)
 class QuantVisionMLP(QuantModule):
     """Gemma4VisionMLP: down(act(gate(x)) * up(x)) with the activation and product observed."""
 
     def __init__(self, module: nn.Module, module_name: str, ctx: QuantContext) -> None:
         super().__init__(module_name, ctx)
-        from core.wrappers.registry import wrap
-
         self.act_fn = module.act_fn
         self.gate_proj = wrap(module.gate_proj, f"{module_name}.gate_proj", ctx)
         self.obs_act = self._observer("act")

@@ -1,31 +1,36 @@
-"""One wrapper per Hugging Face module class; an unknown class is an error, never silently float."""
+"""One wrapper per Hugging Face module class; an unknown class is an error, never silently float.
+
+Each wrapper module registers its classes with ``@register(HFClass)``; importing ``core.wrappers``
+imports them all, so the registry is full before the first ``wrap``. The wrappers call ``wrap``
+for their children, and the registry imports none of them: no import cycle.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
-from transformers.models.gemma4 import modeling_gemma4 as hf
 
-from core.wrappers.attention import QuantVisionAttention, QuantVisionEncoder, QuantVisionEncoderLayer
 from core.wrappers.base import QuantContext, QuantModule
-from core.wrappers.layers import QuantClippableLinear, QuantLinear, QuantRMSNorm, QuantVisionMLP
-from core.wrappers.vision import QuantPatchEmbedder, QuantPooler, QuantVisionModel
 
-WRAPPERS: dict[type, type[QuantModule]] = {
-    nn.Linear: QuantLinear,
-    hf.Gemma4ClippableLinear: QuantClippableLinear,
-    hf.Gemma4RMSNorm: QuantRMSNorm,
-    hf.Gemma4VisionMLP: QuantVisionMLP,
-    hf.Gemma4VisionAttention: QuantVisionAttention,
-    hf.Gemma4VisionEncoderLayer: QuantVisionEncoderLayer,
-    hf.Gemma4VisionEncoder: QuantVisionEncoder,
-    hf.Gemma4VisionPatchEmbedder: QuantPatchEmbedder,
-    hf.Gemma4VisionPooler: QuantPooler,
-    hf.Gemma4VisionModel: QuantVisionModel,
-}
+WRAPPERS: dict[type, type[QuantModule]] = {}
 
 
 class UnsupportedModuleError(TypeError):
     """A module class has no quant wrapper."""
+
+
+def register(*module_classes: type) -> Callable[[type[QuantModule]], type[QuantModule]]:
+    """Class decorator: `cls` wraps exactly these module classes (no subclass matching)."""
+
+    def add(cls: type[QuantModule]) -> type[QuantModule]:
+        for module_class in module_classes:
+            if module_class in WRAPPERS:
+                raise TypeError(f"{module_class.__qualname__} already has a wrapper: {WRAPPERS[module_class].__qualname__}")
+            WRAPPERS[module_class] = cls
+        return cls
+
+    return add
 
 
 def wrap(module: nn.Module, module_name: str, ctx: QuantContext) -> QuantModule:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.gemma4 import modeling_gemma4 as hf
 
 from core.errors import ExportError, NotCalibratedError
 from core.quant import meta_kernels
@@ -17,6 +18,7 @@ from core.quant.mode import Mode
 from core.quant.observers import Observer
 from core.wrappers.attention import rope_tables
 from core.wrappers.base import QuantContext, QuantModule
+from core.wrappers.registry import register, wrap
 
 
 @dataclass
@@ -49,13 +51,12 @@ def _fold_input_affine(linear: nn.Linear) -> nn.Linear:
     return folded.requires_grad_(False)
 
 
+@register(hf.Gemma4VisionPatchEmbedder)
 class QuantPatchEmbedder(QuantModule):
     """Gemma4VisionPatchEmbedder: input scaling, projection, position embedding."""
 
     def __init__(self, module: nn.Module, module_name: str, ctx: QuantContext) -> None:
         super().__init__(module_name, ctx)
-        from core.wrappers.registry import wrap
-
         self.source = module
         self.obs_pixels = self._observer("pixels")
         # HF computes input_proj(2 * (pixels - 0.5)). Quantizing that centred tensor puts every
@@ -106,6 +107,7 @@ class QuantPatchEmbedder(QuantModule):
         return self.fq(hidden + position, self.obs_output)
 
 
+@register(hf.Gemma4VisionPooler)
 class QuantPooler(QuantModule):
     """Gemma4VisionPooler: k x k average pooling as a constant matmul, then sqrt(hidden) scaling."""
 
@@ -134,13 +136,12 @@ class QuantPooler(QuantModule):
         return self.fq(hidden * root, self.obs_output)
 
 
+@register(hf.Gemma4VisionModel)
 class QuantVisionModel(QuantModule):
     """Gemma4VisionModel wrapper: the root of a wrapped tree and owner of its mode."""
 
     def __init__(self, model: nn.Module, module_name: str, ctx: QuantContext) -> None:
         super().__init__(module_name, ctx)
-        from core.wrappers.registry import wrap
-
         self.config = model.config
         self.source = model
         self.patch_embedder = wrap(model.patch_embedder, "patch_embedder", ctx)
