@@ -73,7 +73,7 @@ def e2b_config(**overrides: Any) -> Gemma4VisionConfig:
 def _eager(config: Gemma4VisionConfig) -> Gemma4VisionConfig:
     # The quant wrappers observe the attention probabilities, which only the eager path
     # materialises; NO_QUANT parity is measured against exactly this implementation.
-    config._attn_implementation = "eager"
+    config._attn_implementation = "eager"  # noqa: SLF001 -- transformers reads the attention implementation from this config field
     return config
 
 
@@ -83,7 +83,7 @@ def load_model(spec: str | Path = "tiny") -> Gemma4VisionModel:
         size, _, variant = spec.partition("-")
         config = tiny_config() if size == "tiny" else e2b_config()
         model = build_seeded_model(config, calm=variant != "chaotic")
-        model.config._name_or_path = spec
+        model.config.name_or_path = spec
         return model
     return _load_folder(Path(spec))
 
@@ -128,7 +128,7 @@ def _empty_model(config: Gemma4VisionConfig) -> Gemma4VisionModel:
             with torch.no_grad():
                 module.inv_freq.copy_(inv_freq)
                 module.original_inv_freq.copy_(inv_freq)
-    model.config._attn_implementation = "eager"
+    model.config._attn_implementation = "eager"  # noqa: SLF001 -- transformers reads the attention implementation from this config field
     return model
 
 
@@ -387,5 +387,5 @@ def _load_folder(folder: Path) -> Gemma4VisionModel:
     if non_finite:
         key, path = available[non_finite[0]]
         raise ModelLoadError(path, f"tensor {key} holds NaN or infinite values", "use a valid checkpoint")
-    model.config._name_or_path = str(folder)
+    model.config.name_or_path = str(folder)
     return model.eval()

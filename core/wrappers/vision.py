@@ -89,7 +89,7 @@ class QuantPatchEmbedder(QuantModule):
         """HF's padded path (NO_QUANT)."""
         pixel_values = 2 * (pixel_values - 0.5)
         hidden = self.source.input_proj(pixel_values.to(self.source.input_proj.weight.dtype))
-        return hidden + self.source._position_embeddings(pixel_position_ids, padding_positions)
+        return hidden + self.source._position_embeddings(pixel_position_ids, padding_positions)  # noqa: SLF001 -- HF's own position table lookup, for bit-exact parity
 
     def forward_static(self, pixel_values: torch.Tensor, pos_rows: torch.Tensor) -> torch.Tensor:
         """Valid patches only; every intermediate observed (the input affine folded into input_proj)."""
@@ -339,7 +339,7 @@ class QuantVisionModel(QuantModule):
                 f"image is {int(valid.max()) + 1} patches across, more than the model's "
                 f"{cfg.position_embedding_size} position embeddings: use fewer soft tokens"
             )
-        pos_rows = self.source.patch_embedder._position_embeddings(valid, torch.zeros_like(valid[..., 0], dtype=torch.bool))
+        pos_rows = self.source.patch_embedder._position_embeddings(valid, torch.zeros_like(valid[..., 0], dtype=torch.bool))  # noqa: SLF001 -- HF's own lookup
         cos, sin_signed = rope_tables(self.encoder.rotary_emb, valid, self.encoder.head_dim)
         k = cfg.pooling_kernel_size
         output_length = max_patches // (k * k)
