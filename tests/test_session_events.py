@@ -71,7 +71,7 @@ def test_image_events_fire_only_when_the_image_list_changes(sample_images, missi
 
 
 def test_calibrate_evaluate_export_and_config_events(sample_images, monkeypatch):
-    import core.export.pipeline
+    import core.session
 
     s = Session("tiny", max_soft_tokens=MST)
     s.add_images(sample_images[:2])
@@ -88,7 +88,7 @@ def test_calibrate_evaluate_export_and_config_events(sample_images, monkeypatch)
     assert s.stats_version == 1  # evaluating changes no statistics
 
     sentinel = object()
-    monkeypatch.setattr(core.export.pipeline, "export_circle", lambda *a, **k: sentinel)
+    monkeypatch.setattr(core.session, "export_circle", lambda *a, **k: sentinel)
     assert s.export("unused.circle") is sentinel
     assert rec.take() == [("exported", sentinel)] and s.stats_version == 1
 
