@@ -79,3 +79,27 @@ def on_gui_thread(signal: Any, slot: Callable[..., Any]) -> Callable[[], None]:
         owner.destroyed.connect(lambda *_: disconnect())
     del owner
     return disconnect
+
+
+class SessionSubscriptions:
+    """A widget's connections to one Session's events, replaced together when the session is.
+
+    Handlers of a session the window has replaced must not redraw the new one's view.
+    """
+
+    def __init__(self) -> None:
+        self._disconnects: list[Callable[[], None]] = []
+
+    def replace(self, events: Any, handlers: dict[str, Callable[..., Any]]) -> None:
+        """Drop every earlier connection, then connect each `events.<name>` to its handler on the GUI thread."""
+        self.clear()
+        if events is None:
+            return
+        for name, slot in handlers.items():
+            self._disconnects.append(on_gui_thread(getattr(events, name), slot))
+
+    def clear(self) -> None:
+        """Disconnect everything."""
+        disconnects, self._disconnects = self._disconnects, []
+        for disconnect in disconnects:
+            disconnect()

@@ -79,6 +79,15 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def calibration_text(calibration) -> str:
+    """One line for the calibration in force: "3/3 images in 1.2 s", or a loaded session's."""
+    if calibration is None:
+        return "a loaded session"
+    secs = float(getattr(calibration, "seconds", 0.0) or 0.0)
+    tail = " (cancelled)" if calibration.cancelled else ""
+    return f"{calibration.images_done}/{calibration.total_images} images in {secs:.1f} s{tail}"
+
+
 class QtMessageLine(QLabel):
     """One line in a tab that says what happened last (info or error), never modal."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,17 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_bytes, fmt_float, results_table
+from app.events import SessionSubscriptions
+from app.qt_common import (
+    QtMessageLine,
+    QtTaskProgress,
+    calibration_text,
+    error_text,
+    fmt_bytes,
+    fmt_float,
+    results_table,
+)
+from core.errors import CancelledError
 
 SORT_ROLE = Qt.UserRole + 40
 BAD_BG = QColor(255, 193, 7, 80)
@@ -44,6 +55,15 @@ if TYPE_CHECKING:
 _VERDICT_LOOK = {"verified": ("✓", "#1b7f3b"), "check": ("⚠", "#b26a00"), "failed": ("✗", "#b3261e")}
 
 
+@dataclass
+class ExportViewState:
+    """What the Export tab knows beside its widgets (Qt-free)."""
+
+    stats_version: int = 0  # the statistics the tab shows as exportable (0: none)
+    # image path -> (rows, cols) of its patch grid at the session's soft tokens
+    grids: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
 class QtExportTab(QWidget):
     """Static fully-integer Circle export with verification; failures keep the old file."""
 
@@ -53,6 +73,9 @@ class QtExportTab(QWidget):
     def __init__(self, host: "QtMainWindow") -> None:
         super().__init__()
         self._host = host
+        self._session = None
+        self._subscriptions = SessionSubscriptions()
+        self.state = ExportViewState()
         self._task = None
         self.result = None
 
@@ -88,8 +111,6 @@ class QtExportTab(QWidget):
         self.layout_label = QLabel("")
         self.layout_label.setObjectName("exportLayoutLabel")
         self.layout_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self._grid_task = None
-        self._grids: dict[str, tuple[int, int]] = {}  # image path -> (rows, cols) at the session's soft tokens
 
         self.verify_labels: dict[str, QLabel] = {}
         verify_box = QGroupBox("Verification (Circle runtime vs fake-quant torch)")
@@ -188,10 +209,33 @@ class QtExportTab(QWidget):
 
     NOT_CALIBRATED = "Calibrate first, then export a fully integer Circle model."
 
+    def set_session(self, session) -> None:
+        """Follow this session: exportable while it holds statistics."""
+        self._session = session
+        self.state = ExportViewState()
+        self._subscriptions.replace(
+            getattr(session, "events", None),
+            {"calibrated": self._on_statistics, "config_changed": self._on_statistics},
+        )
+        self._on_statistics(force=True)
+
+    def _on_statistics(self, *_args, force: bool = False) -> None:
+        session = self._session
+        calibrated = getattr(session, "state", "") == "calibrated"
+        version = int(getattr(session, "stats_version", 0)) if calibrated else 0
+        if version == self.state.stats_version and not force:
+            return  # the same statistics (a cancelled run put them back): the choices still hold
+        self.state.stats_version = version
+        if not calibrated:
+            self.set_calibration(None)
+            return
+        used = [e.path for e in tuple(session.images) if e.status == "used"]
+        self.set_calibration(calibration_text(session.calibration), used)
+
     def set_calibration(self, text: str | None, images: list[str] | None = None) -> None:
         """Say whether the session can be exported (text: its calibration; None: not calibrated)
         and list the calibration images whose patch grid the file can be built for."""
-        self._grids = {}
+        self.state.grids = {}
         self.layout_combo.blockSignals(True)
         self.layout_combo.clear()
         for path in images or []:
@@ -213,24 +257,21 @@ class QtExportTab(QWidget):
 
     def _on_layout_image(self, *_args) -> None:
         path = self.layout_image()
-        session = self._host.session
+        session = self._session
         if path is None or session is None:
             self.layout_label.setText("")
             return
-        if path in self._grids:
+        if path in self.state.grids:
             self._show_grid(path)
             return
         self.layout_label.setText(f"reading the patch grid of {Path(path).name}…")
 
         def work():
-            from core.data.grid import patch_layout  # noqa: PLC0415 - the core is imported lazily
-
-            batch = session.preprocessor([path])
-            return path, patch_layout(session.qmodel, batch["pixel_position_ids"]).grid
+            return path, session.patch_grid(path)
 
         def done(payload) -> None:
             shown, grid = payload
-            self._grids[shown] = grid
+            self.state.grids[shown] = grid
             if shown == self.layout_image():
                 self._show_grid(shown)
 
@@ -240,7 +281,7 @@ class QtExportTab(QWidget):
         self._host.submit("reading patch grid", work, takes_progress=False, on_done=done, on_error=failed)
 
     def _show_grid(self, path: str) -> None:
-        rows, cols = self._grids[path]
+        rows, cols = self.state.grids[path]
         self.layout_label.setText(f"the file is fixed to {rows}×{cols} patches of {Path(path).name}")
 
     def choose_path(self) -> None:
@@ -255,7 +296,7 @@ class QtExportTab(QWidget):
 
     def export(self) -> None:
         """Export to the path in the box, in the worker."""
-        session = self._host.session
+        session = self._session
         if session is None or self._task is not None:
             return
         text = self.path_edit.text().strip()
@@ -354,8 +395,6 @@ class QtExportTab(QWidget):
         self._task = None
         self.export_button.setEnabled(True)
         self.progress.end("failed")
-        from core.errors import CancelledError  # noqa: PLC0415
-
         # A cancel's own message already says the earlier file was kept.
         kept = "" if isinstance(exc, CancelledError) else " The earlier file, if any, was left untouched."
         self.message.show_message(error_text(exc) + kept, "error")
@@ -432,7 +471,7 @@ class QtExportTab(QWidget):
 
     def run_threeway(self) -> None:
         """Compare float, fake-quant and the exported Circle file tensor by tensor (in the worker)."""
-        session = self._host.session
+        session = self._session
         result = self.result
         if session is None or result is None or self._threeway_task is not None:
             return
@@ -441,9 +480,7 @@ class QtExportTab(QWidget):
         self.threeway_note.setText(f"Running {Path(str(result.path)).name} beside the float and fake-quant models…")
 
         def work(progress, cancel):
-            from core.analysis.threeway import three_way_session  # noqa: PLC0415 - the core is imported lazily
-
-            return three_way_session(session, result, progress=progress, cancel=cancel)
+            return session.three_way(result, progress=progress, cancel=cancel)
 
         self._threeway_task = self._host.submit(
             "three-way check",
@@ -524,8 +561,6 @@ class QtExportTab(QWidget):
     def _on_threeway_error(self, exc: BaseException) -> None:
         self._threeway_task = None
         self.threeway_button.setEnabled(self.result is not None)
-        from core.errors import CancelledError  # noqa: PLC0415
-
         if isinstance(exc, CancelledError):
             self.threeway_progress.end("cancelled")
             self.threeway_note.setText("Three-way check cancelled.")

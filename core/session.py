@@ -33,6 +33,7 @@ from core.analysis.threeway import three_way_session
 from core.config import PTQConfig
 from core.data import image_set
 from core.data.device import batches_to_device, resolve_device
+from core.data.grid import patch_layout
 from core.data.image_set import AddImagesResult, ImageEntry
 from core.data.images import DEFAULT_SOFT_TOKENS, ImagePreprocessor
 from core.errors import NoImagesError, NotCalibratedError, one_line
@@ -405,6 +406,11 @@ class Session:
         )
         self.events.exported.emit(result)
         return result
+
+    def patch_grid(self, image) -> tuple[int, int]:
+        """(rows, cols) of the patches `image` makes at this session's soft tokens: what a static export is fixed to."""
+        batch = self.preprocessor([image])
+        return tuple(patch_layout(self.qmodel, batch["pixel_position_ids"]).grid)
 
     # ---- diagnostics (thin entry points; the work lives in the modules named) -----------
 
