@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QTableWidget,
+    QTableWidgetItem,
     QWidget,
 )
 
@@ -192,3 +193,19 @@ def results_table(columns, name: str, row_numbers: bool = False) -> QTableWidget
     table.setAlternatingRowColors(True)
     table.horizontalHeader().setStretchLastSection(True)
     return table
+
+
+# Where a SortKeyItem keeps the value it sorts by.
+SORT_KEY_ROLE = Qt.UserRole + 40
+
+
+class SortKeyItem(QTableWidgetItem):
+    """A table cell that sorts by SORT_KEY_ROLE (numbers as numbers, missing values last)."""
+
+    def __lt__(self, other: QTableWidgetItem) -> bool:
+        a, b = self.data(SORT_KEY_ROLE), other.data(SORT_KEY_ROLE)
+        if isinstance(a, float) or isinstance(b, float):
+            a = float("inf") if a is None or a != a else float(a)
+            b = float("inf") if b is None or b != b else float(b)
+            return a < b
+        return str(a) < str(b)

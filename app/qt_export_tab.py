@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
@@ -34,17 +33,19 @@ from PySide6.QtWidgets import (
 
 from app.events import SessionSubscriptions
 from app.qt_common import (
+    SORT_KEY_ROLE,
     QtMessageLine,
     QtTaskProgress,
+    SortKeyItem,
     calibration_text,
     error_text,
     fmt_bytes,
     fmt_float,
     results_table,
+    scalar,
 )
 from core.errors import CancelledError
 
-SORT_ROLE = Qt.UserRole + 40
 BAD_BG = QColor(255, 193, 7, 80)
 
 if TYPE_CHECKING:
@@ -524,14 +525,14 @@ class QtExportTab(QWidget):
             cells = [
                 (str(r), float(r)),
                 (str(row.module), str(row.module)),
-                (fmt_float(_peir(row.fp_vs_fq)), _num(_peir(row.fp_vs_fq))),
-                (fmt_float(fq_circle) if fq_circle is not None else "n/a", _num(fq_circle)),
-                (f"{100 * float(within):.2f}%" if within is not None else "n/a", _num(within)),
-                (fmt_float(steps, 3) if steps is not None else "n/a", _num(steps)),
-                (fmt_float(fp_circle) if fp_circle is not None else "n/a", _num(fp_circle)),
+                (fmt_float(_peir(row.fp_vs_fq)), scalar(_peir(row.fp_vs_fq))),
+                (fmt_float(fq_circle) if fq_circle is not None else "n/a", scalar(fq_circle)),
+                (f"{100 * float(within):.2f}%" if within is not None else "n/a", scalar(within)),
+                (fmt_float(steps, 3) if steps is not None else "n/a", scalar(steps)),
+                (fmt_float(fp_circle) if fp_circle is not None else "n/a", scalar(fp_circle)),
                 (str(row.dtype), str(row.dtype)),
-                (fmt_float(row.scale), _num(row.scale)),
-                (fmt_float(row.zero_point, 6), _num(row.zero_point)),
+                (fmt_float(row.scale), scalar(row.scale)),
+                (fmt_float(row.zero_point, 6), scalar(row.zero_point)),
                 ("×".join(str(int(d)) for d in row.shape) if row.shape is not None else "", str(row.shape)),
                 (str(row.tensor), str(row.tensor)),
             ]
@@ -545,8 +546,8 @@ class QtExportTab(QWidget):
             if verdict:
                 tip += f"\nverdict: {verdict}"
             for c, (text, key) in enumerate(cells):
-                item = _KeyItem(text)
-                item.setData(SORT_ROLE, key)
+                item = SortKeyItem(text)
+                item.setData(SORT_KEY_ROLE, key)
                 item.setToolTip(tip)
                 if c in self.NUMERIC_COLUMNS:
                     item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
@@ -571,18 +572,6 @@ class QtExportTab(QWidget):
         self._host.show_error(exc)
 
 
-class _KeyItem(QTableWidgetItem):
-    """Sorts by SORT_ROLE (numbers as numbers, missing values last)."""
-
-    def __lt__(self, other: QTableWidgetItem) -> bool:
-        a, b = self.data(SORT_ROLE), other.data(SORT_ROLE)
-        if isinstance(a, float) or isinstance(b, float):
-            a = float("inf") if a is None or a != a else float(a)
-            b = float("inf") if b is None or b != b else float(b)
-            return a < b
-        return str(a) < str(b)
-
-
 def _peir(value):
     """A PEIR from a comparison field: a number, or an object with .peir (None when absent)."""
     if value is None:
@@ -605,11 +594,3 @@ def _field(row, *names):
                 except (TypeError, ValueError):
                     continue
     return None
-
-
-def _num(value) -> float:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        return float("nan")
-    return float(arr.max()) if arr.size else float("nan")
