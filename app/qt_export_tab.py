@@ -61,6 +61,7 @@ class ExportViewState:
     """What the Export tab knows beside its widgets (Qt-free)."""
 
     stats_version: int = 0  # the statistics the tab shows as exportable (0: none)
+    auto_path: str = ""  # the output path the tab chose itself (it follows the model; a typed one stays)
     # image path -> (rows, cols) of its patch grid at the session's soft tokens
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -213,11 +214,13 @@ class QtExportTab(QWidget):
     def set_session(self, session) -> None:
         """Follow this session: exportable while it holds statistics."""
         self._session = session
-        self.state = ExportViewState()
-        self._subscriptions.replace(
-            getattr(session, "events", None),
-            {"calibrated": self._on_statistics, "config_changed": self._on_statistics},
-        )
+        path = self.path_edit.text()
+        self.state = ExportViewState(auto_path=self.state.auto_path)
+        if not path or path == self.state.auto_path:
+            self.state.auto_path = self._host.default_export_path(str(session.model_spec))
+            self.path_edit.setText(self.state.auto_path)
+        handlers = {"calibrated": self._on_statistics, "config_changed": self._on_statistics}
+        self._subscriptions.replace(getattr(session, "events", None), handlers)
         self._on_statistics(force=True)
 
     def _on_statistics(self, *_args, force: bool = False) -> None:

@@ -129,8 +129,6 @@ class QtMainWindow(QMainWindow):
         self._restore_window()
         self._ready = True
 
-        self._auto_export_path = self.default_export_path(model_spec)
-        self.export_tab.path_edit.setText(self._auto_export_path)
         self._load_session(self.model_panel.settings(), images=list(images or []))
 
     # -- menu and status ----------------------------------------------------------------
@@ -202,12 +200,6 @@ class QtMainWindow(QMainWindow):
     def default_export_path(self, model_spec: str) -> str:
         """Where an export goes unless the user chose (see WindowSettings.default_export_path)."""
         return self.memory.default_export_path(model_spec)
-
-    def _follow_model_in_export_path(self, model_spec: str) -> None:
-        # Only a path the window chose itself follows the model; one the user typed stays.
-        if self.export_tab.path_edit.text() == self._auto_export_path:
-            self._auto_export_path = self.default_export_path(model_spec)
-            self.export_tab.path_edit.setText(self._auto_export_path)
 
     def _restore_window(self) -> None:
         if not self.memory.restore_window(self):
@@ -294,7 +286,6 @@ class QtMainWindow(QMainWindow):
         self.export_tab.set_session(session)
         self._reset_summary()
         self._show_model_info()
-        self._follow_model_in_export_path(str(getattr(session, "model_spec", settings["model_spec"])))
         self._show_overrides()
         self._shown_stats_version = session.stats_version
         if session.state == "calibrated":
