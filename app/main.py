@@ -8,7 +8,7 @@ import sys
 
 def prepare_qt_environment() -> None:
     """Settings Qt reads before the QApplication exists (WebEngine needs both)."""
-    from PySide6.QtCore import QCoreApplication, Qt  # noqa: PLC0415
+    from PySide6.QtCore import QCoreApplication, Qt  # noqa: PLC0415 -- Qt loads only when the GUI opens
 
     # Qt WebEngine (the Netron tab) is created lazily, which needs shared GL contexts set first.
     QCoreApplication.setAttribute(Qt.AA_ShareOpenGLContexts, True)
@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     prepare_qt_environment()
-    from PySide6.QtWidgets import QApplication  # noqa: PLC0415
+    from PySide6.QtWidgets import QApplication  # noqa: PLC0415 -- Qt loads only when the GUI opens
 
-    from app.qt_main_window import QtMainWindow  # noqa: PLC0415
-    from core.data.resources import sample_images  # noqa: PLC0415
+    from app.qt_main_window import QtMainWindow  # noqa: PLC0415 -- torch and Qt load after the display check
+    from core.data.resources import sample_images  # noqa: PLC0415 -- torch loads after the display check
 
     app = QApplication.instance() or QApplication(argv)
     app.setApplicationName("PTQ Studio")

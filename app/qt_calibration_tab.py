@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import (
     QObject,
@@ -17,8 +18,6 @@ from PySide6.QtCore import (
 )
 from PySide6.QtGui import (
     QColor,
-    QDragEnterEvent,
-    QDropEvent,
     QIcon,
     QImage,
     QImageReader,
@@ -33,7 +32,6 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
-    QFrame,
     QHBoxLayout,
     QLabel,
     QListView,
@@ -43,7 +41,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.events import SessionSubscriptions
 from app.qt_common import QtMessageLine, QtTaskProgress, error_text, plural
+from app.qt_drop_zone import QtDropZone
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -92,55 +92,19 @@ class _ThumbJob(QRunnable):
         self.signals.sigThumbnail.emit(self.path, image, self.size)
 
 
-class QtDropZone(QFrame):
-    """Accepts files and folders dragged from the desktop; emits their local paths."""
+@dataclass
+class CalibrationRun:
+    """How the tab's last calibration run ended (Qt-free view state)."""
 
-    sigPathsDropped = Signal(list)
+    result: Any = None  # the run's SessionCalibration
+    in_force: Any = None  # the session's calibration in force afterwards
+    calibrated: bool = False  # whether the session holds statistics afterwards
 
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setObjectName("dropZone")
-        self.setAcceptDrops(True)
-        self.setAccessibleName("Calibration images drop zone")
-        self.setProperty("dragActive", False)
-
-    @staticmethod
-    def _local_paths(event) -> list[Path]:
-        mime = event.mimeData()
-        if not mime.hasUrls():
-            return []
-        return [Path(u.toLocalFile()) for u in mime.urls() if u.isLocalFile() and u.toLocalFile()]
-
-    def _set_active(self, active: bool) -> None:
-        self.setProperty("dragActive", active)
-        self.style().unpolish(self)
-        self.style().polish(self)
-
-    def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802 - Qt override
-        if self._local_paths(event):
-            event.acceptProposedAction()
-            self._set_active(True)
-        else:
-            event.ignore()
-
-    def dragMoveEvent(self, event) -> None:  # noqa: N802 - Qt override
-        if self._local_paths(event):
-            event.acceptProposedAction()
-        else:
-            event.ignore()
-
-    def dragLeaveEvent(self, event) -> None:  # noqa: N802 - Qt override
-        self._set_active(False)
-        super().dragLeaveEvent(event)
-
-    def dropEvent(self, event: QDropEvent) -> None:  # noqa: N802 - Qt override
-        self._set_active(False)
-        paths = self._local_paths(event)
-        if not paths:
-            event.ignore()
-            return
-        event.acceptProposedAction()
-        self.sigPathsDropped.emit(paths)
+    @property
+    def restored(self) -> bool:
+        """The run was cancelled and the core put the earlier calibration back."""
+        r = self.result
+        return bool(r is not None and r.cancelled and self.calibrated and self.in_force is not None and self.in_force is not r)
 
 
 class QtCalibrationTab(QWidget):
@@ -151,9 +115,10 @@ class QtCalibrationTab(QWidget):
     def __init__(self, host: "QtMainWindow") -> None:
         super().__init__()
         self._host = host
+        self._session = None
+        self._subscriptions = SessionSubscriptions()
         self._task = None
-        self.restored = False  # the last run was cancelled and the earlier calibration put back
-        self.in_force = None  # the session's calibration in force after the last run
+        self.last_run = CalibrationRun()
         self._thumbs: dict[str, QImage] = {}
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(1)  # torch owns the cores during calibration
@@ -267,6 +232,32 @@ class QtCalibrationTab(QWidget):
         self.grid.selectionModel().currentChanged.connect(self._on_current_image)
         self._update_counts()
 
+    # -- the session ---------------------------------------------------------------------
+    def set_session(self, session) -> None:
+        """Show this session's images and follow its changes from now on."""
+        self._session = session
+        # A calibration or a new config changes statuses ("used"), so each redraws the grid too.
+        self._subscriptions.replace(
+            getattr(session, "events", None),
+            {
+                "images_changed": self._on_images_changed,
+                "calibrated": self._on_images_changed,
+                "config_changed": self._on_images_changed,
+            },
+        )
+        self._on_images_changed()
+
+    def _on_images_changed(self, *_args) -> None:
+        # Copied here, on the GUI thread, so the grid never holds entries the worker mutates.
+        entries = [copy.copy(e) for e in tuple(getattr(self._session, "images", ()))]
+        self.show_entries(entries)
+
+    def shutdown(self) -> None:
+        """Stop following the session and wait for the thumbnail decoder."""
+        self._subscriptions.clear()
+        self._pool.clear()
+        self._pool.waitForDone(5000)
+
     # -- adding and removing -------------------------------------------------------------
     def choose_images(self) -> None:
         """Open the file dialog and add the chosen files."""
@@ -290,7 +281,7 @@ class QtCalibrationTab(QWidget):
 
     def add_paths(self, paths: list[Path]) -> None:
         """Ask the session to add files/folders; bad files come back as rejected, not errors."""
-        session = self._host.session
+        session = self._session
         if session is None:
             self.message.show_message("The model is still loading; the images will be added when it is ready.")
             self._host.defer(lambda: self.add_paths(paths))
@@ -298,15 +289,12 @@ class QtCalibrationTab(QWidget):
         paths = [Path(p) for p in paths]
         self.message.show_message(f"Reading {len(paths)} item(s)…")
 
-        def work():
-            result = session.add_images(paths)
-            return result, self._snapshot(session)
+        self._host.submit(
+            "add images", lambda: session.add_images(paths), takes_progress=False, on_done=self._on_added, on_error=self._on_error
+        )
 
-        self._host.submit("add images", work, takes_progress=False, on_done=self._on_added, on_error=self._on_error)
-
-    def _on_added(self, payload) -> None:
-        result, entries = payload
-        self.show_entries(entries)
+    def _on_added(self, result) -> None:
+        # The grid follows session.events.images_changed; this only says what happened.
         accepted, rejected = len(result.accepted), len(result.rejected)
         if rejected:
             first = result.rejected[0]
@@ -322,32 +310,19 @@ class QtCalibrationTab(QWidget):
     def remove_selected(self) -> None:
         """Remove the selected images from the session."""
         paths = [Path(i.data(PATH_ROLE)) for i in self.grid.selectionModel().selectedIndexes()]
-        session = self._host.session
+        session = self._session
         if not paths or session is None:
             return
 
-        def work():
-            session.remove_images(paths)
-            return self._snapshot(session)
-
-        self._host.submit("remove images", work, takes_progress=False, on_done=self.show_entries, on_error=self._on_error)
+        self._host.submit("remove images", lambda: session.remove_images(paths), takes_progress=False, on_error=self._on_error)
 
     def clear(self) -> None:
         """Remove every image from the session."""
-        session = self._host.session
+        session = self._session
         if session is None:
             return
 
-        def work():
-            session.clear_images()
-            return self._snapshot(session)
-
-        self._host.submit("clear images", work, takes_progress=False, on_done=self.show_entries, on_error=self._on_error)
-
-    @staticmethod
-    def _snapshot(session) -> list:
-        # Copied on the worker thread so the UI never reads entries the worker is mutating.
-        return [copy.copy(e) for e in session.images]
+        self._host.submit("clear images", session.clear_images, takes_progress=False, on_error=self._on_error)
 
     # -- the grid -------------------------------------------------------------------------
     def show_entries(self, entries: list) -> None:
@@ -503,7 +478,7 @@ class QtCalibrationTab(QWidget):
     # -- calibration ----------------------------------------------------------------------
     def calibrate(self) -> None:
         """Run calibration on the usable images in the worker thread."""
-        session = self._host.session
+        session = self._session
         if session is None:
             self.message.show_message("The model is still loading.", "error")
             return
@@ -523,7 +498,7 @@ class QtCalibrationTab(QWidget):
             result = session.calibrate(progress=progress, cancel=cancel, batch_size=1)
             # session.calibration is the calibration now in force: the earlier one when a
             # cancelled re-run was rolled back, this run's otherwise.
-            return result, self._snapshot(session), getattr(session, "state", ""), getattr(session, "calibration", None)
+            return result, session.state, session.calibration
 
         self._task = self._host.submit(
             "calibrate",
@@ -539,20 +514,23 @@ class QtCalibrationTab(QWidget):
         self.progress.cancel_task(self._task, "cancelling after the current image…")
 
     @property
+    def restored(self) -> bool:
+        """Whether the last run was cancelled and the earlier calibration put back."""
+        return self.last_run.restored
+
+    @property
     def running(self) -> bool:
         """Whether calibration is in progress."""
         return self._task is not None
 
     def _on_calibrated(self, payload) -> None:
-        result, entries, state, in_force = payload
+        result, state, in_force = payload
         self._task = None
-        self.in_force = in_force
         # A cancelled re-calibration is rolled back by the core: the earlier statistics are in force.
-        self.restored = bool(result.cancelled and state == "calibrated" and in_force is not None and in_force is not result)
+        self.last_run = CalibrationRun(result, in_force, state == "calibrated")
         self._host.refresh_calibrate_enabled()
-        self.show_entries(entries)
         secs = getattr(result, "seconds", 0.0) or 0.0
-        if self.restored:
+        if self.last_run.restored:
             text = (
                 f"Cancelled after {result.images_done}/{result.total_images} images; the earlier calibration "
                 f"({in_force.images_done}/{in_force.total_images} images) is restored, unchanged."

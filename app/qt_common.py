@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QTableWidget,
+    QTableWidgetItem,
     QWidget,
 )
 
@@ -77,6 +78,15 @@ def fmt_duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def calibration_text(calibration) -> str:
+    """One line for the calibration in force: "3/3 images in 1.2 s", or a loaded session's."""
+    if calibration is None:
+        return "a loaded session"
+    secs = float(getattr(calibration, "seconds", 0.0) or 0.0)
+    tail = " (cancelled)" if calibration.cancelled else ""
+    return f"{calibration.images_done}/{calibration.total_images} images in {secs:.1f} s{tail}"
 
 
 class QtMessageLine(QLabel):
@@ -183,3 +193,19 @@ def results_table(columns, name: str, row_numbers: bool = False) -> QTableWidget
     table.setAlternatingRowColors(True)
     table.horizontalHeader().setStretchLastSection(True)
     return table
+
+
+# Where a SortKeyItem keeps the value it sorts by.
+SORT_KEY_ROLE = Qt.UserRole + 40
+
+
+class SortKeyItem(QTableWidgetItem):
+    """A table cell that sorts by SORT_KEY_ROLE (numbers as numbers, missing values last)."""
+
+    def __lt__(self, other: QTableWidgetItem) -> bool:
+        a, b = self.data(SORT_KEY_ROLE), other.data(SORT_KEY_ROLE)
+        if isinstance(a, float) or isinstance(b, float):
+            a = float("inf") if a is None or a != a else float(a)
+            b = float("inf") if b is None or b != b else float(b)
+            return a < b
+        return str(a) < str(b)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
@@ -31,9 +31,21 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_bytes, fmt_float, results_table
+from app.events import SessionSubscriptions
+from app.qt_common import (
+    SORT_KEY_ROLE,
+    QtMessageLine,
+    QtTaskProgress,
+    SortKeyItem,
+    calibration_text,
+    error_text,
+    fmt_bytes,
+    fmt_float,
+    results_table,
+    scalar,
+)
+from core.errors import CancelledError
 
-SORT_ROLE = Qt.UserRole + 40
 BAD_BG = QColor(255, 193, 7, 80)
 
 if TYPE_CHECKING:
@@ -42,6 +54,16 @@ if TYPE_CHECKING:
 
 # verdict level -> (mark, colour)
 _VERDICT_LOOK = {"verified": ("✓", "#1b7f3b"), "check": ("⚠", "#b26a00"), "failed": ("✗", "#b3261e")}
+
+
+@dataclass
+class ExportViewState:
+    """What the Export tab knows beside its widgets (Qt-free)."""
+
+    stats_version: int = 0  # the statistics the tab shows as exportable (0: none)
+    auto_path: str = ""  # the output path the tab chose itself (it follows the model; a typed one stays)
+    # image path -> (rows, cols) of its patch grid at the session's soft tokens
+    grids: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class QtExportTab(QWidget):
@@ -53,6 +75,9 @@ class QtExportTab(QWidget):
     def __init__(self, host: "QtMainWindow") -> None:
         super().__init__()
         self._host = host
+        self._session = None
+        self._subscriptions = SessionSubscriptions()
+        self.state = ExportViewState()
         self._task = None
         self.result = None
 
@@ -88,8 +113,6 @@ class QtExportTab(QWidget):
         self.layout_label = QLabel("")
         self.layout_label.setObjectName("exportLayoutLabel")
         self.layout_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self._grid_task = None
-        self._grids: dict[str, tuple[int, int]] = {}  # image path -> (rows, cols) at the session's soft tokens
 
         self.verify_labels: dict[str, QLabel] = {}
         verify_box = QGroupBox("Verification (Circle runtime vs fake-quant torch)")
@@ -188,10 +211,35 @@ class QtExportTab(QWidget):
 
     NOT_CALIBRATED = "Calibrate first, then export a fully integer Circle model."
 
+    def set_session(self, session) -> None:
+        """Follow this session: exportable while it holds statistics."""
+        self._session = session
+        path = self.path_edit.text()
+        self.state = ExportViewState(auto_path=self.state.auto_path)
+        if not path or path == self.state.auto_path:
+            self.state.auto_path = self._host.default_export_path(str(session.model_spec))
+            self.path_edit.setText(self.state.auto_path)
+        handlers = {"calibrated": self._on_statistics, "config_changed": self._on_statistics}
+        self._subscriptions.replace(getattr(session, "events", None), handlers)
+        self._on_statistics(force=True)
+
+    def _on_statistics(self, *_args, force: bool = False) -> None:
+        session = self._session
+        calibrated = getattr(session, "state", "") == "calibrated"
+        version = int(getattr(session, "stats_version", 0)) if calibrated else 0
+        if version == self.state.stats_version and not force:
+            return  # the same statistics (a cancelled run put them back): the choices still hold
+        self.state.stats_version = version
+        if not calibrated:
+            self.set_calibration(None)
+            return
+        used = [e.path for e in tuple(session.images) if e.status == "used"]
+        self.set_calibration(calibration_text(session.calibration), used)
+
     def set_calibration(self, text: str | None, images: list[str] | None = None) -> None:
         """Say whether the session can be exported (text: its calibration; None: not calibrated)
         and list the calibration images whose patch grid the file can be built for."""
-        self._grids = {}
+        self.state.grids = {}
         self.layout_combo.blockSignals(True)
         self.layout_combo.clear()
         for path in images or []:
@@ -213,24 +261,21 @@ class QtExportTab(QWidget):
 
     def _on_layout_image(self, *_args) -> None:
         path = self.layout_image()
-        session = self._host.session
+        session = self._session
         if path is None or session is None:
             self.layout_label.setText("")
             return
-        if path in self._grids:
+        if path in self.state.grids:
             self._show_grid(path)
             return
         self.layout_label.setText(f"reading the patch grid of {Path(path).name}…")
 
         def work():
-            from core.data.grid import patch_layout  # noqa: PLC0415 - the core is imported lazily
-
-            batch = session.preprocessor([path])
-            return path, patch_layout(session.qmodel, batch["pixel_position_ids"]).grid
+            return path, session.patch_grid(path)
 
         def done(payload) -> None:
             shown, grid = payload
-            self._grids[shown] = grid
+            self.state.grids[shown] = grid
             if shown == self.layout_image():
                 self._show_grid(shown)
 
@@ -240,7 +285,7 @@ class QtExportTab(QWidget):
         self._host.submit("reading patch grid", work, takes_progress=False, on_done=done, on_error=failed)
 
     def _show_grid(self, path: str) -> None:
-        rows, cols = self._grids[path]
+        rows, cols = self.state.grids[path]
         self.layout_label.setText(f"the file is fixed to {rows}×{cols} patches of {Path(path).name}")
 
     def choose_path(self) -> None:
@@ -255,7 +300,7 @@ class QtExportTab(QWidget):
 
     def export(self) -> None:
         """Export to the path in the box, in the worker."""
-        session = self._host.session
+        session = self._session
         if session is None or self._task is not None:
             return
         text = self.path_edit.text().strip()
@@ -354,8 +399,6 @@ class QtExportTab(QWidget):
         self._task = None
         self.export_button.setEnabled(True)
         self.progress.end("failed")
-        from core.errors import CancelledError  # noqa: PLC0415
-
         # A cancel's own message already says the earlier file was kept.
         kept = "" if isinstance(exc, CancelledError) else " The earlier file, if any, was left untouched."
         self.message.show_message(error_text(exc) + kept, "error")
@@ -432,7 +475,7 @@ class QtExportTab(QWidget):
 
     def run_threeway(self) -> None:
         """Compare float, fake-quant and the exported Circle file tensor by tensor (in the worker)."""
-        session = self._host.session
+        session = self._session
         result = self.result
         if session is None or result is None or self._threeway_task is not None:
             return
@@ -441,9 +484,7 @@ class QtExportTab(QWidget):
         self.threeway_note.setText(f"Running {Path(str(result.path)).name} beside the float and fake-quant models…")
 
         def work(progress, cancel):
-            from core.analysis.threeway import three_way_session  # noqa: PLC0415 - the core is imported lazily
-
-            return three_way_session(session, result, progress=progress, cancel=cancel)
+            return session.three_way(result, progress=progress, cancel=cancel)
 
         self._threeway_task = self._host.submit(
             "three-way check",
@@ -487,14 +528,14 @@ class QtExportTab(QWidget):
             cells = [
                 (str(r), float(r)),
                 (str(row.module), str(row.module)),
-                (fmt_float(_peir(row.fp_vs_fq)), _num(_peir(row.fp_vs_fq))),
-                (fmt_float(fq_circle) if fq_circle is not None else "n/a", _num(fq_circle)),
-                (f"{100 * float(within):.2f}%" if within is not None else "n/a", _num(within)),
-                (fmt_float(steps, 3) if steps is not None else "n/a", _num(steps)),
-                (fmt_float(fp_circle) if fp_circle is not None else "n/a", _num(fp_circle)),
+                (fmt_float(_peir(row.fp_vs_fq)), scalar(_peir(row.fp_vs_fq))),
+                (fmt_float(fq_circle) if fq_circle is not None else "n/a", scalar(fq_circle)),
+                (f"{100 * float(within):.2f}%" if within is not None else "n/a", scalar(within)),
+                (fmt_float(steps, 3) if steps is not None else "n/a", scalar(steps)),
+                (fmt_float(fp_circle) if fp_circle is not None else "n/a", scalar(fp_circle)),
                 (str(row.dtype), str(row.dtype)),
-                (fmt_float(row.scale), _num(row.scale)),
-                (fmt_float(row.zero_point, 6), _num(row.zero_point)),
+                (fmt_float(row.scale), scalar(row.scale)),
+                (fmt_float(row.zero_point, 6), scalar(row.zero_point)),
                 ("×".join(str(int(d)) for d in row.shape) if row.shape is not None else "", str(row.shape)),
                 (str(row.tensor), str(row.tensor)),
             ]
@@ -508,8 +549,8 @@ class QtExportTab(QWidget):
             if verdict:
                 tip += f"\nverdict: {verdict}"
             for c, (text, key) in enumerate(cells):
-                item = _KeyItem(text)
-                item.setData(SORT_ROLE, key)
+                item = SortKeyItem(text)
+                item.setData(SORT_KEY_ROLE, key)
                 item.setToolTip(tip)
                 if c in self.NUMERIC_COLUMNS:
                     item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
@@ -524,8 +565,6 @@ class QtExportTab(QWidget):
     def _on_threeway_error(self, exc: BaseException) -> None:
         self._threeway_task = None
         self.threeway_button.setEnabled(self.result is not None)
-        from core.errors import CancelledError  # noqa: PLC0415
-
         if isinstance(exc, CancelledError):
             self.threeway_progress.end("cancelled")
             self.threeway_note.setText("Three-way check cancelled.")
@@ -534,18 +573,6 @@ class QtExportTab(QWidget):
         self.threeway_note.setText(error_text(exc))
         self.threeway_note.setStyleSheet("color: #b00020; font-weight: 600;")
         self._host.show_error(exc)
-
-
-class _KeyItem(QTableWidgetItem):
-    """Sorts by SORT_ROLE (numbers as numbers, missing values last)."""
-
-    def __lt__(self, other: QTableWidgetItem) -> bool:
-        a, b = self.data(SORT_ROLE), other.data(SORT_ROLE)
-        if isinstance(a, float) or isinstance(b, float):
-            a = float("inf") if a is None or a != a else float(a)
-            b = float("inf") if b is None or b != b else float(b)
-            return a < b
-        return str(a) < str(b)
 
 
 def _peir(value):
@@ -570,11 +597,3 @@ def _field(row, *names):
                 except (TypeError, ValueError):
                     continue
     return None
-
-
-def _num(value) -> float:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        return float("nan")
-    return float(arr.max()) if arr.size else float("nan")

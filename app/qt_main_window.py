@@ -2,51 +2,37 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
-from PySide6.QtCore import QSettings, QSize, QStandardPaths, Qt, QTimer, Slot
+from PySide6.QtCore import QSettings, QSize, Qt, Slot
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
-    QComboBox,
     QDockWidget,
     QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QLabel,
     QMainWindow,
     QMenu,
-    QPlainTextEdit,
-    QPushButton,
     QTabWidget,
-    QVBoxLayout,
-    QWidget,
 )
 
+from app.events import SessionSubscriptions
 from app.qt_ab_tab import QtABTab
 from app.qt_calibration_tab import QtCalibrationTab
-from app.qt_common import error_text, fmt_bytes
+from app.qt_common import calibration_text, error_text, fmt_bytes
 from app.qt_errors_tab import QtErrorsTab
 from app.qt_export_tab import QtExportTab
+from app.qt_model_panel import QtModelPanel, config_from_settings
 from app.qt_netron_tab import QtNetronTab
 from app.qt_ranges_tab import QtRangesTab
+from app.qt_status_bar import QtStatusFields
+from app.qt_window_settings import WindowSettings
 from app.workers import SessionRunner, Task
-from core.config import build_config
+from core.analysis.abtest import owner_modules
+from core.config import PTQConfig
+from core.data.images import DEFAULT_SOFT_TOKENS, SUPPORTED_SOFT_TOKENS
 from core.models import SPECS
-
-DTYPES = ["uint8", "int8", "int16", "uint4", "int4"]
-OBSERVERS = ["minmax", "ema", "percentile"]
-SOFT_TOKENS = [70, 140, 280, 560, 1120]
-# The built-in weights are random (seeded); the names say so, so a low SQNR is not read as a broken quantizer.
-MODEL_CHOICES = [
-    ("Built-in tiny model (random weights)", "tiny"),
-    ("Gemma 4 E2B-shaped model (random weights)", "e2b"),
-    ("E2B-shaped, chaotic init (stress test)", "e2b-chaotic"),
-]
-MAX_RECENT = 8
+from core.session import Session
 
 
 def _check_keep_float(session, config) -> None:
@@ -54,140 +40,15 @@ def _check_keep_float(session, config) -> None:
     qmodel = getattr(session, "qmodel", None)
     if qmodel is None:  # stand-in sessions of the tests have no wrapped model
         return
-    from core.analysis.abtest import owner_modules  # noqa: PLC0415
-
     config.check_globs(owner_modules(qmodel), "keep-float")
 
 
-def _default_session_factory(model_spec: str, config, max_soft_tokens: int):
-    from core.session import Session  # noqa: PLC0415 - the core is imported once the UI is up
-
+def _default_session_factory(model_spec: str, config, max_soft_tokens: int) -> Session:
     return Session(model_spec=model_spec, config=config, max_soft_tokens=max_soft_tokens)
 
 
-def _default_session_loader(folder: str):
-    from core.session import Session  # noqa: PLC0415
-
+def _default_session_loader(folder: str) -> Session:
     return Session.load(folder)
-
-
-class QtModelPanel(QWidget):
-    """Which model, and how to quantize it."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setObjectName("modelPanel")
-        self.checkpoint_folder: str | None = None
-
-        self.model_combo = QComboBox()
-        self.model_combo.setObjectName("modelCombo")
-        for title, spec in MODEL_CHOICES:
-            self.model_combo.addItem(title, spec)
-            self.model_combo.setItemData(
-                self.model_combo.count() - 1,
-                "Weights drawn from a fixed seed, not trained: the shapes and cost are real, the accuracy is not. "
-                "Open a checkpoint folder for a trained model.",
-                Qt.ToolTipRole,
-            )
-        self.open_checkpoint_button = QPushButton("Open checkpoint folder…")
-        self.model_info = QLabel("loading…")
-        self.model_info.setWordWrap(True)
-        self.model_info.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.model_info.setStyleSheet("color: palette(dark);")
-
-        model_box = QGroupBox("Model")
-        ml = QVBoxLayout(model_box)
-        ml.addWidget(self.model_combo)
-        ml.addWidget(self.open_checkpoint_button)
-        ml.addWidget(self.model_info)
-
-        self.activation_combo = QComboBox()
-        self.activation_combo.setObjectName("activationDtype")
-        self.activation_combo.addItems(DTYPES)
-        self.weight_combo = QComboBox()
-        self.weight_combo.setObjectName("weightDtype")
-        self.weight_combo.addItems(DTYPES)
-        self.observer_combo = QComboBox()
-        self.observer_combo.setObjectName("observerKind")
-        self.observer_combo.addItems(OBSERVERS)
-        self.tokens_combo = QComboBox()
-        self.tokens_combo.setObjectName("maxSoftTokens")
-        for n in SOFT_TOKENS:
-            self.tokens_combo.addItem(str(n), n)
-        self.tokens_combo.setCurrentIndex(SOFT_TOKENS.index(280))
-        self.keep_float_edit = QPlainTextEdit()
-        self.keep_float_edit.setObjectName("keepFloatGlobs")
-        self.keep_float_edit.setPlaceholderText("one glob per line, e.g.\nencoder.layers.0.*\n*.mlp.down_proj")
-        self.keep_float_edit.setMaximumHeight(90)
-        self.apply_button = QPushButton("Apply settings")
-        self.apply_button.setObjectName("applySettingsButton")
-        self.apply_button.setEnabled(False)
-        self.dirty_label = QLabel("")
-        self.dirty_label.setWordWrap(True)
-        self.dirty_label.setStyleSheet("color: #b26a00;")
-
-        quant_box = QGroupBox("Quantization")
-        form = QFormLayout(quant_box)
-        form.addRow("Activations:", self.activation_combo)
-        form.addRow("Weights:", self.weight_combo)
-        form.addRow("Observer:", self.observer_combo)
-        form.addRow("Max soft tokens:", self.tokens_combo)
-        form.addRow(QLabel("Keep in float (globs):"))
-        form.addRow(self.keep_float_edit)
-        form.addRow(self.apply_button)
-        form.addRow(self.dirty_label)
-
-        summary_box = QGroupBox("Session")
-        summary = QFormLayout(summary_box)
-        self.summary: dict[str, QLabel] = {}
-        for key, title in (
-            ("state", "State"),
-            ("images", "Images"),
-            ("calibration", "Calibration"),
-            ("end_to_end", "End-to-end"),
-            ("overrides", "A/B overrides"),
-            ("export", "Last export"),
-        ):
-            label = QLabel("—")
-            label.setWordWrap(True)
-            label.setTextInteractionFlags(Qt.TextSelectableByMouse)
-            self.summary[key] = label
-            summary.addRow(title + ":", label)
-        self.summary_form = summary
-        summary.setRowVisible(self.summary["overrides"], False)  # shown once an A/B merge adds some
-
-        layout = QVBoxLayout(self)
-        layout.addWidget(model_box)
-        layout.addWidget(quant_box)
-        layout.addWidget(summary_box)
-        layout.addStretch(1)
-
-    def keep_float_globs(self) -> list[str]:
-        """Non-empty lines of the keep-float box."""
-        return [line.strip() for line in self.keep_float_edit.toPlainText().splitlines() if line.strip()]
-
-    def model_spec(self) -> str:
-        """tiny, e2b or the checkpoint folder."""
-        return str(self.model_combo.currentData())
-
-    def settings(self) -> dict[str, Any]:
-        """Every setting as plain values."""
-        return {
-            "model_spec": self.model_spec(),
-            "activation": self.activation_combo.currentText(),
-            "weight": self.weight_combo.currentText(),
-            "observer": self.observer_combo.currentText(),
-            "max_soft_tokens": int(self.tokens_combo.currentData()),
-            "keep_float": self.keep_float_globs(),
-        }
-
-    def set_model_spec(self, spec: str) -> None:
-        """Select (or add) the model entry for spec."""
-        index = self.model_combo.findData(spec)
-        if index < 0:
-            self.model_combo.addItem(f"Checkpoint: {Path(spec).name}", spec)
-            index = self.model_combo.count() - 1
-        self.model_combo.setCurrentIndex(index)
 
 
 class QtMainWindow(QMainWindow):
@@ -197,7 +58,7 @@ class QtMainWindow(QMainWindow):
         self,
         model_spec: str = "tiny",
         images: list[Path] | None = None,
-        max_soft_tokens: int = 280,
+        max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
         settings: QSettings | None = None,
         session_factory: Callable[..., Any] | None = None,
         session_loader: Callable[[str], Any] | None = None,
@@ -206,9 +67,13 @@ class QtMainWindow(QMainWindow):
         self._ready = False
         self.setWindowTitle("PTQ Studio")
         self.settings = settings if settings is not None else QSettings("PTQ Studio", "PTQ Studio")
+        self.memory = WindowSettings(self.settings)
         self._session_factory = session_factory or _default_session_factory
         self._session_loader = session_loader or _default_session_loader
         self.session = None
+        self._subscriptions = SessionSubscriptions()
+        # The statistics the summary and the analysis tabs describe (Session.stats_version).
+        self._shown_stats_version = 0
         self._deferred: list[Callable[[], None]] = []
         self._applied: dict[str, Any] = {}
         # Per-module overrides that came from an A/B comparison ("Apply merged config"); the
@@ -235,9 +100,7 @@ class QtMainWindow(QMainWindow):
         self.tabs.addTab(self.export_tab, "Export")
         self.tabs.addTab(self.netron_tab, "Netron")
         self.setCentralWidget(self.tabs)
-        self.calibration_tab.sigCalibrated.connect(self._on_calibrated)
-        self.errors_tab.sigEvaluated.connect(self._on_evaluated)
-        self.export_tab.sigExported.connect(self._on_exported)
+        self.calibration_tab.sigCalibrated.connect(self._on_calibration_run)
         self.export_tab.sigOpenInNetron.connect(self.open_in_netron)
 
         # model panel
@@ -248,7 +111,7 @@ class QtMainWindow(QMainWindow):
         self.dock.setWidget(self.model_panel)
         self.addDockWidget(Qt.LeftDockWidgetArea, self.dock)
         self.model_panel.set_model_spec(model_spec)
-        self.model_panel.tokens_combo.setCurrentIndex(SOFT_TOKENS.index(max_soft_tokens) if max_soft_tokens in SOFT_TOKENS else 2)
+        self.model_panel.tokens_combo.setCurrentIndex(SUPPORTED_SOFT_TOKENS.index(max_soft_tokens) if max_soft_tokens in SUPPORTED_SOFT_TOKENS else SUPPORTED_SOFT_TOKENS.index(DEFAULT_SOFT_TOKENS))
         for widget in (
             self.model_panel.model_combo,
             self.model_panel.activation_combo,
@@ -266,8 +129,6 @@ class QtMainWindow(QMainWindow):
         self._restore_window()
         self._ready = True
 
-        self._auto_export_path = self.default_export_path(model_spec)
-        self.export_tab.path_edit.setText(self._auto_export_path)
         self._load_session(self.model_panel.settings(), images=list(images or []))
 
     # -- menu and status ----------------------------------------------------------------
@@ -294,43 +155,18 @@ class QtMainWindow(QMainWindow):
         self._rebuild_recent_menu()
 
     def _build_status_bar(self) -> None:
-        bar = self.statusBar()
-        self.status_model = QLabel()
-        self.status_params = QLabel()
-        self.status_images = QLabel()
-        self.status_mode = QLabel()
-        self.status_memory = QLabel()
-        for label in (self.status_model, self.status_params, self.status_images, self.status_mode, self.status_memory):
-            label.setContentsMargins(6, 0, 6, 0)
-            bar.addPermanentWidget(label)
-        self._memory_timer = QTimer(self)
-        self._memory_timer.setInterval(2000)
-        self._memory_timer.timeout.connect(self._update_memory)
-        self._memory_timer.start()
-        self._process = psutil.Process(os.getpid())
-        self._update_memory()
+        self.status_fields = QtStatusFields(self.statusBar())
+        # The fields by their old names, which the tests read.
+        self.status_model, self.status_images = self.status_fields.model, self.status_fields.images
+        self.status_mode, self.status_memory = self.status_fields.mode, self.status_fields.memory
         self.refresh_status()
 
-    def _update_memory(self) -> None:
-        try:
-            rss = self._process.memory_info().rss
-        except psutil.Error:
-            return
-        self.status_memory.setText(f"memory {fmt_bytes(rss)}")
-
-    def refresh_status(self) -> None:
+    def refresh_status(self, *_args) -> None:
         """Update the model, parameters, images and mode fields."""
         if not getattr(self, "_ready", False):
             return
         s = self.session
-        info = getattr(s, "model_info", None) or {}
-        self.status_model.setText(f"model: {info.get('name', self.model_panel.model_spec())}")
-        params = info.get("parameters")
-        self.status_params.setText(f"{params / 1e6:.2f} M params" if isinstance(params, (int, float)) else "")
-        statuses = list(self.calibration_tab.entries_by_status().values())
-        self.status_images.setText(
-            f"images: {len(statuses)} ({statuses.count('rejected')} rejected)" if statuses else "images: 0"
-        )
+        statuses = [e.status for e in tuple(getattr(s, "images", ()))]
         state = getattr(s, "state", "loading") if s is not None else "loading"
         # The task the worker runs now, not the one submitted last; what waits is named apart.
         running = self.runner.running()
@@ -338,7 +174,7 @@ class QtMainWindow(QMainWindow):
         mode = f"{running}…" if running else state
         if queued:
             mode += f" (queued: {', '.join(queued)})"
-        self.status_mode.setText(f"mode: {mode}")
+        self.status_fields.show(getattr(s, "model_info", None) or {}, self.model_panel.model_spec(), statuses, mode)
         summary = self.model_panel.summary
         summary["state"].setText(mode)
         summary["images"].setText(
@@ -355,45 +191,19 @@ class QtMainWindow(QMainWindow):
     # -- settings persistence -----------------------------------------------------------
     def last_folder(self, key: str) -> str:
         """The folder a dialog of this kind opened last (home by default)."""
-        home = QStandardPaths.writableLocation(QStandardPaths.HomeLocation) or str(Path.home())
-        value = self.settings.value(f"folders/{key}", home)
-        return str(value) if value and Path(str(value)).is_dir() else home
-
-    def default_export_path(self, model_spec: str) -> str:
-        """Where an export goes unless the user chose: named for the model, in the folder of the
-        last export, else Documents, else the folder the app was started from (home last)."""
-        name = model_spec if model_spec in SPECS else (Path(model_spec).name or "model")
-        folder = self.settings.value("folders/export")
-        if not (folder and Path(str(folder)).is_dir()):
-            documents = QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation)
-            cwd = Path.cwd()
-            if documents and Path(documents).is_dir():
-                folder = documents
-            elif os.access(cwd, os.W_OK) and cwd != Path(cwd.anchor):
-                folder = str(cwd)
-            else:
-                folder = self.last_folder("export")
-        return str(Path(str(folder)) / f"gemma4_vision_{name}.circle")
-
-    def _follow_model_in_export_path(self, model_spec: str) -> None:
-        # Only a path the window chose itself follows the model; one the user typed stays.
-        if self.export_tab.path_edit.text() == self._auto_export_path:
-            self._auto_export_path = self.default_export_path(model_spec)
-            self.export_tab.path_edit.setText(self._auto_export_path)
+        return self.memory.last_folder(key)
 
     def remember_folder(self, key: str, folder: str) -> None:
         """Remember the folder of a dialog for next time."""
-        self.settings.setValue(f"folders/{key}", folder)
+        self.memory.remember_folder(key, folder)
+
+    def default_export_path(self, model_spec: str) -> str:
+        """Where an export goes unless the user chose (see WindowSettings.default_export_path)."""
+        return self.memory.default_export_path(model_spec)
 
     def _restore_window(self) -> None:
-        geometry = self.settings.value("window/geometry")
-        state = self.settings.value("window/state")
-        if geometry is not None:
-            self.restoreGeometry(geometry)
-        else:
+        if not self.memory.restore_window(self):
             self.resize(self.default_size())
-        if state is not None:
-            self.restoreState(state)
         self.dock.setMinimumWidth(250)
 
     def default_size(self) -> QSize:
@@ -405,21 +215,12 @@ class QtMainWindow(QMainWindow):
         # Leave room for the window frame and title bar, which the size does not include.
         return QSize(min(1360, free.width() - 16), min(860, free.height() - 40))
 
-    def _save_window(self) -> None:
-        self.settings.setValue("window/geometry", self.saveGeometry())
-        self.settings.setValue("window/state", self.saveState())
-        self.settings.sync()
-
     def recent_sessions(self) -> list[str]:
         """Saved or opened session folders, newest first."""
-        value = self.settings.value("recentSessions", [])
-        if isinstance(value, str):
-            value = [value]
-        return [str(v) for v in (value or [])]
+        return self.memory.recent_sessions()
 
     def _add_recent(self, folder: str) -> None:
-        items = [folder] + [f for f in self.recent_sessions() if f != folder]
-        self.settings.setValue("recentSessions", items[:MAX_RECENT])
+        self.memory.add_recent(folder)
         self._rebuild_recent_menu()
 
     def _rebuild_recent_menu(self) -> None:
@@ -442,15 +243,9 @@ class QtMainWindow(QMainWindow):
         """Run fn once a session exists."""
         self._deferred.append(fn)
 
-    def build_config(self, settings: dict[str, Any]):
-        """A core.config.PTQConfig from the panel's values."""
-        return build_config(
-            activation=settings["activation"],
-            weight=settings["weight"],
-            observer=settings["observer"],
-            overrides=self.extra_overrides,
-            keep_float=settings["keep_float"],
-        )
+    def build_config(self, settings: dict[str, Any]) -> PTQConfig:
+        """A core.config.PTQConfig from the panel's values plus the A/B overrides."""
+        return config_from_settings(settings, self.extra_overrides)
 
     def _load_session(self, settings: dict[str, Any], images: list[Path]) -> None:
         self.model_panel.model_info.setText(f"loading {settings['model_spec']}…")
@@ -463,52 +258,76 @@ class QtMainWindow(QMainWindow):
             _check_keep_float(session, config)
             if images:
                 session.add_images(images)
-            return session, [e for e in session.images]
+            return session
 
         self.submit(
             "loading model",
             work,
             takes_progress=False,
-            on_done=lambda payload: self._on_session_ready(payload, settings),
+            on_done=lambda session: self._on_session_ready(session, settings),
             on_error=self._on_session_failed,
         )
 
-    def _on_session_ready(self, payload, settings: dict[str, Any]) -> None:
-        session, entries = payload
+    def _on_session_ready(self, session, settings: dict[str, Any]) -> None:
+        # The one thing the window tells the tabs about a new session: here it is; they subscribe.
         self.session = session
         self._applied = dict(settings)
+        self._subscriptions.replace(
+            session.events,
+            {
+                "images_changed": self.refresh_status,
+                "config_changed": self._on_config_changed,
+                "calibrated": self._on_statistics,
+                "evaluated": self._on_evaluated,
+                "exported": self._on_exported,
+            },
+        )
+        self.calibration_tab.set_session(session)
+        self.export_tab.set_session(session)
         self._reset_summary()
         self._show_model_info()
-        self._follow_model_in_export_path(str(getattr(session, "model_spec", settings["model_spec"])))
-        self.calibration_tab.show_entries(entries)
-        self.ranges_tab.clear()
-        self.errors_tab.clear()
-        self._on_config_changed()
-        if getattr(session, "state", "") == "calibrated":
-            self.ranges_tab.refresh()
-            self._show_calibration(getattr(session, "calibration", None))
+        self._show_overrides()
+        self._shown_stats_version = session.stats_version
+        if session.state == "calibrated":
+            self._show_calibration(session.calibration)
+        self._unsubscribed_tabs_session_replaced(session)
         self._on_settings_edited()
         self.refresh_status()
         deferred, self._deferred = self._deferred, []
         for fn in deferred:
             fn()
 
+    # -- pushes to the tabs that do not subscribe to session.events yet -------------------
+    # Ranges and Errors (helper "tabs") and A/B (helper "ab") still expose these methods; each
+    # line goes once its tab follows the session itself (set_session + app.events.on_gui_thread).
+    def _unsubscribed_tabs_session_replaced(self, session) -> None:
+        self.ranges_tab.clear()
+        self.errors_tab.clear()
+        self.ab_tab.clear()
+        self.ab_tab.show_config_a(session.config)
+        if session.state == "calibrated":
+            self.ranges_tab.refresh()
+
+    def _unsubscribed_tabs_config_changed(self, config) -> None:
+        self.ranges_tab.clear()
+        self.errors_tab.clear()
+        self.ab_tab.clear()
+        self.ab_tab.show_config_a(config)
+
+    def _unsubscribed_tabs_statistics_changed(self) -> None:
+        self.ranges_tab.refresh()
+        self.errors_tab.evaluate()
+        self.ab_tab.clear()  # A's statistics changed: the comparison no longer holds
+
+    # -- the session's events -------------------------------------------------------------
     def _reset_summary(self) -> None:
         for key in ("calibration", "end_to_end", "export"):
             self.model_panel.summary[key].setText("—")
-        self.export_tab.set_calibration(None)
 
     def _show_calibration(self, calibration) -> None:
-        """The summary line and the Export tab for the calibration now in force."""
-        if calibration is None:
-            text = "a loaded session"
-        else:
-            secs = float(getattr(calibration, "seconds", 0.0) or 0.0)
-            tail = " (cancelled)" if calibration.cancelled else ""
-            text = f"{calibration.images_done}/{calibration.total_images} images in {secs:.1f} s{tail}"
-            self.model_panel.summary["calibration"].setText(text)
-        used = [p for p, status in self.calibration_tab.entries_by_status().items() if status == "used"]
-        self.export_tab.set_calibration(text, used)
+        """The summary line for the calibration now in force."""
+        if calibration is not None:
+            self.model_panel.summary["calibration"].setText(calibration_text(calibration))
 
     def _on_session_failed(self, exc: BaseException) -> None:
         text = error_text(exc)
@@ -526,19 +345,8 @@ class QtMainWindow(QMainWindow):
         self.refresh_status()
 
     def _show_model_info(self) -> None:
-        info = getattr(self.session, "model_info", None) or {}
-        parts = [str(info.get("name", "model"))]
-        if isinstance(info.get("parameters"), (int, float)):
-            parts.append(f"{info['parameters'] / 1e6:.2f} M parameters")
-        if info.get("layers") is not None:
-            parts.append(f"{info['layers']} layers")
-        if info.get("hidden_size") is not None:
-            parts.append(f"hidden {info['hidden_size']}")
         spec = str(getattr(self.session, "model_spec", self.model_panel.model_spec()))
-        if spec in SPECS:
-            # Built-in weights are drawn from a seed, not trained: low SQNR here says nothing of the quantizer.
-            parts.append("random weights (seeded), not a trained model")
-        self.model_panel.model_info.setText(" · ".join(parts))
+        self.model_panel.show_model_info(getattr(self.session, "model_info", None) or {}, spec in SPECS)
 
     def _on_settings_edited(self, *_args, keep_message: bool = False) -> None:
         if not self._ready:
@@ -582,7 +390,8 @@ class QtMainWindow(QMainWindow):
     def apply_settings(self) -> None:
         """Apply the panel: reload the model if it changed, else re-prepare with the new config."""
         settings = self.model_panel.settings()
-        images = [Path(p) for p in self.calibration_tab.entries_by_status()]
+        # A snapshot taken here, on the GUI thread: the worker gets a list nobody else mutates.
+        images = [Path(e.path) for e in tuple(getattr(self.session, "images", ()))]
         reload = (
             self.session is None
             or settings["model_spec"] != self._applied.get("model_spec")
@@ -599,15 +408,10 @@ class QtMainWindow(QMainWindow):
             config = self.build_config(settings)
             _check_keep_float(session, config)
             session.set_config(config)
-            return [e for e in session.images]
 
-        def done(entries):
+        def done(_result):
+            # The tabs and the summary followed session.events.config_changed already.
             self._applied = dict(settings)
-            self._reset_summary()
-            self.calibration_tab.show_entries(entries)
-            self.ranges_tab.clear()
-            self.errors_tab.clear()
-            self._on_config_changed()
             self._on_settings_edited()
             self.statusBar().showMessage("Settings applied; calibrate again.", 8000)
             self.refresh_status()
@@ -642,37 +446,40 @@ class QtMainWindow(QMainWindow):
         self.model_panel.summary["export"].setToolTip(str(result.path))
 
     @Slot(object)
-    def _on_calibrated(self, result) -> None:
+    def _on_calibration_run(self, result) -> None:
         if result.cancelled and self.calibration_tab.restored:
-            # The core put the earlier statistics back: the summary, ranges and errors shown
-            # still describe them, so nothing is redrawn or re-evaluated.
             self.statusBar().showMessage("Calibration cancelled; the earlier calibration is restored.", 8000)
-            self.refresh_status()
-            return
         self.refresh_status()
-        # The worker has finished, so reading the state here races with nothing.
-        if getattr(self.session, "state", "") == "calibrated":
-            self._show_calibration(result)
-            self.ranges_tab.refresh()
-            self.errors_tab.evaluate()
-            self.ab_tab.clear()  # A's statistics changed: the comparison no longer holds
+
+    def _on_statistics(self, version: int) -> None:
+        self.refresh_status()
+        if version and version == self._shown_stats_version:
+            # The same statistics (a cancelled run put them back): the summary, ranges and
+            # errors shown still describe them, so nothing is redrawn or re-evaluated.
+            return
+        self._shown_stats_version = version
+        session = self.session
+        if version:
+            self._show_calibration(session.calibration)
+            self.model_panel.summary["end_to_end"].setText("—")
+            self._unsubscribed_tabs_statistics_changed()
         else:
+            cal = session.calibration
             self.model_panel.summary["calibration"].setText(
-                f"none ({result.images_done}/{result.total_images} images, cancelled)"
+                f"none ({cal.images_done}/{cal.total_images} images, cancelled)" if cal is not None else "—"
             )
 
     def after_recalibration(self, result, entries: list) -> None:
-        """Show a recalibration started outside the Calibration tab (exclude / include an image)."""
-        self.calibration_tab.show_entries(entries)
-        if result.cancelled:
-            # The core put the earlier statistics and statuses back: nothing else to redraw.
-            self.refresh_status()
-            return
-        self._on_calibrated(result)
+        """Kept for the Ranges tab's calls: the session's events already redrew everything."""
+        self.refresh_status()
 
-    def _on_config_changed(self) -> None:
-        self.ab_tab.clear()
-        self.ab_tab.show_config_a(getattr(self.session, "config", None))
+    def _on_config_changed(self, config) -> None:
+        self._shown_stats_version = 0
+        self._reset_summary()
+        self._show_overrides()
+        self._unsubscribed_tabs_config_changed(config)
+
+    def _show_overrides(self) -> None:
         n = len(self.extra_overrides)
         label = self.model_panel.summary["overrides"]
         label.setText(f"{n} per-module override(s)" if n else "—")
@@ -686,19 +493,11 @@ class QtMainWindow(QMainWindow):
             return
         extra = {glob: o for glob, o in dict(config.overrides).items() if not getattr(o, "keep_float", False)}
 
-        def work():
-            session.set_config(config)
-            return [e for e in session.images]
-
-        def done(entries):
+        def done(_result):
             self.extra_overrides = extra
-            self._apply_config_to_panel(config)
+            self._show_overrides()
+            self.model_panel.show_config(config)
             self._applied = dict(self.model_panel.settings())
-            self._reset_summary()
-            self.calibration_tab.show_entries(entries)
-            self.ranges_tab.clear()
-            self.errors_tab.clear()
-            self._on_config_changed()
             self._on_settings_edited()
             self.tabs.setCurrentWidget(self.calibration_tab)
             self.calibration_tab.calibrate()
@@ -707,7 +506,7 @@ class QtMainWindow(QMainWindow):
             self.show_error(exc)
             self.ab_tab.message.show_message(error_text(exc), "error")
 
-        self.submit("applying merged config", work, takes_progress=False, on_done=done, on_error=failed)
+        self.submit("applying merged config", lambda: session.set_config(config), takes_progress=False, on_done=done, on_error=failed)
 
     def _export_from_menu(self) -> None:
         self.tabs.setCurrentWidget(self.export_tab)
@@ -731,12 +530,7 @@ class QtMainWindow(QMainWindow):
         """Load a saved session in the worker; the current one stays until it succeeds."""
         loader = self._session_loader
 
-        def work():
-            session = loader(folder)
-            return session, [e for e in session.images]
-
-        def done(payload):
-            session = payload[0]
+        def done(session):
             cfg = getattr(session, "config", None)
             settings = dict(self.model_panel.settings())
             settings["model_spec"] = str(getattr(session, "model_spec", settings["model_spec"]))
@@ -745,33 +539,14 @@ class QtMainWindow(QMainWindow):
             overrides = dict(getattr(cfg, "overrides", None) or {})
             self.extra_overrides = {g: o for g, o in overrides.items() if not getattr(o, "keep_float", False)}
             self.model_panel.set_model_spec(settings["model_spec"])
-            if settings["max_soft_tokens"] in SOFT_TOKENS:
-                self.model_panel.tokens_combo.setCurrentIndex(SOFT_TOKENS.index(settings["max_soft_tokens"]))
-            self._apply_config_to_panel(cfg)
+            if settings["max_soft_tokens"] in SUPPORTED_SOFT_TOKENS:
+                self.model_panel.tokens_combo.setCurrentIndex(SUPPORTED_SOFT_TOKENS.index(settings["max_soft_tokens"]))
+            self.model_panel.show_config(cfg)
             self._add_recent(folder)
-            self._on_session_ready(payload, self.model_panel.settings())
+            self._on_session_ready(session, self.model_panel.settings())
             self.statusBar().showMessage(f"Opened session {folder}", 8000)
 
-        self.submit("opening session", work, takes_progress=False, on_done=done, on_error=self.show_error)
-
-    def _apply_config_to_panel(self, cfg) -> None:
-        if cfg is None:
-            return
-        panel = self.model_panel
-        for combo, value in (
-            (panel.activation_combo, getattr(getattr(cfg, "activation", None), "dtype", None)),
-            (panel.weight_combo, getattr(getattr(cfg, "weight", None), "dtype", None)),
-            (panel.observer_combo, getattr(cfg, "observer", None)),
-        ):
-            if value is not None and combo.findText(str(value)) >= 0:
-                combo.setCurrentIndex(combo.findText(str(value)))
-        overrides = getattr(cfg, "overrides", None) or {}
-        globs = [
-            g
-            for g, spec in overrides.items()
-            if spec == "float" or getattr(spec, "keep_float", False) or getattr(spec, "dtype", None) == "float"
-        ]
-        panel.keep_float_edit.setPlainText("\n".join(globs))
+        self.submit("opening session", lambda: loader(folder), takes_progress=False, on_done=done, on_error=self.show_error)
 
     def choose_session_to_save(self) -> None:
         """Pick a folder and save the session there."""
@@ -798,11 +573,11 @@ class QtMainWindow(QMainWindow):
         if getattr(self, "_shut_down", False):
             return
         self._shut_down = True
-        self._memory_timer.stop()
-        self._save_window()
+        self.status_fields.stop()
+        self.memory.save_window(self)
+        self._subscriptions.clear()
         self.runner.shutdown()
-        self.calibration_tab._pool.clear()
-        self.calibration_tab._pool.waitForDone(5000)
+        self.calibration_tab.shutdown()
         self.netron_tab.shutdown()
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override

@@ -26,12 +26,12 @@ _ALLOWED_SCHEMES = {"data", "blob", "about", "qrc"}
 
 def _webengine():
     """Import Qt WebEngine lazily: it is heavy and may be missing or broken on a bare machine."""
-    from PySide6.QtWebEngineCore import (  # noqa: PLC0415 - optional dependency
+    from PySide6.QtWebEngineCore import (  # noqa: PLC0415 -- optional and heavy: the tab works without it
         QWebEnginePage,
         QWebEngineProfile,
         QWebEngineUrlRequestInterceptor,
     )
-    from PySide6.QtWebEngineWidgets import QWebEngineView  # noqa: PLC0415
+    from PySide6.QtWebEngineWidgets import QWebEngineView  # noqa: PLC0415 -- optional, as above
 
     class LocalOnlyInterceptor(QWebEngineUrlRequestInterceptor):
         """Blocks every request that is not for the local netron server (no telemetry, no lookups)."""
@@ -195,7 +195,7 @@ class QtNetronTab(QWidget):
         """Stop the server and release the web engine objects in a safe order."""
         self.server.stop()
         if self.view is not None:
-            import shiboken6  # noqa: PLC0415
+            import shiboken6  # noqa: PLC0415 -- only needed when a web view was made
 
             self.view.stop()
             self.stack.removeWidget(self.view)

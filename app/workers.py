@@ -55,7 +55,7 @@ class _SessionWorker(QObject):
     @Slot(object)
     def run_task(self, task: Task) -> None:
         # Grad mode is thread-local: entering no_grad on the UI thread would not reach here.
-        import torch
+        import torch  # noqa: PLC0415 -- torch stays off this module's import path
 
         def progress(done: int, total: int, message: str = "") -> None:
             self.sigProgress.emit(task.task_id, int(done), int(total), str(message))

@@ -399,6 +399,33 @@ def test_save_and_open_session_with_recent_list(calibrated, qtbot, tmp_path):
     _wait_idle(qtbot, window)
 
 
+def test_tabs_follow_the_session_whoever_changes_it(make_window, sample_images, qtbot, tmp_path):
+    """A change made to the Session by any caller reaches the tabs through its events, and a
+    replaced session's events reach them no more."""
+    window = make_window(sample_images[:2])
+    session = window.session
+    # Straight on the worker, not through the Calibration tab, as any caller would.
+    window.submit("add images", lambda: session.add_images(sample_images[2:3]), takes_progress=False)
+    qtbot.waitUntil(lambda: len(window.calibration_tab.entries_by_status()) == 3, timeout=LONG)
+    assert "images: 3" in window.status_images.text()
+    assert window.export_tab.message.text() == window.export_tab.NOT_CALIBRATED
+    with qtbot.waitSignal(window.errors_tab.sigEvaluated, timeout=LONG):
+        window.submit("calibrate", lambda progress, cancel: session.calibrate(progress=progress, cancel=cancel))
+    _wait_idle(qtbot, window)
+    assert set(window.calibration_tab.entries_by_status().values()) == {"used"}
+    assert "Ready to export: calibrated on 3/3 images" in window.export_tab.message.text()
+    assert window.model_panel.summary["calibration"].text().startswith("3/3 images")
+
+    window.save_session(str(tmp_path / "saved"))
+    _wait_idle(qtbot, window)
+    window.open_session(str(tmp_path / "saved"))
+    _wait_idle(qtbot, window)
+    assert window.session is not session
+    # The replaced session, changed on this (the GUI) thread, where a subscriber would run at once.
+    session.clear_images()
+    assert len(window.calibration_tab.entries_by_status()) == 3
+
+
 def test_open_session_failure_keeps_the_current_session(calibrated, qtbot, tmp_path):
     window = calibrated
     before = window.session
