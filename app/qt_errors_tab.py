@@ -8,7 +8,6 @@ scatter are pieces in their own files.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QItemSelectionModel, QSortFilterProxyModel, Qt, Signal
@@ -27,7 +26,6 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.events import on_gui_thread
 from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, plural
 from app.qt_depth_chart import QtDepthChart
 from app.qt_divergence_panel import QtDivergenceBanner, QtDivergenceChart
@@ -36,6 +34,7 @@ from app.qt_error_scatter import QtErrorScatterPanel
 from app.qt_heatmap import QtPatchHeatmap
 from app.qt_module_errors_table import SORT_ROLE, ModuleErrorModel
 from app.qt_sensitivity_table import QtSensitivityTable
+from app.session_subscription import SessionSubscription
 from app.tab_state import ErrorsState, ImageSnapshot
 
 if TYPE_CHECKING:
@@ -51,7 +50,7 @@ class QtErrorsTab(QWidget):
         super().__init__()
         self._host = host
         self.session: Any = None
-        self._unsubscribe: list[Callable[[], None]] = []
+        self._events = SessionSubscription()
         self.state = ErrorsState()
         self.images = ImageSnapshot()
         self._eval_task = None
@@ -247,17 +246,8 @@ class QtErrorsTab(QWidget):
     # -- the session's events -----------------------------------------------------------
     def set_session(self, session) -> None:
         """Follow this session's events from now on (and forget what the previous one showed)."""
-        for unsubscribe in self._unsubscribe:
-            unsubscribe()
         self.session = session
-        self._unsubscribe = []
-        if session is not None:
-            events = session.events
-            self._unsubscribe = [
-                on_gui_thread(events.calibrated, self._on_calibrated),
-                on_gui_thread(events.config_changed, self._on_config_changed),
-                on_gui_thread(events.images_changed, self._on_images_changed),
-            ]
+        self._events.follow(session, self._on_calibrated, self._on_config_changed, self._on_images_changed)
         self.images = ImageSnapshot.of(session)
         self._forget()
         # Statistics the session already holds (a loaded one) are evaluated when the user asks.
@@ -343,6 +333,8 @@ class QtErrorsTab(QWidget):
 
     def clear(self) -> None:
         """Forget results (the window calls this when it has a new session; events do the rest)."""
+        # Until the window hands each new session over with set_session, this call (which it makes
+        # right after taking a new session) is where the tab starts to follow it.
         if self._host.session is not self.session:
             self.set_session(self._host.session)
         else:
