@@ -182,6 +182,23 @@ def test_first_divergence_banner_matches_the_core_and_selects_the_unit(calibrate
     assert tab.selected_module() == per_module.located.name
 
 
+def test_the_tabs_follow_the_sessions_events_themselves(calibrated, qtbot):
+    window = calibrated
+    session = window.session
+    errors, ranges = window.errors_tab, window.ranges_tab
+    assert errors.state.stats_version == ranges.state.stats_version == session.stats_version > 0
+    # a new config set on the session itself, not through the window: both tabs forget what they showed
+    session.set_config(session.config)
+    assert errors.result is None and ranges.records == [] and errors.maps_cache == {}
+    assert "evaluate to locate it" in errors.banner.text_label.text()
+    # a calibration nobody announces by hand: the Errors tab evaluates, the Ranges tab reads the statistics
+    with qtbot.waitSignal(errors.sigEvaluated, timeout=LONG):
+        window.submit("calibrate", lambda progress, cancel: session.calibrate(progress=progress, cancel=cancel))
+    _wait_idle(qtbot, window)
+    assert errors.state.stats_version == ranges.state.stats_version == session.stats_version
+    assert [r.name for r in ranges.records] == [r.name for r in session.observer_table()]
+    assert errors.result.images == [e.image_id for e in session.usable_images()]
+
 def test_tab_state_is_plain_data_filled_from_the_session():
     from types import SimpleNamespace
 
