@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     # provenance: a mid-depth MLP activation, the image that set its max and the patch outlined
     prov = next((i for i, r in enumerate(ranges.records) if r.kind == "activation" and "layers.1.mlp" in r.name), 0)
     ranges.select_observer(prov)
-    _spin(lambda: ranges.location is not None and idle(), 120)
+    _spin(lambda: ranges.source_panel.location is not None and idle(), 120)
     ranges.table_tabs.setCurrentIndex(1)  # the image ranking beside the source image
     _spin(lambda: False, 0.5)
     window.grab().save(str(out / "provenance.png"))

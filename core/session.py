@@ -412,9 +412,14 @@ class Session:
         """Per-patch FP-vs-quant error of every module on one image (core.analysis.heatmaps)."""
         return image_error_maps(self, image, progress=progress, cancel=cancel)
 
-    def locate_divergence(self, images=None, unit: str = "layer", progress: Progress | None = None, cancel=None):
-        """The unit where the error jumps most, local vs inherited error (core.analysis.divergence)."""
-        return locate_divergence(self, images=images, unit=unit, progress=progress, cancel=cancel)
+    def locate_divergence(
+        self, images=None, unit: str = "layer", progress: Progress | None = None, cancel=None, keep_float=None
+    ):
+        """The unit where the error jumps most, local vs inherited error (core.analysis.divergence);
+        `keep_float`: modules kept float in the quantized runs (the Errors tab's what-if)."""
+        return locate_divergence(
+            self, images=images, unit=unit, progress=progress, cancel=cancel, keep_float=keep_float
+        )
 
     def locate_extreme(self, observer_name: str, which: str = "max"):
         """The image and patch where an observer's min or max occurred (core.analysis.provenance)."""

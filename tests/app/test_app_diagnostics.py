@@ -181,3 +181,57 @@ def test_first_divergence_banner_matches_the_core_and_selects_the_unit(calibrate
     assert len(tab.divergence_plot.entries) == len(per_module.entries)
     qtbot.mouseClick(banner.show_button, Qt.LeftButton)
     assert tab.selected_module() == per_module.located.name
+
+
+def test_the_tabs_follow_the_sessions_events_themselves(calibrated, qtbot):
+    window = calibrated
+    session = window.session
+    errors, ranges = window.errors_tab, window.ranges_tab
+    assert errors.state.stats_version == ranges.state.stats_version == session.stats_version > 0
+    # a new config set on the session itself, not through the window: both tabs forget what they showed
+    session.set_config(session.config)
+    assert errors.result is None and ranges.records == [] and errors.maps_cache == {}
+    assert "evaluate to locate it" in errors.banner.text_label.text()
+    # a calibration nobody announces by hand: the Errors tab evaluates, the Ranges tab reads the statistics
+    with qtbot.waitSignal(errors.sigEvaluated, timeout=LONG):
+        window.submit("calibrate", lambda progress, cancel: session.calibrate(progress=progress, cancel=cancel))
+    _wait_idle(qtbot, window)
+    assert errors.state.stats_version == ranges.state.stats_version == session.stats_version
+    assert [r.name for r in ranges.records] == [r.name for r in session.observer_table()]
+    assert errors.result.images == [e.image_id for e in session.usable_images()]
+
+def test_tab_state_is_plain_data_filled_from_the_session():
+    from types import SimpleNamespace
+
+    from app.tab_state import ErrorsState, ImageSnapshot, RangesState
+
+    entries = [
+        SimpleNamespace(path="/a/one.png", image_id="one.png", status="used"),
+        SimpleNamespace(path="/a/two.png", image_id="two.png", status="excluded"),
+        SimpleNamespace(path="/a/bad.png", image_id="", status="rejected"),
+    ]
+    session = SimpleNamespace(images=entries)
+    snap = ImageSnapshot.of(session)
+    entries[0].status = "ok"  # a later change in the session does not reach the snapshot
+    assert snap.path_for("one.png") == "/a/one.png" and snap.path_for("bad.png") is None
+    assert snap.status_of("/a/one.png") == "used" and snap.status_of("/nowhere.png") == ""
+    assert snap.usable_count() == 1 and snap.excluded() == ["/a/two.png"]
+    assert ImageSnapshot.of(None).path_by_id == {}
+
+    state = ErrorsState()
+    result = SimpleNamespace(images=["one.png"])
+    state.show(result, 3)
+    state.per_image["one.png"] = object()
+    assert (state.result, state.images, state.stats_version) == (result, ["one.png"], 3)
+    state.show(result, 4)
+    assert state.per_image == {} and state.stats_version == 4
+    generation = state.generation
+    state.maps_cache["one.png"] = (None, {})
+    state.forget()
+    assert state.result is None and state.maps_cache == {} and state.generation > generation
+
+    ranges = RangesState(records=["r0", "r1"], detail_row=1)
+    ranges.locations[("r1", "max")] = object()
+    assert ranges.selected_record() == "r1"
+    ranges.new_statistics()
+    assert ranges.locations == {} and RangesState().selected_record() is None

@@ -33,7 +33,7 @@ def calibrated(qtbot, qsettings, sample_images):
 
 
 def _ranking_rows(tab) -> list[tuple]:
-    t = tab.ranking_table
+    t = tab.ranking.table
     return [
         (t.item(r, 0).text(), t.item(r, 1).data(Qt.DisplayRole), t.item(r, 2).data(Qt.DisplayRole), t.item(r, 3).data(Qt.DisplayRole))
         for r in range(t.rowCount())
@@ -42,7 +42,7 @@ def _ranking_rows(tab) -> list[tuple]:
 
 def _wait_location(qtbot, tab, name: str, which: str):
     qtbot.waitUntil(
-        lambda: tab.location is not None and tab.location.observer == name and tab.location.which == which, timeout=LONG
+        lambda: tab.source_panel.location is not None and tab.source_panel.location.observer == name and tab.source_panel.location.which == which, timeout=LONG
     )
 
 
@@ -53,7 +53,7 @@ def test_source_image_ranking_and_exclude_recalibrate(calibrated, qtbot):
     session = window.session
     tab = window.ranges_tab
     window.tabs.setCurrentWidget(tab)
-    qtbot.waitUntil(lambda: len(tab.ranks) > 0, timeout=LONG)
+    qtbot.waitUntil(lambda: len(tab.ranking.ranks) > 0, timeout=LONG)
     _wait_idle(qtbot, window)
 
     # the ranking table is the core's ranking, in its order
@@ -70,24 +70,24 @@ def test_source_image_ranking_and_exclude_recalibrate(calibrated, qtbot):
     _wait_location(qtbot, tab, name, "max")
     _wait_idle(qtbot, window)
     loc = locate_extreme(session, name, which="max")
-    assert loc.boxes and tab.shown_boxes() == [tuple(float(v) for v in box) for box in loc.boxes]
-    assert np.array_equal(tab.source_image.image, loc.image)
-    assert loc.image_id in tab.source_caption.text()
+    assert loc.boxes and tab.source_panel.shown_boxes() == [tuple(float(v) for v in box) for box in loc.boxes]
+    assert np.array_equal(tab.source_panel.source_image.image, loc.image)
+    assert loc.image_id in tab.source_panel.caption.text()
     assert tab.max_caption.text() == loc.image_id
 
-    qtbot.mouseClick(tab.source_min_radio, Qt.LeftButton)
+    qtbot.mouseClick(tab.source_panel.min_radio, Qt.LeftButton)
     _wait_location(qtbot, tab, name, "min")
     _wait_idle(qtbot, window)
     loc_min = locate_extreme(session, name, which="min")
-    assert tab.shown_boxes() == [tuple(float(v) for v in box) for box in loc_min.boxes]
-    assert np.array_equal(tab.source_image.image, loc_min.image)
+    assert tab.source_panel.shown_boxes() == [tuple(float(v) for v in box) for box in loc_min.boxes]
+    assert np.array_equal(tab.source_panel.source_image.image, loc_min.image)
 
     # exclude the image that set this min, recalibrate: it is excluded everywhere and the ranges change
     before = {r.name: (float(np.min(r.min)), float(np.max(r.max))) for r in tab.records}
     excluded_id, excluded_path = loc_min.image_id, str(loc_min.path)
-    assert tab.exclude_button.isEnabled()
+    assert tab.source_panel.exclude_button.isEnabled()
     with qtbot.waitSignal(window.errors_tab.sigEvaluated, timeout=LONG):
-        qtbot.mouseClick(tab.exclude_button, Qt.LeftButton)
+        qtbot.mouseClick(tab.source_panel.exclude_button, Qt.LeftButton)
     _wait_idle(qtbot, window)
     assert next(e.status for e in session.images if e.path == excluded_path) == "excluded"
     assert window.calibration_tab.entries_by_status()[excluded_path] == "excluded"
@@ -104,19 +104,19 @@ def test_source_image_ranking_and_exclude_recalibrate(calibrated, qtbot):
     assert after == {r.name: (float(np.min(r.min)), float(np.max(r.max))) for r in fresh}
     assert after[name][0] > before[name][0]  # the excluded image held this observer's minimum
     assert all(excluded_id not in (r.min_source, r.max_source) for r in fresh)
-    assert tab.records[tab._detail_row].name == name  # the selection survives the refresh
+    assert tab.records[tab.state.detail_row].name == name  # the selection survives the refresh
     assert "Excluded" in tab.message.text()
     # the ranking follows the new statistics
     qtbot.waitUntil(lambda: _ranking_rows(tab) == [(r.image_id, r.extremes, r.min_count, r.max_count) for r in rank_images(session)], timeout=LONG)
     assert excluded_id not in [r[0] for r in _ranking_rows(tab)]
-    assert not tab.include_button.isHidden() and excluded_path.split("/")[-1] in tab.excluded_label.text()
+    assert not tab.ranking.include_button.isHidden() and excluded_path.split("/")[-1] in tab.ranking.excluded_label.text()
     # and back: include it again and recalibrate on all three
     tab.table_tabs.setCurrentIndex(1)
     with qtbot.waitSignal(window.errors_tab.sigEvaluated, timeout=LONG):
-        qtbot.mouseClick(tab.include_button, Qt.LeftButton)
+        qtbot.mouseClick(tab.ranking.include_button, Qt.LeftButton)
     _wait_idle(qtbot, window)
     assert set(window.calibration_tab.entries_by_status().values()) == {"used"}
-    qtbot.waitUntil(lambda: tab.include_button.isHidden(), timeout=LONG)
+    qtbot.waitUntil(lambda: tab.ranking.include_button.isHidden(), timeout=LONG)
     assert {(r.name, float(np.min(r.min)), float(np.max(r.max))) for r in session.observer_table()} == {
         (n, lo, hi) for n, (lo, hi) in before.items()
     }
@@ -284,18 +284,18 @@ def test_cancel_exclude_and_recalibrate_keeps_everything(qtbot, qsettings, sampl
     with qtbot.waitSignal(window.errors_tab.sigEvaluated, timeout=LONG):
         qtbot.mouseClick(window.findChild(QPushButton, "calibrateButton"), Qt.LeftButton)
     tab = window.ranges_tab
-    qtbot.waitUntil(lambda: len(tab.ranks) > 0, timeout=LONG)
+    qtbot.waitUntil(lambda: len(tab.ranking.ranks) > 0, timeout=LONG)
     _wait_idle(qtbot, window)
     before = [(r.name, float(np.min(r.min)), float(np.max(r.max))) for r in window.session.observer_table()]
     statuses = window.calibration_tab.entries_by_status()
     tab.table_tabs.setCurrentIndex(1)
-    tab.ranking_table.selectRow(0)
-    qtbot.mouseClick(tab.ranking_exclude_button, Qt.LeftButton)
-    qtbot.waitUntil(lambda: tab.recal_progress.bar.value() >= 1, timeout=LONG)
-    qtbot.mouseClick(tab.recal_progress.cancel_button, Qt.LeftButton)
+    tab.ranking.table.selectRow(0)
+    qtbot.mouseClick(tab.ranking.exclude_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: tab.source_panel.recal_progress.bar.value() >= 1, timeout=LONG)
+    qtbot.mouseClick(tab.source_panel.recal_progress.cancel_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: not tab.recalibrating, timeout=LONG)
     _wait_idle(qtbot, window)
     assert "Cancelled" in tab.message.text()
     assert window.calibration_tab.entries_by_status() == statuses  # nothing excluded
     assert [(r.name, float(np.min(r.min)), float(np.max(r.max))) for r in window.session.observer_table()] == before
-    assert window.session.state == "calibrated" and tab.ranking_exclude_button.isEnabled()
+    assert window.session.state == "calibrated" and tab.ranking.exclude_button.isEnabled()

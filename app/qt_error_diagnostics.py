@@ -1,0 +1,145 @@
+"""The Errors tab's diagnostics of an evaluation: the first-divergence locator and the per-image patch error
+maps, run in the worker and drawn into the banner, the per-unit chart and the heatmap."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from app.qt_common import error_text
+from app.qt_divergence_panel import QtDivergenceBanner, QtDivergenceChart
+from app.qt_heatmap import QtPatchHeatmap
+from app.tab_state import ErrorsState, ImageSnapshot
+from core.errors import CancelledError
+
+
+class ErrorDiagnostics:
+    """Runs and cancels the locator and the map computations of the evaluation in ``state``; results of an
+    older evaluation (an older ``state.generation``) are dropped when they arrive."""
+
+    def __init__(
+        self,
+        state: ErrorsState,
+        banner: QtDivergenceBanner,
+        chart: QtDivergenceChart,
+        heatmap: QtPatchHeatmap,
+        submit: Callable[..., Any],
+        show_error: Callable[[str], None],
+    ) -> None:
+        self.state = state
+        self.banner = banner
+        self.chart = chart
+        self.heatmap = heatmap
+        self._submit = submit
+        self._show_error = show_error
+        self._div_task = None
+        self._maps_tasks: dict[str, Any] = {}
+
+    def cancel(self) -> None:
+        """Cancel the divergence locator and the heatmaps being computed."""
+        for task in [self._div_task, *self._maps_tasks.values()]:
+            if task is not None:
+                task.token.cancel()
+
+    def forget(self) -> None:
+        """Cancel everything and let go of the tasks (their late results are dropped by generation)."""
+        self.cancel()
+        self._div_task = None
+        self._maps_tasks = {}
+
+    def start(self, session, images: ImageSnapshot) -> None:
+        """After an evaluation: locate the first divergence and map the chosen image's errors."""
+        self.state.new_generation()
+        self.forget()
+        self.heatmap.set_images(self.state.images, self.heatmap.current_image())
+        self.locate(session, self.banner.unit())
+        self.request_maps(session, images, self.heatmap.current_image())
+
+    def locate(self, session, unit: str = "layer") -> None:
+        """Locate the first divergence on the evaluated images, in the worker."""
+        result = self.state.result
+        if session is None or result is None:
+            self.banner.set_error("evaluate first, then locate")
+            return
+        if self._div_task is not None:
+            self._div_task.token.cancel()
+        unit = unit if unit in ("layer", "module") else "layer"
+        index = self.banner.unit_combo.findData(unit)
+        if index >= 0 and index != self.banner.unit_combo.currentIndex():
+            self.banner.unit_combo.setCurrentIndex(index)
+        generation = self.state.generation
+        self.banner.set_busy(unit)
+        # The what-if of the last evaluation (modules ticked to stay float) applies here too.
+        keep = list(getattr(result, "keep_float", None) or [])
+
+        def work(progress, cancel):
+            return session.locate_divergence(unit=unit, progress=progress, cancel=cancel, keep_float=keep or None)
+
+        def current(task) -> bool:
+            return generation == self.state.generation and task is self._div_task
+
+        def done(found) -> None:
+            if not current(task):
+                return
+            self._div_task = None
+            self.banner.set_done()
+            self.state.divergence = found
+            self.banner.set_result(found)
+            self.chart.set_result(found)
+
+        def failed(exc: BaseException) -> None:
+            if not current(task):
+                return
+            self._div_task = None
+            self.banner.set_done()
+            if isinstance(exc, CancelledError):
+                self.banner.set_error("locating was cancelled — press Locate divergence to run it again")
+            else:
+                self.banner.set_error(error_text(exc))
+                self._show_error(error_text(exc))
+
+        task = self._submit("locating divergence", work, on_done=done, on_error=failed, on_progress=self.banner.set_progress)
+        self._div_task = task
+
+    def request_maps(self, session, images: ImageSnapshot, image_id: str | None) -> None:
+        """Show an image's error maps: from the cache, or computed once in the worker."""
+        if image_id is None:
+            return
+        if image_id in self.state.maps_cache:
+            self._show_maps(image_id)
+            return
+        self.heatmap.show_pending(image_id)
+        if image_id in self._maps_tasks:
+            return
+        path = images.path_for(image_id)
+        if session is None or path is None:
+            self.heatmap.title.setText(f"{image_id} is no longer in the image set.")
+            return
+        generation = self.state.generation
+
+        def work(progress, cancel):
+            maps = session.image_error_maps(path, progress=progress, cancel=cancel)
+            # Every module's grid is made here too, so switching modules never computes on the UI thread.
+            return maps, {name: maps.heatmap(name) for name in maps.modules()}
+
+        def done(payload) -> None:
+            if generation != self.state.generation:
+                return
+            self._maps_tasks.pop(image_id, None)
+            self.state.maps_cache[image_id] = payload
+            if self.heatmap.current_image() == image_id:
+                self._show_maps(image_id)
+
+        def failed(exc: BaseException) -> None:
+            if generation != self.state.generation:
+                return
+            self._maps_tasks.pop(image_id, None)
+            self.heatmap.title.setText(f"No heatmap for {image_id}: {error_text(exc)}")
+
+        self._maps_tasks[image_id] = self._submit("patch errors", work, on_done=done, on_error=failed)
+
+    def _show_maps(self, image_id: str) -> None:
+        _maps, heatmaps = self.state.maps_cache[image_id]
+        wanted, self.state.wanted_module = self.state.wanted_module, None
+        module = wanted if wanted in heatmaps else None
+        self.heatmap.set_heatmaps(image_id, heatmaps, module)
