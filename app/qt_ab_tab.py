@@ -339,15 +339,17 @@ class QtABTab(QWidget):
         self.message.show_message("Calibrating B on the session's images…")
 
         def work(progress, cancel):
-            from core.analysis.abtest import calibrate_b, compare_ab  # noqa: PLC0415
+            from core.analysis.abtest import ABComparison  # noqa: PLC0415 -- torch stays off the window's startup path
 
             def phase(name):
                 return lambda done, total, message="": progress(done, total, f"{name}{' · ' + message if message else ''}")
 
-            state = calibrate_b(session, config_b, progress=phase("calibrating B"), cancel=cancel)
-            if cancel.cancelled or getattr(state, "cancelled", False):
-                return None
-            return compare_ab(session, state, progress=phase("comparing A and B"), cancel=cancel)
+            ab = ABComparison(session, config_b)
+            try:
+                ab.calibrate_b(progress=phase("calibrating B"), cancel=cancel)
+                return ab.compare(progress=phase("comparing A and B"), cancel=cancel)
+            finally:
+                ab.release()  # B's weights are a second copy of the model's
 
         self._task = self._host.submit(
             "A/B compare", work, on_done=self._on_compared, on_error=self._on_error, on_progress=self.progress.update_progress
@@ -360,10 +362,6 @@ class QtABTab(QWidget):
     def _on_compared(self, result) -> None:
         self._task = None
         self.compare_button.setEnabled(True)
-        if result is None:
-            self.progress.end("cancelled")
-            self.message.show_message("Cancelled; A is unchanged and the earlier comparison (if any) is kept.")
-            return
         self.progress.end(f"compared on {len(result.images)} image(s)")
         self.show_result(result)
         self.message.show_message(f"Compared A and B on {len(result.images)} image(s).", "ok")
