@@ -46,8 +46,10 @@ from core.analysis.inspect import (
     sensitivity,
 )
 from core.data.device import batches_to_device, resolve_device
+from core.events import SessionEvents
 from core.io import atomic_write_text, file_sha256, recover_folder, staged_folder
 from core.models import SPECS
+from core.quant.mode import Mode
 
 FORMAT = "ptq-studio-session"
 FORMAT_VERSION = 1
@@ -182,7 +184,11 @@ class Session:
         self.model_info: dict[str, Any] = dict(describe_model(self.model))
         self.preprocessor = ImagePreprocessor(self.model.config, max_soft_tokens=self.max_soft_tokens)
         self.images: list[ImageEntry] = []
-        self.state = "prepared"
+        # Emitted on the calling thread (a GUI worker); see core.events.
+        self.events = SessionEvents()
+        # Which statistics the observers hold: 0 = none, then a new number for each new set.
+        self.stats_version = 0
+        self._last_stats_version = 0
         self.calibration: SessionCalibration | None = None
         self.last_compare: CompareResult | None = None
         self.last_sensitivity_baseline: ModuleError | None = None
@@ -202,9 +208,20 @@ class Session:
         self.model = self.qmodel.source
         self.qmodel.to(self.device)
         self.qmodel.eval()
-        self.state = "prepared"
+        self.stats_version = 0
         self.calibration = None
         self.last_compare = None
+
+    @property
+    def state(self) -> str:
+        """"calibrated" while the model is in QUANT mode (it holds frozen statistics), else "prepared"."""
+        return "calibrated" if self.qmodel.mode is Mode.QUANT else "prepared"
+
+    def _new_stats_version(self) -> int:
+        """A version number no earlier statistics had (restored ones keep theirs)."""
+        self._last_stats_version += 1
+        self.stats_version = self._last_stats_version
+        return self.stats_version
 
     @property
     def is_checkpoint(self) -> bool:
@@ -219,6 +236,7 @@ class Session:
             if e.status == "used":
                 e.status = "ok"
         self._status_before_exclude.clear()  # no statistics contain any image any more
+        self.events.config_changed.emit(config)
 
     # ---- images ------------------------------------------------------------------------
 
@@ -228,6 +246,8 @@ class Session:
         accepted, rejected = self._probe(paths, known)
         self.images.extend(accepted)
         self.images.extend(rejected)
+        if accepted or rejected:
+            self.events.images_changed.emit()
         return AddImagesResult(accepted, rejected)
 
     def _probe(self, paths, known: set[str]) -> tuple[list[ImageEntry], list[ImageEntry]]:
@@ -259,11 +279,16 @@ class Session:
     def remove_images(self, paths: Iterable[str | os.PathLike]) -> None:
         """Drop images (by path) from the set."""
         drop = {str(Path(p)) for p in paths}
-        self.images = [e for e in self.images if e.path not in drop]
+        kept = [e for e in self.images if e.path not in drop]
+        if len(kept) != len(self.images):
+            self.images = kept
+            self.events.images_changed.emit()
 
     def clear_images(self) -> None:
         """Empty the image set."""
-        self.images = []
+        if self.images:
+            self.images = []
+            self.events.images_changed.emit()
 
     def usable_images(self) -> list[ImageEntry]:
         """The images that can be fed to the model (neither rejected nor excluded)."""
@@ -291,6 +316,13 @@ class Session:
         """Mark images (by path or image id) "excluded": listed, but left out of calibration and
         evaluation until include_images. The statistics are unchanged until the next calibrate
         (recalibrate_without does both). Excluding every usable image raises NoImagesError."""
+        chosen = self._exclude(paths_or_ids)
+        if chosen:
+            self.events.images_changed.emit()
+        return chosen
+
+    def _exclude(self, paths_or_ids) -> list[ImageEntry]:
+        """exclude_images without the announcement (recalibrate_without announces once, at its end)."""
         chosen = [e for e in self._match_images(paths_or_ids) if e.status != "excluded"]
         remaining = [e for e in self.usable_images() if not any(e is c for c in chosen)]
         if not remaining:
@@ -306,6 +338,8 @@ class Session:
         chosen = [e for e in self._match_images(paths_or_ids) if e.status == "excluded"]
         for e in chosen:
             e.status = self._status_before_exclude.pop(e.path, "ok")
+        if chosen:
+            self.events.images_changed.emit()
         return chosen
 
     def batches(self, entries: Sequence[ImageEntry], batch_size: int = 1):
@@ -330,7 +364,27 @@ class Session:
     # ---- steps -------------------------------------------------------------------------
 
     def calibrate(self, progress: Progress | None = None, cancel=None, batch_size: int = 1) -> SessionCalibration:
-        """Calibrate on the usable images from scratch, then freeze qparams (QUANT mode)."""
+        """Calibrate on the usable images from scratch, then freeze qparams (QUANT mode).
+
+        A cancelled re-run puts the earlier statistics back (and keeps the earlier summary)."""
+        before = self.stats_version
+        try:
+            result = self._calibrate(progress, cancel, batch_size)
+        except BaseException:
+            self._announce_if_changed(before)
+            raise
+        self.events.calibrated.emit(self.stats_version)
+        return result
+
+    def _announce_if_changed(self, before: int) -> None:
+        """After a failed step: the statistics are gone unless the model is still in QUANT."""
+        if self.state != "calibrated":
+            self.stats_version = 0
+        if self.stats_version != before:
+            self.events.calibrated.emit(self.stats_version)
+
+    def _calibrate(self, progress: Progress | None, cancel, batch_size: int) -> SessionCalibration:
+        """calibrate without the announcement (recalibrate_without announces once, at its end)."""
         from core.ptq import calibrate, convert
 
         entries = self.usable_images()
@@ -353,13 +407,13 @@ class Session:
             )
         batches_done, images_done, cancelled = res.batches_done, res.images_done, res.cancelled
         if cancelled and previous is not None:
-            _load_observer_state(self.qmodel, *previous)
+            _load_observer_state(self.qmodel, *previous)  # stats_version stays the earlier one's
             return SessionCalibration(batches_done, images_done, len(entries), True, time.perf_counter() - t0)
         if batches_done > 0:
             # A cancelled first run keeps what its completed batches saw (the core does too), so
             # the user can stop early on a large image set and still inspect and export.
             convert(self.qmodel)
-            self.state = "calibrated"
+            self._new_stats_version()
             self.last_compare = None
             for e in self.images:
                 if e.status == "used":
@@ -369,7 +423,7 @@ class Session:
             # New statistics contain no excluded image: including one later makes it "ok".
             self._status_before_exclude.clear()
         else:
-            self.state = "prepared"
+            self.stats_version = 0
             self.last_compare = None
             for e in self.images:
                 if e.status == "used":
@@ -391,8 +445,9 @@ class Session:
         before_status = [(e, e.status) for e in self.images]
         before_memory = dict(self._status_before_exclude)
         before_state, before_calibration, before_compare = self.state, self.calibration, self.last_compare
+        before_version = self.stats_version
         before_stats = _observer_state(self.qmodel)
-        self.exclude_images(paths_or_ids)  # raises (changing nothing) when no image would remain
+        self._exclude(paths_or_ids)  # raises (changing nothing) when no image would remain
 
         def restore() -> None:
             for e, st in before_status:
@@ -401,20 +456,23 @@ class Session:
             if before_state == "calibrated":
                 _load_observer_state(self.qmodel, *before_stats)
             else:
-                from core.quant.mode import Mode
-
                 for obs in self.qmodel.observers():
                     obs.reset()
                 self.qmodel.ctx.mode = Mode.NO_QUANT
-            self.state, self.calibration, self.last_compare = before_state, before_calibration, before_compare
+            self.calibration, self.last_compare = before_calibration, before_compare
+            self.stats_version = before_version
 
         try:
-            res = self.calibrate(progress=progress, cancel=cancel, batch_size=batch_size)
+            res = self._calibrate(progress, cancel, batch_size)
         except BaseException:
             restore()
+            self._announce_if_changed(before_version)
             raise
         if res.cancelled:
             restore()
+        else:
+            self.events.images_changed.emit()
+        self.events.calibrated.emit(self.stats_version)
         return res
 
     def require_calibrated(self) -> None:
@@ -440,6 +498,7 @@ class Session:
             total=len(entries),
         )
         self.last_compare = res
+        self.events.evaluated.emit(res)
         return res
 
     def sensitivity(self, images=None, unit: str = "layer", progress: Progress | None = None, cancel=None) -> list[SensitivityEntry]:
@@ -475,7 +534,7 @@ class Session:
         if image is None:
             usable = self.usable_images()
             image = usable[0].path if usable else None
-        return export_circle(
+        result = export_circle(
             self.qmodel,
             out_path=out_path,
             progress=progress,
@@ -485,6 +544,8 @@ class Session:
             preprocessor=self.preprocessor if mst == self.max_soft_tokens else None,
             input_dtype=input_dtype,
         )
+        self.events.exported.emit(result)
+        return result
 
     # ---- diagnostics (thin entry points; the work lives in the modules named) -----------
 
@@ -659,7 +720,7 @@ class Session:
             _load_observer_state(session.qmodel, tensors, obs_meta.get("provenance", {}))
         except (KeyError, ValueError, RuntimeError) as e:
             raise _session_error(opath, f"does not fit this model/config ({_one_line(e)})") from None
-        session.state = "calibrated"
+        session._new_stats_version()
         cal = manifest.get("calibration")
         if isinstance(cal, dict):
             try:
@@ -668,6 +729,7 @@ class Session:
                 session.calibration = None
         session.images = _recheck_images(images)
         session.saved_manifest = manifest
+        session.events.calibrated.emit(session.stats_version)
         return session
 
 
@@ -688,8 +750,6 @@ def _observer_state(qmodel) -> tuple[dict[str, torch.Tensor], dict[str, dict[str
 
 def _load_observer_state(qmodel, tensors: dict[str, torch.Tensor], prov: dict[str, dict[str, Any]]) -> None:
     """Put saved statistics back into a freshly prepared model and enter QUANT (no calibration)."""
-    from core.quant.mode import Mode
-
     by_obs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         name, _, fld = key.rpartition("/")
