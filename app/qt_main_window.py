@@ -481,6 +481,7 @@ class QtMainWindow(QMainWindow):
     def _on_session_ready(self, payload, settings: dict[str, Any]) -> None:
         session, entries = payload
         self.session = session
+        self.ab_tab.set_session(session)  # it follows the session's events from here on
         self._applied = dict(settings)
         self._reset_summary()
         self._show_model_info()
@@ -660,7 +661,6 @@ class QtMainWindow(QMainWindow):
             self._show_calibration(result)
             self.ranges_tab.refresh()
             self.errors_tab.evaluate()
-            self.ab_tab.clear()  # A's statistics changed: the comparison no longer holds
         else:
             self.model_panel.summary["calibration"].setText(
                 f"none ({result.images_done}/{result.total_images} images, cancelled)"
@@ -676,8 +676,6 @@ class QtMainWindow(QMainWindow):
         self._on_calibrated(result)
 
     def _on_config_changed(self) -> None:
-        self.ab_tab.clear()
-        self.ab_tab.show_config_a(getattr(self.session, "config", None))
         n = len(self.extra_overrides)
         label = self.model_panel.summary["overrides"]
         label.setText(f"{n} per-module override(s)" if n else "—")
