@@ -49,6 +49,16 @@ class _CategoryAxis(pg.AxisItem):
         self.setTicks([ticks, []])
 
 
+def _plot(axis: _CategoryAxis, name: str, left_label: str) -> pg.PlotWidget:
+    """A white, gridded plot over the module axis."""
+    plot = pg.PlotWidget(axisItems={"bottom": axis})
+    plot.setObjectName(name)
+    plot.setBackground("w")
+    plot.showGrid(x=True, y=True, alpha=0.2)
+    plot.setLabel("left", left_label)
+    return plot
+
+
 class QtABCharts(QWidget):
     """SQNR of A and B per module (points clickable) over a bar chart of B − A."""
 
@@ -57,11 +67,7 @@ class QtABCharts(QWidget):
     def __init__(self) -> None:
         super().__init__()
         self.axis = _CategoryAxis(orientation="bottom")
-        self.plot = pg.PlotWidget(axisItems={"bottom": self.axis})
-        self.plot.setObjectName("abPlot")
-        self.plot.setBackground("w")
-        self.plot.showGrid(x=True, y=True, alpha=0.2)
-        self.plot.setLabel("left", "SQNR (dB)")
+        self.plot = _plot(self.axis, "abPlot", "SQNR (dB)")
         self.plot.addLegend(offset=(-10, 5))
         self.curve_a = self.plot.plot([], [], pen=pg.mkPen(A_COLOR, width=1.5), name="A")
         self.curve_b = self.plot.plot([], [], pen=pg.mkPen(B_COLOR, width=1.5), name="B")
@@ -77,11 +83,7 @@ class QtABCharts(QWidget):
         self.points_b.sigClicked.connect(self._on_point_clicked)
 
         self.delta_axis = _CategoryAxis(orientation="bottom")
-        self.delta_plot = pg.PlotWidget(axisItems={"bottom": self.delta_axis})
-        self.delta_plot.setObjectName("abDeltaPlot")
-        self.delta_plot.setBackground("w")
-        self.delta_plot.showGrid(x=True, y=True, alpha=0.2)
-        self.delta_plot.setLabel("left", "Δ dB (B − A)")
+        self.delta_plot = _plot(self.delta_axis, "abDeltaPlot", "Δ dB (B − A)")
         self.delta_plot.setXLink(self.plot)
         self.delta_bars = pg.BarGraphItem(x=[], height=[], width=0.7, brush=B_COLOR)
         self.delta_plot.addItem(self.delta_bars)

@@ -32,6 +32,7 @@ from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, 
 from core.analysis.ab_overrides import describe_config, override_text
 from core.config import OBSERVERS, PTQConfig
 from core.errors import CancelledError, ConfigError, PTQStudioError
+from core.export.config_export import one_name_map, write_one_quant_config, write_tico_ptq_yaml
 from core.quant.dtypes import DTYPES
 
 if TYPE_CHECKING:
@@ -517,8 +518,6 @@ class QtABTab(QWidget):
         result = self.result
 
         def work():
-            from core.export.config_export import write_tico_ptq_yaml  # noqa: PLC0415
-
             write_tico_ptq_yaml(path, overrides, base=result.config_a, modules=result.module_names)
             return path
 
@@ -533,8 +532,6 @@ class QtABTab(QWidget):
         tensor_modules = dict(self.view.tensor_modules)
 
         def work():
-            from core.export.config_export import one_name_map, write_one_quant_config  # noqa: PLC0415
-
             name_map = one_name_map(tensor_modules, result.module_names) if tensor_modules else None
             write_one_quant_config(path, overrides, name_map, base=result.config_a, modules=result.module_names)
             return path
