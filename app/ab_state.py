@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_MARGIN_DB = 0.5  # the same default as core.analysis.abtest (not imported: it loads torch)
+from core.analysis.ab_overrides import DEFAULT_MARGIN_DB
 
 
 @dataclass

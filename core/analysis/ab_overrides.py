@@ -38,6 +38,7 @@ from core.config import FLOAT, ModuleOverride, PTQConfig, QuantSpec
 from core.errors import ConfigError
 
 Resolution = tuple[QuantSpec | None, QuantSpec | None]  # (activation, weight); None = float
+DEFAULT_MARGIN_DB = 0.5  # B's setting is taken only where B beats A by more than this
 
 
 def resolved_specs(config: PTQConfig, module_name: str) -> Resolution:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.analysis.ab_overrides import (
+    DEFAULT_MARGIN_DB,
     derive_overrides,
     describe_config,
     describe_resolution,
@@ -40,7 +41,6 @@ from core.ptq import calibrate, convert, prepare
 
 Progress = Callable[[int, int, str], None]
 
-DEFAULT_MARGIN_DB = 0.5
 TIE_DB = 0.1  # |delta| at or below this is reported as a tie
 
 __all__ = [
