@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
@@ -27,51 +24,21 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.ab_state import ABViewState
+from app.events import on_gui_thread
+from app.qt_ab_charts import A_COLOR, B_COLOR, QtABCharts
 from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, results_table
-from core.config import build_config, override_line, parse_override_lines
-from core.errors import PTQStudioError
+from core.analysis.ab_overrides import describe_config, override_text
+from core.config import OBSERVERS, PTQConfig, build_config, override_line, parse_override_lines
+from core.errors import CancelledError, PTQStudioError
+from core.export.config_export import one_name_map, write_one_quant_config, write_tico_ptq_yaml
+from core.quant.dtypes import DTYPES
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
 
-DTYPES = ["uint8", "int8", "int16", "uint4", "int4"]
-OBSERVERS = ["minmax", "ema", "percentile"]
-A_COLOR = "#1f77b4"
-B_COLOR = "#ff7f0e"
 WIN_COLORS = {"A": QColor(31, 119, 180, 60), "B": QColor(255, 127, 14, 70)}
 SORT_ROLE = Qt.UserRole + 30
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
-
-
-_SHORT = {"patch_embedder": "embed", "encoder": "enc", "pooler": "pool", "": "model"}
-
-
-def module_group(name: str) -> str:
-    """A short label for the part of the model a module belongs to (L3, embed, pool, …)."""
-    m = _LAYER.search(name)
-    if m:
-        return f"L{m.group(1)}"
-    head = name.split(".")[0]
-    return _SHORT.get(head, head)
-
-
-class _CategoryAxis(pg.AxisItem):
-    """Bottom axis with a label at the first module of each layer (fixed ticks)."""
-
-    def set_names(self, names: list[str]) -> None:
-        ticks: list[tuple[float, str]] = []
-        previous = None
-        gap = max(1, len(names) // 30)  # labels closer than this would print over each other
-        for i, name in enumerate(names):
-            group = module_group(name)
-            if group != previous:
-                if ticks and i - ticks[-1][0] <= gap:
-                    if not ticks[-1][1].startswith("L"):  # a layer's label beats its container's
-                        ticks[-1] = (float(i), group)
-                else:
-                    ticks.append((float(i), group))
-                previous = group
-        self.setTicks([ticks, []])
 
 
 class QtABTab(QWidget):
@@ -85,18 +52,20 @@ class QtABTab(QWidget):
     def __init__(self, host: "QtMainWindow") -> None:
         super().__init__()
         self._host = host
+        self._session = None
+        self._disconnect: list = []  # ends this tab's subscriptions to the current session's events
         self._task = None
-        self.result = None
+        self.view = ABViewState()
         self.names: list[str] = []
 
         # config B
         self.activation_combo = QComboBox()
         self.activation_combo.setObjectName("abActivationDtype")
-        self.activation_combo.addItems(DTYPES)
+        self.activation_combo.addItems(tuple(DTYPES))
         self.activation_combo.setCurrentText("int16")
         self.weight_combo = QComboBox()
         self.weight_combo.setObjectName("abWeightDtype")
-        self.weight_combo.addItems(DTYPES)
+        self.weight_combo.addItems(tuple(DTYPES))
         self.observer_combo = QComboBox()
         self.observer_combo.setObjectName("abObserverKind")
         self.observer_combo.addItems(OBSERVERS)
@@ -133,10 +102,10 @@ class QtABTab(QWidget):
         self.margin_spin.setObjectName("abMarginDb")
         self.margin_spin.setRange(0.0, 30.0)
         self.margin_spin.setSingleStep(0.5)
-        self.margin_spin.setValue(0.5)
+        self.margin_spin.setValue(self.view.margin_db)
         self.margin_spin.setSuffix(" dB")
         self.margin_spin.setToolTip("B's setting is kept for a module only when it beats A by at least this much")
-        self.margin_spin.valueChanged.connect(lambda _v: self._update_winning())
+        self.margin_spin.valueChanged.connect(self._on_margin_changed)
         self.winning_label = QLabel("—")
         self.winning_label.setWordWrap(True)
         self.winning_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -165,57 +134,25 @@ class QtABTab(QWidget):
         ll.addWidget(win_box)
         ll.addStretch(1)
 
-        self.summary_label = QLabel()  # filled by show_result; the empty state speaks before that
+        self.summary_label = QLabel()  # filled by _show_result; the empty state speaks before that
         self.summary_label.setObjectName("abSummary")
         self.summary_label.setWordWrap(True)
         self.summary_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.summary_label.setStyleSheet("font-size: 13px;")
 
-        # chart: both configs' SQNR per module, and B - A below, x linked; built once
-        self.axis = _CategoryAxis(orientation="bottom")
-        self.plot = pg.PlotWidget(axisItems={"bottom": self.axis})
-        self.plot.setObjectName("abPlot")
-        self.plot.setBackground("w")
-        self.plot.showGrid(x=True, y=True, alpha=0.2)
-        self.plot.setLabel("left", "SQNR (dB)")
-        self.plot.addLegend(offset=(-10, 5))
-        self.curve_a = self.plot.plot([], [], pen=pg.mkPen(A_COLOR, width=1.5), name="A")
-        self.curve_b = self.plot.plot([], [], pen=pg.mkPen(B_COLOR, width=1.5), name="B")
-        tip = self._tip
-        self.points_a = pg.ScatterPlotItem(size=6, pen=None, brush=pg.mkBrush(A_COLOR), hoverable=True, tip=tip)
-        self.points_b = pg.ScatterPlotItem(size=6, pen=None, brush=pg.mkBrush(B_COLOR), hoverable=True, tip=tip)
-        self.plot.addItem(self.points_a)
-        self.plot.addItem(self.points_b)
-        self._cursor = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen("#444", width=1, style=Qt.DashLine))
-        self._cursor.setVisible(False)
-        self.plot.addItem(self._cursor)
-        self.points_a.sigClicked.connect(self._on_point_clicked)
-        self.points_b.sigClicked.connect(self._on_point_clicked)
-
-        self.delta_axis = _CategoryAxis(orientation="bottom")
-        self.delta_plot = pg.PlotWidget(axisItems={"bottom": self.delta_axis})
-        self.delta_plot.setObjectName("abDeltaPlot")
-        self.delta_plot.setBackground("w")
-        self.delta_plot.showGrid(x=True, y=True, alpha=0.2)
-        self.delta_plot.setLabel("left", "Δ dB (B − A)")
-        self.delta_plot.setXLink(self.plot)
-        self.delta_bars = pg.BarGraphItem(x=[], height=[], width=0.7, brush=B_COLOR)
-        self.delta_plot.addItem(self.delta_bars)
-        self.delta_plot.addItem(pg.InfiniteLine(pos=0, angle=0, movable=False, pen=pg.mkPen("#888")))
-        self.delta_plot.setMaximumHeight(170)
+        self.charts = QtABCharts()
+        # The charts' parts by name: the tests and the screenshots read them.
+        self.plot, self.delta_plot = self.charts.plot, self.charts.delta_plot
+        self.curve_a, self.curve_b = self.charts.curve_a, self.charts.curve_b
+        self.charts.sigModuleClicked.connect(self._on_module_clicked)
 
         self.table = results_table(self.COLUMNS, "abTable")
         self.table.currentCellChanged.connect(self._on_current_cell)
         self.message = QtMessageLine()
         self.message.show_message("A is the session's config; B is calibrated on the same images without touching A.")
 
-        charts = QWidget()
-        cl = QVBoxLayout(charts)
-        cl.setContentsMargins(0, 0, 0, 0)
-        cl.addWidget(self.plot, 1)
-        cl.addWidget(self.delta_plot)
         right = QSplitter(Qt.Vertical)
-        right.addWidget(charts)
+        right.addWidget(self.charts)
         right.addWidget(self.table)
         right.setSizes([380, 320])
         body = QSplitter(Qt.Horizontal)
@@ -235,7 +172,7 @@ class QtABTab(QWidget):
         self.outputs = QStackedWidget()
         self.outputs.addWidget(self.empty_label)
         self.outputs.addWidget(results)
-        self._show_empty(stale=False)
+        self._show_empty()
         body.addWidget(self.outputs)
         body.setStretchFactor(0, 0)
         body.setStretchFactor(1, 1)
@@ -249,6 +186,42 @@ class QtABTab(QWidget):
         self.export_yaml_button.clicked.connect(self.choose_yaml_path)
         self.export_json_button.clicked.connect(self.choose_json_path)
         self.apply_button.clicked.connect(self.apply_merged)
+
+    # -- the session ---------------------------------------------------------------------------
+    def set_session(self, session) -> None:
+        """Follow this session (the main window's one call when it replaces the session): A is its
+        config; any comparison of the previous session is dropped."""
+        if session is self._session:
+            return
+        for disconnect in self._disconnect:
+            disconnect()
+        self._session = session
+        self._disconnect = []
+        self.view.a_changed(None)
+        self.view.tensor_modules = {}  # the previous session's export named other tensors
+        if session is not None:
+            events = session.events
+            self._disconnect = [
+                on_gui_thread(events.calibrated, self._on_calibrated),
+                on_gui_thread(events.config_changed, self._on_config_changed),
+                on_gui_thread(events.exported, self._on_exported),
+            ]
+            self.view.stats_version = session.stats_version
+            self.show_config_a(session.config)
+        self._show_view()
+
+    def _on_calibrated(self, stats_version: int) -> None:
+        # A cancelled recalibration restores the compared statistics (same version): keep the view.
+        if self.view.a_changed(stats_version):
+            self._show_view()
+
+    def _on_config_changed(self, config) -> None:
+        self.view.a_changed(0)  # a new config has no statistics yet (version 0)
+        self._show_view()
+        self.show_config_a(config)
+
+    def _on_exported(self, export) -> None:
+        self.view.tensor_modules = dict(getattr(export, "tensor_modules", None) or {})
 
     # -- config B ---------------------------------------------------------------------------
     def show_config_a(self, config) -> None:
@@ -264,10 +237,10 @@ class QtABTab(QWidget):
         lines = [override_line(glob, value) for glob, value in config.to_dict().get("overrides", {}).items()]
         self.overrides_edit.setPlainText("\n".join(line for line in lines if line))
 
-    def config_b(self):
+    def config_b(self) -> PTQConfig:
         """PTQConfig B from the form: A's config with B's dtypes, observer and overrides."""
         return build_config(
-            getattr(self._host.session, "config", None),
+            getattr(self._session, "config", None),
             activation=self.activation_combo.currentText(),
             weight=self.weight_combo.currentText(),
             observer=self.observer_combo.currentText(),
@@ -275,9 +248,14 @@ class QtABTab(QWidget):
         )
 
     # -- calibrate B and compare ------------------------------------------------------------
+    @property
+    def result(self):
+        """The comparison shown (an ABResult), or None."""
+        return self.view.result
+
     def run_compare(self) -> None:
         """Calibrate B and compare it with A, in the worker."""
-        session = self._host.session
+        session = self._session
         if session is None or self._task is not None:
             return
         if getattr(session, "state", "") != "calibrated":
@@ -293,15 +271,18 @@ class QtABTab(QWidget):
         self.message.show_message("Calibrating B on the session's images…")
 
         def work(progress, cancel):
-            from core.analysis.abtest import calibrate_b, compare_ab  # noqa: PLC0415
+            from core.analysis.abtest import ABComparison  # noqa: PLC0415 -- torch stays off the window's startup path
 
             def phase(name):
                 return lambda done, total, message="": progress(done, total, f"{name}{' · ' + message if message else ''}")
 
-            state = calibrate_b(session, config_b, progress=phase("calibrating B"), cancel=cancel)
-            if cancel.cancelled or getattr(state, "cancelled", False):
-                return None
-            return compare_ab(session, state, progress=phase("comparing A and B"), cancel=cancel)
+            ab = ABComparison(session, config_b)
+            try:
+                ab.calibrate_b(progress=phase("calibrating B"), cancel=cancel)
+                # The worker runs one task at a time: this is the version A was compared with.
+                return ab.compare(progress=phase("comparing A and B"), cancel=cancel), session.stats_version
+            finally:
+                ab.release()  # B's weights are a second copy of the model's
 
         self._task = self._host.submit(
             "A/B compare", work, on_done=self._on_compared, on_error=self._on_error, on_progress=self.progress.update_progress
@@ -311,23 +292,19 @@ class QtABTab(QWidget):
         """Stop B's calibration or the comparison; A is never touched."""
         self.progress.cancel_task(self._task)
 
-    def _on_compared(self, result) -> None:
+    def _on_compared(self, payload) -> None:
+        result, stats_version = payload
         self._task = None
         self.compare_button.setEnabled(True)
-        if result is None:
-            self.progress.end("cancelled")
-            self.message.show_message("Cancelled; A is unchanged and the earlier comparison (if any) is kept.")
-            return
         self.progress.end(f"compared on {len(result.images)} image(s)")
-        self.show_result(result)
+        self.view.compared(result, stats_version)
+        self._show_view()
         self.message.show_message(f"Compared A and B on {len(result.images)} image(s).", "ok")
         self.sigCompared.emit(result)
 
     def _on_error(self, exc: BaseException) -> None:
         self._task = None
         self.compare_button.setEnabled(True)
-        from core.errors import CancelledError  # noqa: PLC0415
-
         if isinstance(exc, CancelledError):
             self.progress.end("cancelled")
             self.message.show_message("Cancelled; A is unchanged and the earlier comparison (if any) is kept.")
@@ -336,26 +313,24 @@ class QtABTab(QWidget):
         self.message.show_message(error_text(exc), "error")
         self._host.show_error(exc)
 
-    def clear(self) -> None:
-        """Forget the comparison (A changed)."""
-        had_result = self.result is not None
-        self.result = None
+    # -- showing the view state -------------------------------------------------------------
+    def _show_view(self) -> None:
+        """Show what self.view holds: the comparison, or the how-to (saying when A changed)."""
+        if self.view.result is not None:
+            self._show_result(self.view.result)
+            return
         self.names = []
         self.table.setRowCount(0)
-        for item in (self.curve_a, self.curve_b, self.points_a, self.points_b):
-            item.setData([], [])
-        self.delta_bars.setOpts(x=[], height=[], brushes=None)
-        self._cursor.setVisible(False)
-        self._show_empty(stale=had_result)
+        self.charts.clear()
+        self._show_empty()
         self.winning_label.setText("—")
         for b in (self.export_yaml_button, self.export_json_button, self.apply_button):
             b.setEnabled(False)
 
-    def _show_empty(self, stale: bool) -> None:
-        # "compare again" only when there was a comparison to drop; a first visit gets the how-to.
+    def _show_empty(self) -> None:
         first = (
             "<b>A changed since the last comparison</b>, so it was cleared: press "
-            "“Calibrate B and compare” again.<br><br>" if stale else ""
+            "“Calibrate B and compare” again.<br><br>" if self.view.stale else ""
         )
         self.empty_label.setText(
             f"{first}<b>Compare two quantization configs, module by module.</b><br>"
@@ -366,37 +341,13 @@ class QtABTab(QWidget):
         )
         self.outputs.setCurrentWidget(self.empty_label)
 
-    # -- showing a result -------------------------------------------------------------------
-    @staticmethod
-    def _finite(values) -> np.ndarray:
-        arr = np.asarray(values, dtype=float)
-        return np.where(np.isfinite(arr), arr, np.nan)
-
-    def _tip(self, x, y, data) -> str:
-        return f"{data}\nSQNR {y:.2f} dB"
-
-    def show_result(self, result) -> None:
+    def _show_result(self, result) -> None:
         """Fill the chart, the table and the summary from an ABResult."""
-        self.result = result
         self.outputs.setCurrentIndex(1)
         modules = list(result.modules)
         self.names = [m.name for m in modules]
         n = len(modules)
-        x = np.arange(n, dtype=float)
-        a = self._finite([m.a.sqnr_db for m in modules])
-        b = self._finite([m.b.sqnr_db for m in modules])
-        delta = self._finite([m.delta_sqnr_db for m in modules])
-        self.curve_a.setData(x, a, connect="finite")
-        self.curve_b.setData(x, b, connect="finite")
-        ok_a, ok_b = np.isfinite(a), np.isfinite(b)
-        self.points_a.setData(x[ok_a], a[ok_a], data=[self.names[i] + " (A)" for i in np.flatnonzero(ok_a)])
-        self.points_b.setData(x[ok_b], b[ok_b], data=[self.names[i] + " (B)" for i in np.flatnonzero(ok_b)])
-        brushes = [pg.mkBrush(B_COLOR if str(m.winner) == "B" else A_COLOR if str(m.winner) == "A" else "#999") for m in modules]
-        self.delta_bars.setOpts(x=x, height=np.nan_to_num(delta), width=0.7, brushes=brushes)
-        self.axis.set_names(self.names)
-        self.delta_axis.set_names(self.names)
-        self.plot.enableAutoRange()
-        self.delta_plot.enableAutoRange()
+        self.charts.show_modules(modules)
 
         table = self.table
         table.setSortingEnabled(False)
@@ -448,8 +399,6 @@ class QtABTab(QWidget):
             f"(PEIR A {fmt_float(ea.peir)}, B {fmt_float(eb.peir)}): {verdict}; "
             f"per module B wins {wins}, A wins {losses}, {n - wins - losses} ties.{notes}"
         )
-        from core.analysis.abtest import describe_config  # noqa: PLC0415
-
         self.summary_label.setToolTip(f"A: {describe_config(result.config_a)}\nB: {describe_config(result.config_b)}")
         self._update_winning()
 
@@ -457,34 +406,32 @@ class QtABTab(QWidget):
         """B's winning overrides at the chosen margin (empty before a comparison)."""
         if self.result is None:
             return {}
-        return dict(self.result.winning_overrides(margin_db=float(self.margin_spin.value())))
+        return dict(self.result.winning_overrides(margin_db=self.view.margin_db))
+
+    def _on_margin_changed(self, value: float) -> None:
+        self.view.margin_db = float(value)
+        self._update_winning()
 
     def _update_winning(self) -> None:
         if self.result is None:
             return
         overrides = self.winning_overrides()
         if overrides:
-            shown = [f"{g} = {_override_text(v)}" for g, v in list(overrides.items())[:8]]
+            shown = [f"{g} = {override_text(v)}" for g, v in list(overrides.items())[:8]]
             more = f"\n… and {len(overrides) - 8} more" if len(overrides) > 8 else ""
-            self.winning_label.setText(f"{len(overrides)} override(s) where B wins by ≥ {self.margin_spin.value():g} dB:\n"
+            self.winning_label.setText(f"{len(overrides)} override(s) where B wins by ≥ {self.view.margin_db:g} dB:\n"
                                        + "\n".join(shown) + more)
         else:
-            self.winning_label.setText(f"B wins nowhere by ≥ {self.margin_spin.value():g} dB: nothing to export.")
+            self.winning_label.setText(f"B wins nowhere by ≥ {self.view.margin_db:g} dB: nothing to export.")
         for b in (self.export_yaml_button, self.export_json_button, self.apply_button):
             b.setEnabled(bool(overrides) and self._task is None)
 
     def _on_current_cell(self, row: int, _col: int, _prow: int, _pcol: int) -> None:
         item = self.table.item(row, 0) if row >= 0 else None
-        if item is None:
-            return
-        index = int(item.data(SORT_ROLE))
-        self._cursor.setValue(index)
-        self._cursor.setVisible(True)
+        if item is not None:
+            self.charts.mark(int(item.data(SORT_ROLE)))
 
-    def _on_point_clicked(self, _item, points, *_args) -> None:
-        if not len(points):
-            return
-        index = int(round(points[0].pos().x()))
+    def _on_module_clicked(self, index: int) -> None:
         for row in range(self.table.rowCount()):
             if int(self.table.item(row, 0).data(SORT_ROLE)) == index:
                 self.table.selectRow(row)
@@ -521,8 +468,6 @@ class QtABTab(QWidget):
         result = self.result
 
         def work():
-            from core.export.config_export import write_tico_ptq_yaml  # noqa: PLC0415
-
             write_tico_ptq_yaml(path, overrides, base=result.config_a, modules=result.module_names)
             return path
 
@@ -534,12 +479,9 @@ class QtABTab(QWidget):
 
         result = self.result
         # ONE finds layers by Circle tensor name: take them from this session's last export.
-        exported = getattr(getattr(self._host, "export_tab", None), "result", None)
-        tensor_modules = dict(getattr(exported, "tensor_modules", None) or {})
+        tensor_modules = dict(self.view.tensor_modules)
 
         def work():
-            from core.export.config_export import one_name_map, write_one_quant_config  # noqa: PLC0415
-
             name_map = one_name_map(tensor_modules, result.module_names) if tensor_modules else None
             write_one_quant_config(path, overrides, name_map, base=result.config_a, modules=result.module_names)
             return path
@@ -558,7 +500,7 @@ class QtABTab(QWidget):
         """Make A plus B's winning overrides the session's config and calibrate it."""
         if self.result is None:
             return
-        merged = self.result.merged_config(margin_db=float(self.margin_spin.value()))
+        merged = self.result.merged_config(margin_db=self.view.margin_db)
         self.message.show_message("Applying the merged config and calibrating…")
         self._host.apply_config_and_calibrate(merged)
 
@@ -573,23 +515,4 @@ class _SortItem(QTableWidgetItem):
             b = -math.inf if math.isnan(b) else b
             return a < b
         return str(a) < str(b)
-
-
-def _override_text(value) -> str:
-    if isinstance(value, str):
-        return value
-    to_json = getattr(value, "to_json", None)
-    if to_json is not None:
-        value = to_json()
-    if isinstance(value, dict):
-        act = value.get("activation", {})
-        wgt = value.get("weight", {})
-        parts = []
-        if act:
-            parts.append(f"act {act.get('dtype', act) if isinstance(act, dict) else act}")
-        if wgt:
-            parts.append(f"weight {wgt.get('dtype', wgt) if isinstance(wgt, dict) else wgt}")
-        return ", ".join(parts) or str(value)
-    dtype = getattr(value, "dtype", None)
-    return str(dtype) if dtype is not None else str(value)
 

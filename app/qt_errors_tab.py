@@ -331,15 +331,6 @@ class QtErrorsTab(QWidget):
         self.banner.clear()  # nothing is being located any more: "evaluate to locate it" is true again
         self.message.show_message(error_text(exc), "error")
 
-    def clear(self) -> None:
-        """Forget results (the window calls this when it has a new session; events do the rest)."""
-        # Until the window hands each new session over with set_session, this call (which it makes
-        # right after taking a new session) is where the tab starts to follow it.
-        if self._host.session is not self.session:
-            self.set_session(self._host.session)
-        else:
-            self._forget()
-
     def _forget(self) -> None:
         self.diagnostics.forget()
         self.state.forget()

@@ -282,42 +282,19 @@ class QtMainWindow(QMainWindow):
                 "exported": self._on_exported,
             },
         )
-        self.calibration_tab.set_session(session)
-        self.export_tab.set_session(session)
+        for tab in (self.calibration_tab, self.ranges_tab, self.errors_tab, self.ab_tab, self.export_tab):
+            tab.set_session(session)  # each follows the session's events from here on
         self._reset_summary()
         self._show_model_info()
         self._show_overrides()
         self._shown_stats_version = session.stats_version
         if session.state == "calibrated":
             self._show_calibration(session.calibration)
-        self._unsubscribed_tabs_session_replaced(session)
         self._on_settings_edited()
         self.refresh_status()
         deferred, self._deferred = self._deferred, []
         for fn in deferred:
             fn()
-
-    # -- pushes to the tabs that do not subscribe to session.events yet -------------------
-    # Ranges and Errors (helper "tabs") and A/B (helper "ab") still expose these methods; each
-    # line goes once its tab follows the session itself (set_session + app.events.on_gui_thread).
-    def _unsubscribed_tabs_session_replaced(self, session) -> None:
-        self.ranges_tab.clear()
-        self.errors_tab.clear()
-        self.ab_tab.clear()
-        self.ab_tab.show_config_a(session.config)
-        if session.state == "calibrated":
-            self.ranges_tab.refresh()
-
-    def _unsubscribed_tabs_config_changed(self, config) -> None:
-        self.ranges_tab.clear()
-        self.errors_tab.clear()
-        self.ab_tab.clear()
-        self.ab_tab.show_config_a(config)
-
-    def _unsubscribed_tabs_statistics_changed(self) -> None:
-        self.ranges_tab.refresh()
-        self.errors_tab.evaluate()
-        self.ab_tab.clear()  # A's statistics changed: the comparison no longer holds
 
     # -- the session's events -------------------------------------------------------------
     def _reset_summary(self) -> None:
@@ -462,7 +439,6 @@ class QtMainWindow(QMainWindow):
         if version:
             self._show_calibration(session.calibration)
             self.model_panel.summary["end_to_end"].setText("—")
-            self._unsubscribed_tabs_statistics_changed()
         else:
             cal = session.calibration
             self.model_panel.summary["calibration"].setText(
@@ -477,7 +453,6 @@ class QtMainWindow(QMainWindow):
         self._shown_stats_version = 0
         self._reset_summary()
         self._show_overrides()
-        self._unsubscribed_tabs_config_changed(config)
 
     def _show_overrides(self) -> None:
         n = len(self.extra_overrides)

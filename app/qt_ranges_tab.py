@@ -333,15 +333,6 @@ class QtRangesTab(QWidget):
         for col, chars in enumerate(ObserverTableModel.WIDTHS):
             self.table.setColumnWidth(col, chars * char + 12)
 
-    def clear(self) -> None:
-        """Forget the shown statistics (the window calls this when it has a new session; events do the rest)."""
-        # Until the window hands each new session over with set_session, this call (which it makes
-        # right after taking a new session) is where the tab starts to follow it.
-        if self._host.session is not self.session:
-            self.set_session(self._host.session)
-        else:
-            self._forget()
-
     def _forget(self) -> None:
         self.state.stats_version = None
         self.state.new_statistics()

@@ -29,8 +29,6 @@ _LAZY = {
     "rank_images": "core.analysis.provenance",
     "three_way_check": "core.analysis.threeway",
     "three_way_session": "core.analysis.threeway",
-    "compare_ab": "core.analysis.abtest",
-    "calibrate_b": "core.analysis.abtest",
     "ABComparison": "core.analysis.abtest",
 }
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from core.analysis.abtest import ABComparison, ab_summary_lines, calibrate_b, compare_ab, resolved_specs
+from core.analysis.abtest import ABComparison, ab_summary_lines, resolved_specs
 from core.cancel import CancelToken
 from core.config import ModuleOverride, PTQConfig, QuantSpec
 from core.errors import CancelledError, ConfigError
@@ -44,17 +44,19 @@ def eval_images(sample_images):
 
 @pytest.fixture(scope="module")
 def int16_result(session, eval_images):
-    state = calibrate_b(session, INT16_LAYERS)
-    result = compare_ab(session, state, images=eval_images)
-    state.release()
-    return result
+    return _compare(session, INT16_LAYERS, eval_images)
 
 
 @pytest.fixture(scope="module")
 def mixed_result(session, eval_images):
-    state = calibrate_b(session, MIXED)
-    result = compare_ab(session, state, images=eval_images)
-    state.release()
+    return _compare(session, MIXED, eval_images)
+
+
+def _compare(session, config_b, images):
+    ab = ABComparison(session, config_b)
+    ab.calibrate_b()
+    result = ab.compare(images=images)
+    ab.release()
     return result
 
 
@@ -111,9 +113,7 @@ def test_merge_takes_only_bs_wins_and_beats_both(session, eval_images, mixed_res
     assert resolved_specs(merged, "pooler") == resolved_specs(session.config, "pooler")
     assert resolved_specs(merged, "encoder.layers.1.mlp.down_proj")[0].dtype == "int16"
 
-    state = calibrate_b(session, merged)
-    merged_result = compare_ab(session, state, images=eval_images)
-    state.release()
+    merged_result = _compare(session, merged, eval_images)
     a = merged_result.end_to_end_a.sqnr_db
     m = merged_result.end_to_end_b.sqnr_db
     assert merged_result.end_to_end_a.sqnr_db == pytest.approx(r.end_to_end_a.sqnr_db)
@@ -144,12 +144,12 @@ def test_cancel_of_calibrate_b_leaves_session_a_untouched(session):
         token.cancel()  # cancel after the first batch
 
     with pytest.raises(CancelledError) as exc:
-        calibrate_b(session, INT16_LAYERS, progress=progress, cancel=token)
+        ABComparison(session, INT16_LAYERS).calibrate_b(progress=progress, cancel=token)
     assert "\n" not in str(exc.value)
     pre = CancelToken()
     pre.cancel()
     with pytest.raises(CancelledError):
-        calibrate_b(session, INT16_LAYERS, cancel=pre)
+        ABComparison(session, INT16_LAYERS).calibrate_b(cancel=pre)
     after = _observer_snapshot(session.qmodel)
     assert before.keys() == after.keys()
     for k in before:

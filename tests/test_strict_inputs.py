@@ -145,15 +145,15 @@ def test_ab_override_typo_is_refused_before_calibrating_b(capfd, session_dir, no
 
 
 def test_calibrate_b_itself_refuses_a_glob_that_matches_nothing(session_dir):
-    # The GUI's A/B tab goes through core.analysis.abtest.calibrate_b, not the CLI.
+    # The GUI's A/B tab goes through core.analysis.abtest.ABComparison.calibrate_b, not the CLI.
     from dataclasses import replace
 
-    from core.analysis.abtest import calibrate_b
+    from core.analysis.abtest import ABComparison
     from core.session import Session
 
     s = Session.load(session_dir)
     with pytest.raises(ConfigError, match="'encoder.layers.9.*' matches no module"):
-        calibrate_b(s, replace(s.config, overrides={"encoder.layers.9.*": "int16"}))
+        ABComparison(s, replace(s.config, overrides={"encoder.layers.9.*": "int16"})).calibrate_b()
 
 
 def test_recalibrate_exclude_glob(capfd, session_copy, sample_images, monkeypatch):

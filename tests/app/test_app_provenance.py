@@ -125,7 +125,7 @@ def test_source_image_ranking_and_exclude_recalibrate(calibrated, qtbot):
 def test_ab_int16_activations_table_chart_and_exports(calibrated, qtbot, tmp_path, monkeypatch):
     import yaml
 
-    from core.analysis.abtest import calibrate_b, compare_ab
+    from core.analysis.abtest import ABComparison
     from core.export.config_export import to_one_quant_config, to_tico_ptq_yaml
 
     window = calibrated
@@ -144,7 +144,9 @@ def test_ab_int16_activations_table_chart_and_exports(calibrated, qtbot, tmp_pat
     config_b = tab.config_b()
     assert config_b.activation.dtype == "int16" and config_b.weight.dtype == "uint8"
 
-    expected = compare_ab(session, calibrate_b(session, config_b))  # the core, run again from scratch
+    ab = ABComparison(session, config_b)
+    ab.calibrate_b()
+    expected = ab.compare()  # the core, run again from scratch
     t = tab.table
     assert t.rowCount() == len(expected.modules) > 0
     for row, m in enumerate(expected.modules):  # the table is sorted by forward order (#)
