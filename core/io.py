@@ -27,6 +27,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 __all__ = [
     "json_safe",
     "finite_or_none",
@@ -85,8 +87,6 @@ def _owner_alive(pid: int, mtime: float) -> bool:
     """Whether process pid may still be writing a temporary last modified at mtime."""
     if pid == os.getpid():
         return True  # another thread of this process may be mid-write
-    import psutil
-
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from safetensors import safe_open
 from transformers import Gemma4VisionConfig, Gemma4VisionModel
@@ -260,8 +261,6 @@ def config_parameter_count(config: Gemma4VisionConfig) -> int:
 
 def _check_fits(config: Gemma4VisionConfig, folder: Path, files: dict[str, Path]) -> None:
     """Refuse a config whose model could not match the weights or fit in memory, before allocating it."""
-    import psutil
-
     elements = config_parameter_count(config)
     on_disk = sum(p.stat().st_size for p in set(files.values()))
     # Every stored element takes at least one byte, whatever its dtype.

@@ -79,7 +79,7 @@ class QuantPatchEmbedder(QuantModule):
         bias = self.folded_bias
         proj = self.input_proj
         if self.obs_pixels.enabled and proj.obs_weight.enabled:
-            step = torch.tensor(self.obs_pixels._scale_f) * proj.obs_weight.scale.float()
+            step = self.obs_pixels.scale.float().reshape(()) * proj.obs_weight.scale.float()
             # int32 bias for 8-bit inputs, int64 for 16-bit ones (as the Circle kernels store them).
             bits = 31 if self.obs_pixels.qdtype.bits <= 8 else 63
             bias = (torch.round(bias.double() / step.double()).clamp(-(2.0**bits), 2.0**bits - 1) * step.double()).float()

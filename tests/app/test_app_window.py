@@ -259,7 +259,7 @@ def test_select_module_gives_scatter_points(calibrated, qtbot):
     xs, ys = tab.scatter.getData()
     assert len(xs) == min(len(np.ravel(module.samples_fp)), 20000) > 0
     assert np.allclose(xs, np.ravel(module.samples_fp)[: len(xs)])
-    ix, iy = tab._identity.getData()
+    ix, iy = tab.scatter_panel.identity.getData()
     assert list(ix) == list(iy)  # the y = x line
 
 
