@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.ab_state import ABViewState
-from app.events import on_gui_thread
+from app.events import SessionSubscriptions
 from app.qt_ab_charts import A_COLOR, B_COLOR, QtABCharts
 from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, results_table
 from core.analysis.ab_overrides import describe_config, override_text
@@ -53,7 +53,7 @@ class QtABTab(QWidget):
         super().__init__()
         self._host = host
         self._session = None
-        self._disconnect: list = []  # ends this tab's subscriptions to the current session's events
+        self._subscriptions = SessionSubscriptions()
         self._task = None
         self.view = ABViewState()
         self.names: list[str] = []
@@ -193,19 +193,14 @@ class QtABTab(QWidget):
         config; any comparison of the previous session is dropped."""
         if session is self._session:
             return
-        for disconnect in self._disconnect:
-            disconnect()
         self._session = session
-        self._disconnect = []
+        self._subscriptions.replace(
+            session.events if session is not None else None,
+            {"calibrated": self._on_calibrated, "config_changed": self._on_config_changed, "exported": self._on_exported},
+        )
         self.view.a_changed(None)
         self.view.tensor_modules = {}  # the previous session's export named other tensors
         if session is not None:
-            events = session.events
-            self._disconnect = [
-                on_gui_thread(events.calibrated, self._on_calibrated),
-                on_gui_thread(events.config_changed, self._on_config_changed),
-                on_gui_thread(events.exported, self._on_exported),
-            ]
             self.view.stats_version = session.stats_version
             self.show_config_a(session.config)
         self._show_view()

@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.events import SessionSubscriptions
 from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, plural
 from app.qt_depth_chart import QtDepthChart
 from app.qt_divergence_panel import QtDivergenceBanner, QtDivergenceChart
@@ -34,7 +35,6 @@ from app.qt_error_scatter import QtErrorScatterPanel
 from app.qt_heatmap import QtPatchHeatmap
 from app.qt_module_errors_table import SORT_ROLE, ModuleErrorModel
 from app.qt_sensitivity_table import QtSensitivityTable
-from app.session_subscription import SessionSubscription
 from app.tab_state import ErrorsState, ImageSnapshot
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class QtErrorsTab(QWidget):
         super().__init__()
         self._host = host
         self.session: Any = None
-        self._events = SessionSubscription()
+        self._subscriptions = SessionSubscriptions()
         self.state = ErrorsState()
         self.images = ImageSnapshot()
         self._eval_task = None
@@ -247,7 +247,14 @@ class QtErrorsTab(QWidget):
     def set_session(self, session) -> None:
         """Follow this session's events from now on (and forget what the previous one showed)."""
         self.session = session
-        self._events.follow(session, self._on_calibrated, self._on_config_changed, self._on_images_changed)
+        self._subscriptions.replace(
+            session.events if session is not None else None,
+            {
+                "calibrated": self._on_calibrated,
+                "config_changed": self._on_config_changed,
+                "images_changed": self._on_images_changed,
+            },
+        )
         self.images = ImageSnapshot.of(session)
         self._forget()
         # Statistics the session already holds (a loaded one) are evaluated when the user asks.

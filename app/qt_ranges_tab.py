@@ -31,11 +31,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.events import SessionSubscriptions
 from app.qt_common import QtMessageLine, error_text, fmt_float, scalar
 from app.qt_extreme_source_panel import QtExtremeSourcePanel
 from app.qt_image_ranking_panel import QtImageRankingPanel
 from app.qt_observer_table import SORT_ROLE, ObserverFilterProxy, ObserverTableModel, grid_limits
-from app.session_subscription import SessionSubscription
 from app.tab_state import ImageSnapshot, RangesState
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class QtRangesTab(QWidget):
         super().__init__()
         self._host = host
         self.session: Any = None
-        self._events = SessionSubscription()
+        self._subscriptions = SessionSubscriptions()
         self.state = RangesState()
         self.images = ImageSnapshot()
         self._recal_task = None
@@ -237,7 +237,14 @@ class QtRangesTab(QWidget):
     def set_session(self, session) -> None:
         """Follow this session's events from now on; show its statistics if it has some (a loaded one)."""
         self.session = session
-        self._events.follow(session, self._on_calibrated, self._on_config_changed, self._on_images_changed)
+        self._subscriptions.replace(
+            session.events if session is not None else None,
+            {
+                "calibrated": self._on_calibrated,
+                "config_changed": self._on_config_changed,
+                "images_changed": self._on_images_changed,
+            },
+        )
         self._on_images_changed()
         self._forget()
         if getattr(session, "stats_version", 0):
