@@ -255,6 +255,7 @@ class QtErrorsTab(QWidget):
                 "images_changed": self._on_images_changed,
             },
         )
+        self.sensitivity_table.set_session(session)
         self.images = ImageSnapshot.of(session)
         self._forget()
         # Statistics the session already holds (a loaded one) are evaluated when the user asks.
@@ -533,8 +534,7 @@ class QtErrorsTab(QWidget):
     def _on_sensitivity(self, entries: list) -> None:
         self._sens_task = None
         self.sensitivity_button.setEnabled(True)
-        self.progress.end(f"sensitivity: {len(entries)} entries")
-        self.sensitivity_table.show_entries(entries)
+        self.progress.end(f"sensitivity: {len(entries)} entries")  # the table follows session.events.analysed
         if not self.sensitivity_table.isVisible():
             self.sensitivity_table.setVisible(True)
             # Header and a few rows: the heatmap or scatter above keeps most of the height.

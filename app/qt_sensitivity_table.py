@@ -5,6 +5,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem, QWidget
 
+from app.events import SessionSubscriptions
 from app.qt_common import fmt_float
 
 
@@ -22,6 +23,22 @@ class QtSensitivityTable(QTableWidget):
         self.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.itemSelectionChanged.connect(self._on_selection)
+        self._subscriptions = SessionSubscriptions()
+
+    def set_session(self, session) -> None:
+        """Show this session's sweeps from now on; new statistics or a new config make a sweep stale."""
+        self._subscriptions.replace(
+            session.events if session is not None else None,
+            {"analysed": self._on_analysed, "calibrated": self._forget, "config_changed": self._forget},
+        )
+        self._forget()
+
+    def _on_analysed(self, view: str, result) -> None:
+        if view == "sensitivity":
+            self.show_entries(list(result))
+
+    def _forget(self, *_) -> None:
+        self.setRowCount(0)
 
     def show_entries(self, entries: list) -> None:
         """Fill the table with SensitivityEntries."""

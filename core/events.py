@@ -24,3 +24,6 @@ class SessionEvents(SignalGroup):
     evaluated = Signal(object)
     # the ExportResult of export()
     exported = Signal(object)
+    # an analysis view's result, named by its view: ("sensitivity", [SensitivityEntry, ...]); a new
+    # view (a module in core.analysis plus a Session method) announces itself here, views subscribe
+    analysed = Signal(str, object)

@@ -371,6 +371,7 @@ class Session:
             total=len(entries),
         )
         self.last_sensitivity_baseline = baseline
+        self.events.analysed.emit("sensitivity", ranked)
         return ranked
 
     def export(

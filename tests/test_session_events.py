@@ -10,7 +10,7 @@ from core.errors import NoImagesError
 from core.session import Session
 
 MST = 70
-EVENTS = ("images_changed", "config_changed", "calibrated", "evaluated", "exported")
+EVENTS = ("images_changed", "config_changed", "calibrated", "evaluated", "exported", "analysed")
 
 
 class Recorder:
@@ -86,6 +86,9 @@ def test_calibrate_evaluate_export_and_config_events(sample_images, monkeypatch)
     res = s.evaluate()
     assert rec.take() == [("evaluated", res)] and res is s.last_compare
     assert s.stats_version == 1  # evaluating changes no statistics
+
+    ranked = s.sensitivity(images=sample_images[:1], unit="kind")
+    assert rec.take() == [("analysed", "sensitivity", ranked)] and ranked and s.stats_version == 1
 
     sentinel = object()
     monkeypatch.setattr(core.session, "export_circle", lambda *a, **k: sentinel)
