@@ -33,11 +33,10 @@ def test_first_extreme_index_matches_argmin_and_argmax(shape):
         assert first_extreme_index(x, "max") == int(flat.argmax())
 
 
-@pytest.mark.parametrize("locate", [False, True])
-def test_tensor_extremes_equal_aminmax(locate):
+def test_tensor_extremes_equal_aminmax():
     gen = torch.Generator().manual_seed(1)
     for x in _variants((2, 50, 400), gen):
-        ext = TensorExtremes(x, locate=locate)
+        ext = TensorExtremes(x)
         mn, mx = torch.aminmax(x)
         assert float(ext.min) == float(mn) and float(ext.max) == float(mx)
         assert ext.first_index("min", float(mn)) == int(x.reshape(-1).argmin())

@@ -152,13 +152,12 @@ class Observer(nn.Module):
             x = x.float()
         if self.per_channel:
             flat = x.transpose(0, self.channel_axis).reshape(x.shape[self.channel_axis], -1)
-            mn, mx = flat.aminmax(dim=1)
+            # Two row reductions: aminmax with a dim does not vectorise on CPU (about 30x slower).
+            mn, mx = flat.amin(dim=1), flat.amax(dim=1)
             batch = None
             lo, hi = float(mn.min()), float(mx.max())
         else:
-            # An observer's first batch moves both extremes, so both locations are computed with
-            # the reduction rather than after it.
-            batch = TensorExtremes(x, locate=not self.has_stats)
+            batch = TensorExtremes(x)
             mn, mx = batch.min, batch.max
             lo, hi = float(mn), float(mx)
         self._update_stats(batch, mn, mx, lo, hi, source)
