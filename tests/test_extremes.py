@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.quant import extremes
 from core.quant.extremes import TensorExtremes, first_extreme_index
 
 SHAPES = [(5,), (1, 96, 300), (1, 4, 97, 97), (3, 7, 2, 700), (20000,), (4096, 4), (1, 70, 8, 32)]
@@ -33,10 +34,12 @@ def test_first_extreme_index_matches_argmin_and_argmax(shape):
         assert first_extreme_index(x, "max") == int(flat.argmax())
 
 
-def test_tensor_extremes_equal_aminmax():
+@pytest.mark.parametrize("expect_moves", [True, False])
+def test_tensor_extremes_equal_aminmax(expect_moves, monkeypatch):
+    monkeypatch.setattr(extremes, "CACHE_RESIDENT_NUMEL", 1000)  # the lazy path for large tensors, on small ones
     gen = torch.Generator().manual_seed(1)
     for x in _variants((2, 50, 400), gen):
-        ext = TensorExtremes(x)
+        ext = TensorExtremes(x, expect_moves=expect_moves)
         mn, mx = torch.aminmax(x)
         assert float(ext.min) == float(mn) and float(ext.max) == float(mx)
         assert ext.first_index("min", float(mn)) == int(x.reshape(-1).argmin())

@@ -8,6 +8,11 @@ over a contiguous tensor viewed as rows a few hundred elements wide cost about w
 keep one minimum and one maximum per row: the first row holding the extreme, then the first
 equal element in it, is its first occurrence in C order, i.e. exactly what ``argmin`` /
 ``argmax`` return, found without another pass over the tensor.
+
+Tensors far larger than the cache (the attention scores at 2520 patches) are the exception:
+there two row reductions read memory twice, so when the extremes probably stay put (an
+observer that has seen images already) one ``aminmax`` runs and the rows are reduced only
+for an extreme that did move.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 _MIN_NUMEL = 1 << 14
 # Rows at least this wide keep the row reductions vectorised.
 _MIN_WIDTH = 64
+# Above this many elements (16 MiB of float32) a second read of a tensor no longer comes from the cache.
+CACHE_RESIDENT_NUMEL = 1 << 22
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor | None:
@@ -36,13 +43,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor | None:
 
 
 class TensorExtremes:
-    """The min and max of one tensor (0-d tensors) and, on demand, where each first occurs."""
+    """The min and max of one tensor (0-d tensors) and, on demand, where each first occurs.
 
-    def __init__(self, x: torch.Tensor) -> None:
+    `expect_moves` says whether the caller will probably ask where they are (an observer's
+    first batch); it only changes the cost, never the answer.
+    """
+
+    def __init__(self, x: torch.Tensor, *, expect_moves: bool = True) -> None:
         self.x = x
         self._rows = _rows(x)
-        if self._rows is None:
-            self._row_extremes: dict[str, torch.Tensor] = {}
+        self._row_extremes: dict[str, torch.Tensor] = {}
+        if self._rows is None or (not expect_moves and x.numel() > CACHE_RESIDENT_NUMEL):
             self.min, self.max = torch.aminmax(x)
         else:
             self._row_extremes = {"min": self._rows.amin(dim=1), "max": self._rows.amax(dim=1)}
@@ -54,12 +65,17 @@ class TensorExtremes:
         Equal to ``int(x.reshape(-1).argmin())`` / ``argmax()`` for any tensor without NaN.
         """
         flat = self.x.reshape(-1)
+        rows = self._rows
+        if rows is None:  # small or not contiguous: argmin is as cheap
+            return int(flat.argmin() if which == "min" else flat.argmax())
         per_row = self._row_extremes.get(which)
-        hits = (per_row == value).nonzero() if per_row is not None else None
-        if hits is None or hits.numel() == 0:  # small tensors; NaN, which matches nothing
+        if per_row is None:
+            per_row = rows.amin(dim=1) if which == "min" else rows.amax(dim=1)
+        hits = (per_row == value).nonzero()
+        if hits.numel() == 0:  # NaN matches nothing
             return int(flat.argmin() if which == "min" else flat.argmax())
         row = int(hits[0, 0])
-        return row * self._rows.shape[1] + int((self._rows[row] == value).nonzero()[0, 0])
+        return row * rows.shape[1] + int((rows[row] == value).nonzero()[0, 0])
 
 
 def first_extreme_index(x: torch.Tensor, which: str) -> int:

@@ -125,21 +125,24 @@ class Observer(nn.Module):
     def _record_location(self, which: str, batch: TensorExtremes, value: float) -> None:
         """Store where the extreme `value` of the batch that just moved `which` lies in its tensor."""
         idx = batch.first_index(which, value)
-        setattr(self, f"{which}_index", idx)
-        setattr(self, f"{which}_shape", tuple(int(d) for d in batch.x.shape))
-        setattr(self, f"{which}_value", float(batch.x.reshape(-1)[idx]))
-        setattr(self, f"{which}_tied", False)
+        # Plain attributes set straight into __dict__: nn.Module.__setattr__ checks parameters,
+        # buffers and submodules first, a cost paid for every moved extreme of every observer.
+        fields = self.__dict__
+        fields[f"{which}_index"] = idx
+        fields[f"{which}_shape"] = tuple(int(d) for d in batch.x.shape)
+        fields[f"{which}_value"] = float(batch.x.reshape(-1)[idx])
+        fields[f"{which}_tied"] = False
 
     def _track(self, which: str, value: float, current: float, source: str | None, batch: TensorExtremes) -> bool:
         """Provenance of one extreme: True when `value` beats `current` (strictly: on a tie the
         earlier image keeps it, and the tie is noted), recording the source and location."""
         beats = value < current if which == "min" else value > current
         if beats:
-            setattr(self, f"{which}_source", source)
+            self.__dict__[f"{which}_source"] = source
             if not self.per_channel:
                 self._record_location(which, batch, value)
         elif value == current and not self.per_channel and source != getattr(self, f"{which}_source"):
-            setattr(self, f"{which}_tied", True)
+            self.__dict__[f"{which}_tied"] = True
         return beats
 
     @torch.no_grad()
@@ -157,12 +160,12 @@ class Observer(nn.Module):
             batch = None
             lo, hi = float(mn.min()), float(mx.max())
         else:
-            batch = TensorExtremes(x)
+            batch = TensorExtremes(x, expect_moves=not self.has_stats)
             mn, mx = batch.min, batch.max
             lo, hi = float(mn), float(mx)
         self._update_stats(batch, mn, mx, lo, hi, source)
         self._update_histogram(x, lo, hi)
-        self.num_seen += x.numel()
+        self.num_seen.add_(x.numel())
 
     def _update_stats(
         self, batch: TensorExtremes | None, mn: torch.Tensor, mx: torch.Tensor, lo: float, hi: float, source: str | None
