@@ -8,9 +8,11 @@ kept beside them (``min_source`` / ``max_source``).
 Per-tensor observers also record *where* in that image's tensor the extreme sat:
 ``min_index`` / ``max_index`` (flat index into the tensor, C order), ``min_shape`` /
 ``max_shape`` (the tensor's shape) and ``min_value`` / ``max_value`` (the element's value).
-The argmin / argmax is computed only when the extreme actually moves, so calibration pays
-for it a handful of times per observer, not once per batch. Per-channel observers keep only
-the source (a per-channel range has one extreme per channel, each from its own image).
+The location is looked up only when the extreme actually moves, and from per-row extremes
+kept by the reduction itself (``core.quant.extremes``: the same index as argmin / argmax, at
+about the cost of one ``aminmax``), so a calibration image costs about a float forward.
+Per-channel observers keep only the source (a per-channel range has one extreme per
+channel, each from its own image).
 
 Ties: comparisons are strict, so when several images reach exactly the same extreme the
 earliest keeps it (source and location); ``min_tied`` / ``max_tied`` then say that a later
