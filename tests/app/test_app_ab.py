@@ -47,5 +47,5 @@ def test_ab_tab_follows_calibrated_config_changed_and_exported(make_window, samp
     assert "observer ema" in tab.config_a_label.text()
     assert "A changed" not in tab.empty_label.text()  # nothing was left to drop
 
-    session.events.exported.emit(SimpleNamespace(tensor_modules={"circle/t0": "pooler"}))
+    session.events.exported.emit(SimpleNamespace(tensor_modules={"circle/t0": "pooler"}, path="stand-in.circle", bytes=1024))
     assert tab.view.tensor_modules == {"circle/t0": "pooler"}
