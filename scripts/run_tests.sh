@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
 # Tests whose verdicts are numbers computed by torch (and TICO's runtime): run under a second kernel path.
 NUMERIC_TESTS=(tests/test_verdict.py tests/test_export.py tests/test_ptq.py tests/test_quant_primitives.py
-    tests/test_threeway.py tests/test_models.py)
+    tests/test_threeway.py tests/test_models.py tests/test_extremes.py tests/wrappers)
 export QT_QPA_PLATFORM=${QT_QPA_PLATFORM:-offscreen}
 export QTWEBENGINE_CHROMIUM_FLAGS=${QTWEBENGINE_CHROMIUM_FLAGS:---no-sandbox}
 
