@@ -445,10 +445,6 @@ class QtMainWindow(QMainWindow):
                 f"none ({cal.images_done}/{cal.total_images} images, cancelled)" if cal is not None else "—"
             )
 
-    def after_recalibration(self, result, entries: list) -> None:
-        """Kept for the Ranges tab's calls: the session's events already redrew everything."""
-        self.refresh_status()
-
     def _on_config_changed(self, config) -> None:
         self._shown_stats_version = 0
         self._reset_summary()

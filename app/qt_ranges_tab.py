@@ -506,13 +506,12 @@ class QtRangesTab(QWidget):
         self.source_panel.recal_progress.cancel_task(self._recal_task)
 
     def _on_recalibrated(self, payload) -> None:
-        result, entries = payload
+        result, _ = payload  # the window's status follows the session's events
         self._end_recalibration()
         self.state.locations.clear()
         if getattr(result, "cancelled", False):
             self.source_panel.recal_progress.end("cancelled: the earlier statistics were restored")
             self.message.show_message(f"Cancelled; {self._excluding} is included again and the earlier ranges are kept.")
-            self._host.after_recalibration(result, entries)
             self.source_panel.request_location()
             return
         secs = float(getattr(result, "seconds", 0.0) or 0.0)
@@ -522,10 +521,9 @@ class QtRangesTab(QWidget):
             "ranges and errors refreshed."
         )
         self.message.show_message(self._after_note, "ok")
-        self._host.after_recalibration(result, entries)
 
     def _on_included(self, payload) -> None:
-        result, entries = payload
+        result, _ = payload
         self._end_recalibration()
         self.state.locations.clear()
         label = self._excluding
@@ -537,12 +535,10 @@ class QtRangesTab(QWidget):
             self.message.show_message(
                 f"Included {label} again, but the calibration was cancelled: the ranges are still those without it."
             )
-            self._host.after_recalibration(result, entries)
             self.source_panel.request_location()
             return
         self._after_note = f"Included {label} again; recalibrated on {result.images_done} image(s)."
         self.message.show_message(self._after_note, "ok")
-        self._host.after_recalibration(result, entries)
 
     def _on_recalibrate_error(self, exc: BaseException) -> None:
         self._end_recalibration()
