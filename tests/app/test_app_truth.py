@@ -32,8 +32,8 @@ class _SlowSession(Session):
             yield batch
 
 
-def _slow(spec, cfg, mst) -> Session:
-    return _SlowSession(spec, cfg, mst)
+def _slow(spec, cfg, mst, device="cpu") -> Session:
+    return _SlowSession(spec, cfg, mst, device=device)
 
 
 def _calibrate(qtbot, window) -> None:
@@ -160,9 +160,9 @@ def test_export_tab_after_calibration_and_its_layout_choice(make_window, sample_
 
 
 def test_default_export_path_follows_the_model(make_window, sample_images, qtbot):
-    def factory(spec, cfg, mst):
+    def factory(spec, cfg, mst, device="cpu"):
         # A tiny model standing in for e2b: the test is about the file name, not the model's size.
-        session = Session("tiny", cfg, mst)
+        session = Session("tiny", cfg, mst, device=device)
         session.model_spec = spec
         return session
 
