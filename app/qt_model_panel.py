@@ -69,6 +69,8 @@ class QtModelPanel(QWidget):
                 item = self.device_combo.model().item(self.device_combo.count() - 1)
                 item.setEnabled(False)
                 item.setToolTip(why_not)
+        if device_unavailable("cuda") is not None:
+            self.device_combo.setToolTip(f"{self.device_combo.toolTip()}; cuda: {device_unavailable('cuda')}")
         self.open_checkpoint_button = QPushButton("Open checkpoint folder…")
         self.model_info = QLabel("loading…")
         self.model_info.setWordWrap(True)
