@@ -316,7 +316,8 @@ class QtExportTab(QWidget):
         image = self.layout_image()
 
         def work(progress, cancel):
-            return session.export(out, image=image, progress=progress, cancel=cancel, input_dtype=input_dtype)
+            # In a child process: TICO's pure-Python converter would otherwise starve the UI thread.
+            return session.export(out, image=image, progress=progress, cancel=cancel, input_dtype=input_dtype, in_process=False)
 
         self._task = self._host.submit(
             "export", work, on_done=self._on_exported, on_error=self._on_error, on_progress=self.progress.update_progress

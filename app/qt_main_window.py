@@ -43,12 +43,12 @@ def _check_keep_float(session, config) -> None:
     config.check_globs(owner_modules(qmodel), "keep-float")
 
 
-def _default_session_factory(model_spec: str, config, max_soft_tokens: int) -> Session:
-    return Session(model_spec=model_spec, config=config, max_soft_tokens=max_soft_tokens)
+def _default_session_factory(model_spec: str, config, max_soft_tokens: int, device: str = "cpu") -> Session:
+    return Session(model_spec=model_spec, config=config, max_soft_tokens=max_soft_tokens, device=device)
 
 
-def _default_session_loader(folder: str) -> Session:
-    return Session.load(folder)
+def _default_session_loader(folder: str, device: str = "cpu") -> Session:
+    return Session.load(folder, device=device)
 
 
 class QtMainWindow(QMainWindow):
@@ -118,6 +118,7 @@ class QtMainWindow(QMainWindow):
             self.model_panel.weight_combo,
             self.model_panel.observer_combo,
             self.model_panel.tokens_combo,
+            self.model_panel.device_combo,
         ):
             widget.currentIndexChanged.connect(self._on_settings_edited)
         self.model_panel.keep_float_edit.textChanged.connect(self._on_settings_edited)
@@ -254,7 +255,7 @@ class QtMainWindow(QMainWindow):
 
         def work():
             config = self.build_config(settings)
-            session = factory(settings["model_spec"], config, settings["max_soft_tokens"])
+            session = factory(settings["model_spec"], config, settings["max_soft_tokens"], device=settings["device"])
             _check_keep_float(session, config)
             if images:
                 session.add_images(images)
@@ -312,6 +313,7 @@ class QtMainWindow(QMainWindow):
             # Keep working with the model that was loaded; say why the new one was not.
             self._show_model_info()
             self.model_panel.set_model_spec(self._applied.get("model_spec", "tiny"))
+            self.model_panel.set_device(self._applied.get("device", "cpu"))
             text = f"{text} — still using {self._applied.get('model_spec')}"
         self.model_panel.dirty_label.setText(text)
         self.model_panel.dirty_label.setStyleSheet("color: #b00020;")
@@ -373,6 +375,7 @@ class QtMainWindow(QMainWindow):
             self.session is None
             or settings["model_spec"] != self._applied.get("model_spec")
             or settings["max_soft_tokens"] != self._applied.get("max_soft_tokens")
+            or settings["device"] != self._applied.get("device")  # the model is built on its device
         )
         self.model_panel.apply_button.setEnabled(False)
         if reload:
@@ -500,6 +503,7 @@ class QtMainWindow(QMainWindow):
     def open_session(self, folder: str) -> None:
         """Load a saved session in the worker; the current one stays until it succeeds."""
         loader = self._session_loader
+        device = self.model_panel.device()
 
         def done(session):
             cfg = getattr(session, "config", None)
@@ -517,7 +521,7 @@ class QtMainWindow(QMainWindow):
             self._on_session_ready(session, self.model_panel.settings())
             self.statusBar().showMessage(f"Opened session {folder}", 8000)
 
-        self.submit("opening session", lambda: loader(folder), takes_progress=False, on_done=done, on_error=self.show_error)
+        self.submit("opening session", lambda: loader(folder, device), takes_progress=False, on_done=done, on_error=self.show_error)
 
     def choose_session_to_save(self) -> None:
         """Pick a folder and save the session there."""

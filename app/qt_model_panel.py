@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (
 )
 
 from core.config import OBSERVERS, PTQConfig, build_config
+from core.data.device import DEVICES, device_unavailable
 from core.data.images import DEFAULT_SOFT_TOKENS, SUPPORTED_SOFT_TOKENS
 from core.quant.dtypes import DTYPES
 
@@ -57,6 +58,19 @@ class QtModelPanel(QWidget):
                 "Open a checkpoint folder for a trained model.",
                 Qt.ToolTipRole,
             )
+        self.device_combo = QComboBox()
+        self.device_combo.setObjectName("deviceCombo")
+        self.device_combo.setToolTip("Where calibration and the analysis run (export runs on the same device)")
+        for device in DEVICES:
+            self.device_combo.addItem(device, device)
+            why_not = device_unavailable(device)
+            if why_not is not None:
+                # Shown but not selectable: the user sees the choice exists and why it is off here.
+                item = self.device_combo.model().item(self.device_combo.count() - 1)
+                item.setEnabled(False)
+                item.setToolTip(why_not)
+        if device_unavailable("cuda") is not None:
+            self.device_combo.setToolTip(f"{self.device_combo.toolTip()}; cuda: {device_unavailable('cuda')}")
         self.open_checkpoint_button = QPushButton("Open checkpoint folder…")
         self.model_info = QLabel("loading…")
         self.model_info.setWordWrap(True)
@@ -66,6 +80,9 @@ class QtModelPanel(QWidget):
         model_box = QGroupBox("Model")
         ml = QVBoxLayout(model_box)
         ml.addWidget(self.model_combo)
+        device_row = QFormLayout()
+        device_row.addRow("Device:", self.device_combo)
+        ml.addLayout(device_row)
         ml.addWidget(self.open_checkpoint_button)
         ml.addWidget(self.model_info)
 
@@ -138,10 +155,19 @@ class QtModelPanel(QWidget):
         """tiny, e2b or the checkpoint folder."""
         return str(self.model_combo.currentData())
 
+    def device(self) -> str:
+        """The chosen device: cpu, cuda or auto (core.data.device.DEVICES)."""
+        return str(self.device_combo.currentData())
+
+    def set_device(self, device: str) -> None:
+        """Select the device entry (cpu when the name is not offered)."""
+        self.device_combo.setCurrentIndex(max(0, self.device_combo.findData(device)))
+
     def settings(self) -> dict[str, Any]:
         """Every setting as plain values."""
         return {
             "model_spec": self.model_spec(),
+            "device": self.device(),
             "activation": self.activation_combo.currentText(),
             "weight": self.weight_combo.currentText(),
             "observer": self.observer_combo.currentText(),

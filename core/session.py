@@ -9,9 +9,11 @@ lives in core.data.image_set and the folder format (save / load) in core.session
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from core.data.images import DEFAULT_SOFT_TOKENS, ImagePreprocessor
 from core.errors import NoImagesError, NotCalibratedError, one_line
 from core.events import SessionEvents
 from core.export.pipeline import ExportResult, export_circle
+from core.export.process import export_in_process
 from core.models import SPECS, describe_model, load_model
 from core.quant.mode import Mode
 from core.session_store import (
@@ -382,23 +385,31 @@ class Session:
         progress: Progress | None = None,
         cancel=None,
         input_dtype: str = "integer",
+        in_process: bool = True,
     ) -> ExportResult:
-        """Export a static integer Circle model and verify it (core.export.pipeline.export_circle)."""
+        """Export a static integer Circle model and verify it (core.export.pipeline.export_circle).
+
+        `in_process=False` runs the export in a child process (core.export.process) with the same
+        result, so that TICO's pure-Python converter cannot starve this process's UI thread."""
         self.require_calibrated()
         mst = int(max_soft_tokens or self.max_soft_tokens)
         if image is None:
             usable = self.usable_images()
             image = usable[0].path if usable else None
-        result = export_circle(
-            self.qmodel,
-            out_path=out_path,
-            progress=progress,
-            cancel=cancel,
-            max_soft_tokens=mst,
-            image=image,
-            preprocessor=self.preprocessor if mst == self.max_soft_tokens else None,
-            input_dtype=input_dtype,
-        )
+        own_preprocessor = mst == self.max_soft_tokens
+        options = {"max_soft_tokens": mst, "image": image, "input_dtype": input_dtype}
+        if in_process:
+            preprocessor = self.preprocessor if own_preprocessor else None
+            result = export_circle(
+                self.qmodel, out_path=out_path, progress=progress, cancel=cancel, preprocessor=preprocessor, **options
+            )
+        else:
+            # The child rebuilds this session from a saved copy (the folder format round-trips
+            # the statistics exactly); the copy is removed once the child is done.
+            with tempfile.TemporaryDirectory(prefix="ptq-export-") as tmp:
+                folder = self.save(Path(tmp) / "session")
+                loader = partial(_load_for_export, str(folder), self.device, own_preprocessor)
+                result = export_in_process(loader, out_path, progress=progress, cancel=cancel, **options)
         self.events.exported.emit(result)
         return result
 
@@ -465,3 +476,9 @@ class Session:
         session.saved_manifest = saved.manifest
         session.events.calibrated.emit(session.stats_version)
         return session
+
+
+def _load_for_export(folder: str, device: str, own_preprocessor: bool) -> tuple[Any, Any]:
+    """(wrapped model, preprocessor or None) of a saved session: what an export child process needs."""
+    session = Session.load(folder, device=device)
+    return session.qmodel, (session.preprocessor if own_preprocessor else None)

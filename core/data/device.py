@@ -6,7 +6,10 @@ import torch
 
 from core.errors import ConfigError
 
-__all__ = ["resolve_device", "batches_to_device"]
+__all__ = ["DEVICES", "resolve_device", "batches_to_device", "device_unavailable"]
+
+# The device choices a user is offered (the CLI's --device, the GUI's model panel).
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def resolve_device(device: str | None) -> str:
@@ -19,6 +22,15 @@ def resolve_device(device: str | None) -> str:
     if d != "cpu" and not d.startswith("cuda"):
         raise ConfigError(f"unknown device {device!r}; use cpu, cuda or auto")
     return d
+
+
+def device_unavailable(device: str) -> str | None:
+    """Why this torch cannot run on `device` (one line for a tooltip), or None when it can."""
+    if device == "cpu" or torch.cuda.is_available():
+        return None
+    if device == "auto":
+        return "auto picks cuda when there is a GPU; this torch build sees none, so it would be cpu"
+    return "this torch build sees no CUDA device (no GPU, no driver, or a CPU-only torch)"
 
 
 def batches_to_device(batches, device: str):

@@ -374,10 +374,15 @@ def _weight_caches_released(qmodel: Any) -> Iterator[None]:
             w.cache_weights()
 
 
+def export_cancelled(out: Path | None = None) -> CancelledError:
+    """The CancelledError of a cancelled export (in this process or in a child), naming the file kept."""
+    where = f"{out} was left as it was" if out is not None else "any earlier file was left as it was"
+    return CancelledError(f"export cancelled; {where}; export again to write it")
+
+
 def _check_cancel(cancel: Any, out: Path | None = None) -> None:
     if cancel is not None and getattr(cancel, "cancelled", False):
-        where = f"{out} was left as it was" if out is not None else "any earlier file was left as it was"
-        raise CancelledError(f"export cancelled; {where}; export again to write it")
+        raise export_cancelled(out)
 
 
 def _check_writable(out: Path) -> None:

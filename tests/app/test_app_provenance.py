@@ -278,7 +278,7 @@ def test_cancel_exclude_and_recalibrate_keeps_everything(qtbot, qsettings, sampl
 
     window = QtMainWindow(
         model_spec="tiny", images=list(sample_images[:3]), max_soft_tokens=70, settings=qsettings,
-        session_factory=lambda spec, cfg, mst: SlowSession(spec, cfg, mst),
+        session_factory=lambda spec, cfg, mst, device: SlowSession(spec, cfg, mst, device=device),
     )
     qtbot.addWidget(window)
     window.show()

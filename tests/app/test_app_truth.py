@@ -32,8 +32,8 @@ class _SlowSession(Session):
             yield batch
 
 
-def _slow(spec, cfg, mst) -> Session:
-    return _SlowSession(spec, cfg, mst)
+def _slow(spec, cfg, mst, device="cpu") -> Session:
+    return _SlowSession(spec, cfg, mst, device=device)
 
 
 def _calibrate(qtbot, window) -> None:
@@ -147,20 +147,22 @@ def test_export_tab_after_calibration_and_its_layout_choice(make_window, sample_
     assert tab.layout_label.text() == f"the file is fixed to {rows}×{cols} patches of {sample_images[1].name}"
     asked = {}
 
-    def fake_export(out, image=None, **_kw):
+    def fake_export(out, image=None, **kw):
         asked["image"] = image
+        asked["in_process"] = kw.get("in_process", True)
         raise ExportError("stopped by the test", out)
 
     monkeypatch.setattr(session, "export", fake_export)
     qtbot.mouseClick(tab.export_button, Qt.LeftButton)
     _wait_idle(qtbot, window)
     assert asked["image"] == str(sample_images[1])
+    assert asked["in_process"] is False  # a child process converts: the window must not stall
 
 
 def test_default_export_path_follows_the_model(make_window, sample_images, qtbot):
-    def factory(spec, cfg, mst):
+    def factory(spec, cfg, mst, device="cpu"):
         # A tiny model standing in for e2b: the test is about the file name, not the model's size.
-        session = Session("tiny", cfg, mst)
+        session = Session("tiny", cfg, mst, device=device)
         session.model_spec = spec
         return session
 

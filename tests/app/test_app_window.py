@@ -151,7 +151,7 @@ class _SlowSession(Session):
 
 
 def test_cancel_mid_calibration(make_window, sample_images, qtbot):
-    window = make_window(sample_images[:6], session_factory=lambda spec, cfg, mst: _SlowSession(spec, cfg, mst))
+    window = make_window(sample_images[:6], session_factory=lambda spec, cfg, mst, device: _SlowSession(spec, cfg, mst, device=device))
     tab = window.calibration_tab
     qtbot.mouseClick(tab.calibrate_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: tab.progress.bar.value() >= 1, timeout=LONG)
