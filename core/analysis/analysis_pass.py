@@ -41,7 +41,7 @@ from core.cancel import CancelToken
 WHAT = "Analysis"  # names the step in the cancel message
 STEPS_PER_IMAGE = 3  # float pass, quantized pass, units alone
 
-__all__ = ["AnalysisResult", "analyse"]
+__all__ = ["STEPS_PER_IMAGE", "AnalysisResult", "analyse"]
 
 
 @dataclass
