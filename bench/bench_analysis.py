@@ -38,10 +38,10 @@ PHASES = ("calibrate", "fp", "old", "one")
 def _photos(n: int) -> list[Path]:
     from core.data.resources import sample_images
 
-    pool = sample_images()
-    if n > len(pool):
-        raise SystemExit(f"only {len(pool)} bundled sample photos; ask for at most that many")
-    return pool[:n]
+    photos = sample_images()[:n]
+    if len(photos) < n:
+        raise SystemExit(f"only {len(photos)} bundled sample photos; ask for at most that many")
+    return photos
 
 
 def _measured(call) -> dict:
