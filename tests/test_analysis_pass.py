@@ -105,3 +105,16 @@ def test_cancel_raises_and_restores_the_model(session, images):
     assert len(calls) == 1 and calls[0].endswith(": float pass")
     assert "forward" not in session.qmodel.encoder.layers[0].__dict__
     assert session.analyse(images=images[:1]).compare.modules
+
+
+def test_batches_of_several_images_give_the_same_numbers(session, images, one_pass):
+    """A batch of two is split into images of one (ids and paths with them): the same numbers."""
+    res = one_pass[0]
+    entries = session.entries_for(images)
+    batch = dict(session.preprocessor([e.path for e in entries]))
+    batch["image_ids"] = [e.image_id or e.path.name for e in entries]
+    batch["paths"] = [str(e.path) for e in entries]
+    two = analyse(session.qmodel, [batch])
+    assert two.compare.images == res.compare.images
+    assert [m.sqnr_db for m in two.compare.modules] == [m.sqnr_db for m in res.compare.modules]
+    assert [m.path for m in two.maps.values()] == [m.path for m in res.maps.values()]
