@@ -1,5 +1,7 @@
 """The Errors tab's diagnostics of an evaluation: the first-divergence locator and the per-image patch error
-maps, run in the worker and drawn into the banner, the per-unit chart and the heatmap."""
+maps, run in the worker and drawn into the banner, the per-unit chart and the heatmap. After the automatic
+analysis (Session.analyse: one pass gives the table, the divergence and every image's maps) nothing is run
+again: the divergence is shown as it came, and each image's heatmaps are drawn from its maps."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class ErrorDiagnostics:
         self._show_error = show_error
         self._div_task = None
         self._maps_tasks: dict[str, Any] = {}
+        self._analysed_maps: dict[str, Any] = {}  # image id -> ImageErrorMaps of the last analysis
 
     def cancel(self) -> None:
         """Cancel the divergence locator and the heatmaps being computed."""
@@ -46,14 +49,26 @@ class ErrorDiagnostics:
         self.cancel()
         self._div_task = None
         self._maps_tasks = {}
+        self._analysed_maps = {}
 
-    def start(self, session, images: ImageSnapshot) -> None:
-        """After an evaluation: locate the first divergence and map the chosen image's errors."""
+    def start(self, session, images: ImageSnapshot, analysis=None) -> None:
+        """After an evaluation: locate the first divergence (or show the AnalysisResult's) and map the chosen image's errors."""
         self.state.new_generation()
         self.forget()
         self.heatmap.set_images(self.state.images, self.heatmap.current_image())
-        self.locate(session, self.banner.unit())
+        if analysis is None:
+            self.locate(session, self.banner.unit())
+        else:
+            # Its maps ran with the what-if's modules kept float; the heatmap shows the model as configured.
+            self._analysed_maps = {} if analysis.compare.keep_float else dict(analysis.maps)
+            self._show_divergence(analysis.divergence)
         self.request_maps(session, images, self.heatmap.current_image())
+
+    def _show_divergence(self, found) -> None:
+        self.banner.set_done()
+        self.state.divergence = found
+        self.banner.set_result(found)
+        self.chart.set_result(found)
 
     def locate(self, session, unit: str = "layer") -> None:
         """Locate the first divergence on the evaluated images, in the worker."""
@@ -82,10 +97,7 @@ class ErrorDiagnostics:
             if not current(task):
                 return
             self._div_task = None
-            self.banner.set_done()
-            self.state.divergence = found
-            self.banner.set_result(found)
-            self.chart.set_result(found)
+            self._show_divergence(found)
 
         def failed(exc: BaseException) -> None:
             if not current(task):
@@ -116,9 +128,10 @@ class ErrorDiagnostics:
             self.heatmap.title.setText(f"{image_id} is no longer in the image set.")
             return
         generation = self.state.generation
+        analysed = self._analysed_maps.pop(image_id, None)
 
         def work(progress, cancel):
-            maps = session.image_error_maps(path, progress=progress, cancel=cancel)
+            maps = analysed or session.image_error_maps(path, progress=progress, cancel=cancel)
             # Every module's grid is made here too, so switching modules never computes on the UI thread.
             return maps, {name: maps.heatmap(name) for name in maps.modules()}
 

@@ -36,6 +36,7 @@ from app.qt_heatmap import QtPatchHeatmap
 from app.qt_module_errors_table import SORT_ROLE, ModuleErrorModel
 from app.qt_sensitivity_table import QtSensitivityTable
 from app.tab_state import ErrorsState, ImageSnapshot
+from core.analysis.analysis_pass import STEPS_PER_IMAGE
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -298,15 +299,22 @@ class QtErrorsTab(QWidget):
         )
         stats_version = session.stats_version
 
+        unit = self.banner.unit() if self.banner.unit() in ("layer", "module") else "layer"
+
         def work(progress, cancel):
-            result = session.evaluate(progress=progress, cancel=cancel, keep_float=keep or None)
-            self._prepared[id(result)] = ModuleErrorModel.prepare(result.modules)
-            return result
+            # One pass per image gives the table, the divergence banner and the maps (core.analysis.analysis_pass);
+            # it reports its three steps per image, the bar counts images.
+            def per_image(done: int, total: int, message: str = "") -> None:
+                progress(done // STEPS_PER_IMAGE, total // STEPS_PER_IMAGE, message)
+
+            analysis = session.analyse(unit=unit, progress=per_image, cancel=cancel, keep_float=keep or None)
+            self._prepared[id(analysis.compare)] = ModuleErrorModel.prepare(analysis.compare.modules)
+            return analysis
 
         self._eval_task = self._host.submit(
             "evaluate",
             work,
-            on_done=lambda result: self._on_evaluated(result, stats_version),
+            on_done=lambda analysis: self._on_evaluated(analysis.compare, stats_version, analysis),
             on_error=self._on_eval_error,
             on_progress=self.progress.update_progress,
         )
@@ -322,14 +330,14 @@ class QtErrorsTab(QWidget):
         """Cancel the divergence locator and the heatmaps being computed."""
         self.diagnostics.cancel()
 
-    def _on_evaluated(self, result, stats_version: int | None = None) -> None:
+    def _on_evaluated(self, result, stats_version: int | None = None, analysis=None) -> None:
         self._eval_task = None
         self.evaluate_button.setEnabled(True)
         self.evaluate_button.setText("Re-evaluate")
         self.progress.end(f"evaluated on {plural(len(getattr(result, 'images', []) or []), 'image')}")
         self.set_result(result, stats_version)
         # Queued before the signal, so whoever waits for the runner to go idle sees them too.
-        self.diagnostics.start(self.session, self.images)
+        self.diagnostics.start(self.session, self.images, analysis)
         self.sigEvaluated.emit(result)
 
     def _on_eval_error(self, exc: BaseException) -> None:

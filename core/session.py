@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from core import ptq
+from core.analysis.analysis_pass import AnalysisResult, analyse
 from core.analysis.compare import compare
 from core.analysis.divergence import locate_divergence
 from core.analysis.heatmaps import image_error_maps
@@ -358,6 +359,40 @@ class Session:
         )
         self.last_compare = res
         self.events.evaluated.emit(res)
+        return res
+
+    def analyse(
+        self,
+        images=None,
+        unit: str = "layer",
+        keep_float=None,
+        progress: Progress | None = None,
+        cancel=None,
+        on_image: Callable[[str, AnalysisResult], None] | None = None,
+    ) -> AnalysisResult:
+        """Per-module errors, first divergence and patch-error maps in one pass per image
+        (core.analysis.analysis_pass); announces them as evaluate, locate_divergence and the maps would."""
+        self.require_calibrated()
+        entries = self.entries_for(images)
+
+        def with_paths():
+            for entry, batch in zip(entries, self.batches(entries)):
+                yield {**batch, "paths": [str(entry.path)]}
+
+        res = analyse(
+            self.qmodel,
+            batches_to_device(with_paths(), self.device),
+            unit=unit,
+            keep_float=list(keep_float or []),
+            progress=progress,
+            cancel=cancel,
+            total=len(entries),
+            on_image=on_image,
+        )
+        self.last_compare = res.compare
+        self.events.evaluated.emit(res.compare)
+        self.events.analysed.emit("divergence", res.divergence)
+        self.events.analysed.emit("heatmaps", res.maps)
         return res
 
     def sensitivity(self, images=None, unit: str = "layer", progress: Progress | None = None, cancel=None) -> list[SensitivityEntry]:

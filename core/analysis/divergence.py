@@ -74,6 +74,7 @@ __all__ = [
     "UNITS",
     "DivergenceEntry",
     "DivergenceResult",
+    "DivergenceSearch",
     "locate_divergence",
     "locate_divergence_batches",
     "divergence_units",
@@ -246,12 +247,13 @@ class _UnitTap(MethodTap):
     position rows) are kept for the unit's local run.
     """
 
-    def __init__(self, units: list[_Unit], cancel: CancelToken):
+    def __init__(self, units: list[_Unit], cancel: CancelToken, what: str):
         super().__init__(self._around_unit)
         self.units = [u for u in units if u.module is not None]
         self._by_module = {id(u.module): u for u in self.units}
         self.phase = "off"
         self.cancel = cancel
+        self.what = what  # names the step in the cancel message
 
     def targets(self) -> list[tuple[Any, str]]:
         """Each unit's entry method."""
@@ -272,7 +274,7 @@ class _UnitTap(MethodTap):
         phase = self.phase
         if phase == "off":
             return orig(*args, **kwargs)
-        self.cancel.raise_if_cancelled("Divergence search")
+        self.cancel.raise_if_cancelled(self.what)
         u = self._by_module[id(module)]
         x = args[0]
         if phase == "fp":
@@ -290,7 +292,7 @@ class _UnitTap(MethodTap):
         return out
 
 
-def _run_alone(qmodel, units: list[_Unit], model_u: _Unit, cancel: CancelToken) -> None:
+def _run_alone(qmodel, units: list[_Unit], model_u: _Unit, cancel: CancelToken, what: str) -> None:
     """Run each unit quantized on its FP input; compare with its FP output ("local" error)."""
     ctx = qmodel.ctx
     previous = ctx.static
@@ -298,7 +300,7 @@ def _run_alone(qmodel, units: list[_Unit], model_u: _Unit, cancel: CancelToken) 
     ctx.static = True
     try:
         for u in units:
-            cancel.raise_if_cancelled("Divergence search")
+            cancel.raise_if_cancelled(what)
             if u is model_u:
                 if u.fp_in is not None:
                     u.add("local", u.fp_out, qmodel.standardize_pooled(u.fp_in))
@@ -313,6 +315,88 @@ def _run_alone(qmodel, units: list[_Unit], model_u: _Unit, cancel: CancelToken) 
             u.fp_in = u.fp_out = u.q_rest = None
     finally:
         ctx.static = previous
+
+
+class DivergenceSearch:
+    """The locator's per-image steps over a stream of images; shared by ``locate_divergence_batches`` and
+    the one analysis pass (core.analysis.analysis_pass).
+
+    Inside ``with`` (model in QUANT mode, under ``torch.no_grad``) each unit's entry method is tapped.
+    Per image: ``start("fp")``, the float pass, ``float_done(fp_final)``; ``start("q")``, the quantized
+    pass, ``quant_done(fp_final, q_final)``; ``run_alone()``; ``end_image(image_id)``. ``result()``
+    at any point: the entries of the images ended so far. ConfigError for an unknown unit.
+    """
+
+    def __init__(self, qmodel, unit: str, cancel: CancelToken, what: str = "Divergence search"):
+        self.qmodel = qmodel
+        self.unit = unit
+        self.cancel = cancel
+        self.what = what
+        self.units = _units(qmodel, unit)
+        self.by_name = {u.name: u for u in self.units}
+        self.model_u = self.by_name[MODEL]
+        self.pooler_name = qmodel.pooler.module_name
+        self.images: list[str] = []
+        self.tap = _UnitTap(self.units, cancel, what)
+        # The pooler's output is the "model" unit's input; in layer mode the pooler is a unit
+        # already, in module mode it is a leaf: either way its tap records that tensor.
+        self.pooler_u = next((u for u in self.tap.units if u.module is qmodel.pooler), None)
+        if self.pooler_u is None:
+            raise RuntimeError(f"{self.pooler_name}: no unit taps the pooler")
+
+    def __enter__(self):
+        self.tap.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.tap.__exit__(*exc)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the tensors kept for the current image."""
+        for u in self.units:
+            u.fp_in = u.fp_out = u.q_rest = None
+
+    def start(self, phase: str) -> None:
+        """Before the float ("fp") or the quantized ("q") pass of an image."""
+        if phase == "fp":
+            for u in self.tap.units:
+                u.calls = 0
+        self.tap.phase = phase
+
+    def float_done(self, fp_final: torch.Tensor) -> None:
+        """After the float pass: every unit ran once; the "model" unit's float input and output."""
+        self.tap.phase = "off"
+        for u in self.tap.units:
+            if u.calls > 1:
+                raise RuntimeError(f"{u.name} ran {u.calls} times for one image; the locator expects one")
+        self.model_u.fp_in, self.model_u.fp_out = self.pooler_u.fp_out, fp_final
+
+    def quant_done(self, fp_final: torch.Tensor, q_final: torch.Tensor) -> None:
+        """After the quantized pass: the final output's cumulative error."""
+        self.tap.phase = "off"
+        self.model_u.add("out", fp_final, q_final)
+
+    def run_alone(self) -> None:
+        """Every unit alone, quantized, on its float input (its local error)."""
+        _run_alone(self.qmodel, self.units, self.model_u, self.cancel, self.what)
+
+    def end_image(self, image_id: str) -> None:
+        """The image is done: free its tensors and count it."""
+        self.release()
+        self.images.append(image_id)
+
+    def result(self, seconds: float = 0.0) -> DivergenceResult:
+        """The DivergenceResult of the images ended so far."""
+        entries, ref = _entries(self.units, self.by_name, self.pooler_name)
+        return DivergenceResult(
+            unit=self.unit,
+            entries=entries,
+            located=_locate(entries),
+            images=list(self.images),
+            seconds=seconds,
+            reference_db=ref,
+        )
 
 
 def locate_divergence_batches(
@@ -333,13 +417,9 @@ def locate_divergence_batches(
     """
     cancel = cancel or CancelToken()
     keep = list(keep_float or [])
-    units = _units(qmodel, unit)
-    by_name = {u.name: u for u in units}
-    model_u = by_name[MODEL]
-    pooler_name = qmodel.pooler.module_name
+    search = DivergenceSearch(qmodel, unit, cancel)
     t0 = time.perf_counter()
     device = model_device(qmodel)
-    images: list[str] = []
     steps_per_image = 3
     done = 0
     if total is None and hasattr(batches, "__len__"):
@@ -349,62 +429,39 @@ def locate_divergence_batches(
         nonlocal done
         done += 1
         if progress is not None:
-            progress(done, steps_per_image * (total or len(images)), msg)
+            progress(done, steps_per_image * (total or len(search.images)), msg)
 
     try:
         cancel.raise_if_cancelled("Divergence search")
         enter_quant(qmodel)
-        with torch.no_grad(), _UnitTap(units, cancel) as tap:
-            # The pooler's output is the "model" unit's input; in layer mode the pooler is a unit
-            # already, in module mode it is a leaf: either way its tap records that tensor.
-            pooler_u = next((u for u in tap.units if u.module is qmodel.pooler), None)
-            if pooler_u is None:
-                raise RuntimeError(f"{pooler_name}: no unit taps the pooler")
+        with torch.no_grad(), search:
             for batch in single_image_batches(batches):
                 cancel.raise_if_cancelled("Divergence search")
                 inputs, ids = model_inputs(batch, device)
-                image_id = ids[0] if ids else f"image {len(images) + 1}"
-                for u in tap.units:
-                    u.calls = 0
+                image_id = ids[0] if ids else f"image {len(search.images) + 1}"
                 # 1. float reference
-                tap.phase = "fp"
+                search.start("fp")
                 fp_final = fp_forward(qmodel, inputs)
-                tap.phase = "off"
-                for u in tap.units:
-                    if u.calls > 1:
-                        raise RuntimeError(f"{u.name} ran {u.calls} times for one image; the locator expects one")
-                model_u.fp_in, model_u.fp_out = pooler_u.fp_out, fp_final
+                search.float_done(fp_final)
                 tick(f"{image_id}: float pass")
                 cancel.raise_if_cancelled("Divergence search")
                 # 2. full quantized run: cumulative error at every unit's input and output
-                tap.phase = "q"
+                search.start("q")
                 q_final = quant_forward(qmodel, inputs, keep)
-                tap.phase = "off"
-                model_u.add("out", fp_final, q_final)
+                search.quant_done(fp_final, q_final)
                 if on_image is not None:
                     on_image(ImageErrorMaps.of_final_output(qmodel, inputs, image_id, fp_final, q_final))
                 del q_final
                 tick(f"{image_id}: quantized pass")
                 # 3. every unit alone, quantized, on its float input
-                _run_alone(qmodel, units, model_u, cancel)
+                search.run_alone()
                 tick(f"{image_id}: units alone")
-                for u in units:
-                    u.fp_in = u.fp_out = u.q_rest = None
+                search.end_image(image_id)
                 del fp_final
-                images.append(image_id)
     finally:
-        for u in units:
-            u.fp_in = u.fp_out = u.q_rest = None
+        search.release()
         qmodel.set_keep_float([])
-    entries, ref = _entries(units, by_name, pooler_name)
-    return DivergenceResult(
-        unit=unit,
-        entries=entries,
-        located=_locate(entries),
-        images=images,
-        seconds=time.perf_counter() - t0,
-        reference_db=ref,
-    )
+    return search.result(time.perf_counter() - t0)
 
 
 def _entries(units: list[_Unit], by_name: dict[str, _Unit], pooler_name: str) -> tuple[list[DivergenceEntry], float]:

@@ -34,7 +34,7 @@ from core.io import finite_or_none
 
 MODEL = "model"
 
-__all__ = ["MODEL", "Heatmap", "ImageErrorMaps", "image_error_maps", "image_error_maps_batch"]
+__all__ = ["MODEL", "Heatmap", "ImageErrorMaps", "RowErrorCollector", "image_error_maps", "image_error_maps_batch"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +220,41 @@ def _row_stats(fp: torch.Tensor, q: torch.Tensor) -> tuple[np.ndarray, np.ndarra
     return rel.astype(np.float64), sq.astype(np.float64), total_ff, total_dd
 
 
+class RowErrorCollector:
+    """Per-row errors of one image's wrapper outputs, fed by a PairTap (``on_pair``), turned into ImageErrorMaps.
+
+    Shared by ``image_error_maps_batch`` and the one analysis pass (core.analysis.analysis_pass).
+    ``outputs``: core.analysis.tap.module_output_observers of the model; ``inputs``: the image's
+    model inputs (a batch of one).
+    """
+
+    def __init__(self, qmodel, outputs, inputs: Mapping):
+        self.outputs = outputs
+        self.layout = patch_layout(qmodel, inputs["pixel_position_ids"])
+        self.image = self.layout.image(inputs["pixel_values"][0])
+        self.stats: dict[str, tuple[np.ndarray, np.ndarray, float, float, str]] = {}
+        self.paired: set[str] = set()
+
+    def on_pair(self, obs, fp: torch.Tensor, q: torch.Tensor) -> None:
+        """Row statistics of an output observer's first paired tensor of this image."""
+        if obs.name in self.paired:  # each output observer sees one tensor per image: keep the first
+            return
+        self.paired.add(obs.name)
+        fp_r, q_r = _rows_view(fp), _rows_view(q)
+        level = self.layout.level_of(int(fp_r.shape[0])) if fp_r.dim() >= 1 else None
+        if level is not None:
+            self.stats[obs.name] = (*_row_stats(fp_r, q_r), level)
+
+    def maps(self, image_id: str, path: str | None, fp_out: torch.Tensor, q_out: torch.Tensor) -> ImageErrorMaps:
+        """The image's maps: every patch- or token-level wrapper output, then the final output's."""
+        maps = ImageErrorMaps(image_id=image_id, path=path, layout=self.layout, image=self.image)
+        for name, _kind, obs in self.outputs:
+            if obs.name in self.stats:
+                maps.add_module(name, *self.stats[obs.name])
+        maps.add_final(fp_out, q_out)
+        return maps
+
+
 def image_error_maps_batch(
     qmodel,
     batch: Mapping,
@@ -238,22 +273,9 @@ def image_error_maps_batch(
     t0 = time.perf_counter()
     device = model_device(qmodel)
     inputs, _ = model_inputs(batch, device)
-    layout = patch_layout(qmodel, inputs["pixel_position_ids"])
-    image = layout.image(inputs["pixel_values"][0])
     outputs = module_output_observers(qmodel)
+    rows = RowErrorCollector(qmodel, outputs, inputs)
     wanted = {obs.name for _, _, obs in outputs}
-    stats: dict[str, tuple[np.ndarray, np.ndarray, float, float, str]] = {}
-    paired: set[str] = set()
-
-    def on_pair(obs, fp: torch.Tensor, q: torch.Tensor) -> None:
-        if obs.name in paired:  # each output observer sees one tensor per image: keep the first
-            return
-        paired.add(obs.name)
-        fp_r, q_r = _rows_view(fp), _rows_view(q)
-        level = layout.level_of(int(fp_r.shape[0])) if fp_r.dim() >= 1 else None
-        if level is not None:
-            stats[obs.name] = (*_row_stats(fp_r, q_r), level)
-
     total = 2
 
     def after_fp() -> None:
@@ -264,15 +286,11 @@ def image_error_maps_batch(
     try:
         cancel.raise_if_cancelled("Error heatmap")
         enter_quant(qmodel)
-        with torch.no_grad(), PairTap(qmodel, wanted, on_pair, cancel, "Error heatmap") as tap:
+        with torch.no_grad(), PairTap(qmodel, wanted, rows.on_pair, cancel, "Error heatmap") as tap:
             fp_out, q_out = tap.run(inputs, [], after_fp)
     finally:
         qmodel.set_keep_float([])
-    maps = ImageErrorMaps(image_id=image_id, path=None if path is None else str(path), layout=layout, image=image)
-    for name, _kind, obs in outputs:
-        if obs.name in stats:
-            maps.add_module(name, *stats[obs.name])
-    maps.add_final(fp_out, q_out)
+    maps = rows.maps(image_id, None if path is None else str(path), fp_out, q_out)
     del fp_out, q_out
     maps.seconds = time.perf_counter() - t0
     if progress is not None:

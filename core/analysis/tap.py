@@ -306,14 +306,17 @@ def single_image_batches(batches: Iterable[Mapping]) -> Iterator[Mapping]:
     """Split every batch into batches of one image (memory stays bounded by one image)."""
     for batch in batches:
         pv = batch["pixel_values"]
-        ids = list(batch.get("image_ids") or [])
         n = int(pv.shape[0])
         if n == 1:
             yield batch
             continue
+        per_image = ("image_ids", "paths")  # lists with one entry per image
         for b in range(n):
-            one = {k: v for k, v in batch.items() if k not in ("pixel_values", "pixel_position_ids", "image_ids")}
+            one = {k: v for k, v in batch.items() if k not in ("pixel_values", "pixel_position_ids", *per_image)}
             one["pixel_values"] = pv[b : b + 1]
             one["pixel_position_ids"] = batch["pixel_position_ids"][b : b + 1]
-            one["image_ids"] = [ids[b]] if b < len(ids) else []
+            for key in per_image:
+                values = list(batch.get(key) or [])
+                if values or key == "image_ids":
+                    one[key] = [values[b]] if b < len(values) else []
             yield one
