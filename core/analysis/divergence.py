@@ -294,11 +294,8 @@ class _UnitTap(MethodTap):
 
 def _run_alone(qmodel, units: list[_Unit], model_u: _Unit, cancel: CancelToken, what: str) -> None:
     """Run each unit quantized on its FP input; compare with its FP output ("local" error)."""
-    ctx = qmodel.ctx
-    previous = ctx.static
     # On the static path, as in forward_static: RMSNorm switches to its quantized static maths.
-    ctx.static = True
-    try:
+    with qmodel.static_path():
         for u in units:
             cancel.raise_if_cancelled(what)
             if u is model_u:
@@ -313,8 +310,6 @@ def _run_alone(qmodel, units: list[_Unit], model_u: _Unit, cancel: CancelToken, 
             del out
             # Free this image's tensors as we go (the model unit holds the pooler output).
             u.fp_in = u.fp_out = u.q_rest = None
-    finally:
-        ctx.static = previous
 
 
 class DivergenceSearch:

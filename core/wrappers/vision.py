@@ -295,17 +295,24 @@ class QuantVisionModel(QuantModule):
             hidden = (hidden - self.source.std_bias.float()) * self.source.std_scale.float()
         return BaseModelOutputWithPooling(last_hidden_state=hidden.to(embeds.dtype))
 
-    def forward_static(self, pixel_values: torch.Tensor, profile: StaticProfile) -> torch.Tensor:
-        """The static path for one image's valid patches; returns (soft_tokens, hidden)."""
+    @contextmanager
+    def static_path(self) -> Iterator[None]:
+        """Run the block on the static path (RMSNorm's quantized static maths, as in export), then
+        put back the earlier setting, also when the block raises."""
         previous = self.ctx.static
         self.ctx.static = True
         try:
+            yield
+        finally:
+            self.ctx.static = previous
+
+    def forward_static(self, pixel_values: torch.Tensor, profile: StaticProfile) -> torch.Tensor:
+        """The static path for one image's valid patches; returns (soft_tokens, hidden)."""
+        with self.static_path():
             hidden = self.patch_embedder.forward_static(pixel_values, profile.pos_rows)
             hidden = self.encoder.run_layers(hidden, profile.cos, profile.sin_signed)
             hidden = self.pooler.forward_static(hidden, profile.pool)
             return self.standardize_pooled(hidden)
-        finally:
-            self.ctx.static = previous
 
     def standardize_pooled(self, hidden: torch.Tensor) -> torch.Tensor:
         """The static path's last step on a pooler output: (soft_tokens, hidden), then (x - bias) * scale
