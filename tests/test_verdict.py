@@ -82,6 +82,14 @@ def test_quant_verdict_levels(within, steps, level):
         assert v.reason and v.advice and "three-way" in v.advice
 
 
+def test_a_step_count_is_whole_up_to_float_rounding():
+    """Dequantized values one step apart measure 1 + a few ulp steps: that is one step, not more."""
+    exact = _floor(within=1.0, steps=0.0)  # torch never moved this tensor under noise
+    one_step = 1.0 + 4.5e-7  # measured on the kernel pass (scalar ATen): |a - b| / scale for one step
+    assert judge(mode="quant", within=1.0, max_steps=one_step, max_abs=0.03, floor=exact).level == "verified"
+    assert judge(mode="quant", within=1.0, max_steps=2.0, max_abs=0.06, floor=exact).level == "check"
+
+
 def test_structural_problems_fail_whatever_the_numbers():
     v = judge(mode="quant", within=1.0, max_steps=0.0, max_abs=0.0, floor=_floor(), structural=["1 float tensors without qparams"])
     assert v.level == "failed" and "without qparams" in v.reason

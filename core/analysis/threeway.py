@@ -46,7 +46,7 @@ from core.export.checks import summarize_circle
 from core.export.pipeline import ExportResult, layout_fingerprint
 from core.export.runtime import run_circle_tensors
 from core.export.tensor_map import ROOT_MODULE
-from core.export.verdict import NoiseFloor, gemm_rounding_error, judge, rounding_noise
+from core.export.verdict import STEP_HAIR, NoiseFloor, gemm_rounding_error, judge, rounding_noise
 from core.io import finite_or_none
 from core.quant.mode import Mode
 
@@ -564,7 +564,7 @@ def _diff(ref: torch.Tensor, other: torch.Tensor, scale: float | None = None) ->
     peir = err / span if span > 0 else (0.0 if err == 0 else math.inf)
     within = steps = None
     if scale:
-        within = float((d <= scale * (1 + 1e-4)).double().mean())
+        within = float((d <= scale * (1 + STEP_HAIR)).double().mean())
         steps = err / scale
     return Diff(peir=peir, max_abs=err, within_one_step=within, max_steps=steps)
 

@@ -178,9 +178,15 @@ def noise_floor(
     )
 
 
+# Two dequantized values k steps apart differ by k * scale only up to float rounding (each side is
+# an integer times a float32 scale), so a step count is compared with this relative hair: far below
+# the next whole step, far above float32's rounding.
+STEP_HAIR = 1e-4
+
+
 def within_one_step(diff: torch.Tensor, step: float) -> float:
     """Share of `diff` elements no larger than one step (a relative hair over counts: both sides round)."""
-    return float((diff <= step * (1 + 1e-4)).float().mean())
+    return float((diff <= step * (1 + STEP_HAIR)).float().mean())
 
 
 # --------------------------------------------------------------------------- the verdict
@@ -222,7 +228,7 @@ def judge(
         # One more step than the floor: the file requantizes its output independently of torch.
         allowed_steps = (floor.max_steps or 0.0) + 1.0
         steps = max_steps or 0.0
-        if within >= p - slack and steps <= allowed_steps:
+        if within >= p - slack and steps <= allowed_steps * (1 + STEP_HAIR):
             return _verified(summary, caveats)
         beyond, floor_beyond = 1.0 - within, (1.0 - p) + slack
         if beyond > BROKEN_FACTOR * floor_beyond or steps > BROKEN_FACTOR * allowed_steps:
