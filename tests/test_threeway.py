@@ -17,6 +17,7 @@ from core.cancel import CancelToken
 from core.config import PTQConfig
 from core.errors import CancelledError, ExportError
 from core.export.pipeline import ROOT_MODULE, ExportResult
+from core.export.verdict import STEP_HAIR
 from core.session import Session
 
 FLOAT_MODULE = "encoder.layers.1.mlp.down_proj"
@@ -100,7 +101,7 @@ def test_circle_matches_fake_quant_within_a_few_steps_while_fp_differs(exported)
         n = row.noise_floor
         assert n is not None and n.within_one_step is not None, row
         assert row.verdict == "verified", row
-        assert d.max_steps is not None and d.max_steps <= n.max_steps + 1.0, row
+        assert d.max_steps is not None and d.max_steps <= (n.max_steps + 1.0) * (1 + STEP_HAIR), row
         # The quantization error itself is real (not zero) and dominates what the file adds.
         assert row.fp_vs_fq.max_abs > 0, row
         assert row.fp_vs_circle.peir > 0

@@ -37,6 +37,7 @@ from typing import Any, Iterator
 import torch
 
 __all__ = [
+    "STEP_HAIR",
     "NoiseFloor",
     "Verdict",
     "gemm_rounding_error",
