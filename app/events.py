@@ -98,6 +98,10 @@ class SessionSubscriptions:
         for name, slot in handlers.items():
             self._disconnects.append(on_gui_thread(getattr(events, name), slot))
 
+    def follow(self, session: Any, **handlers: Callable[..., Any]) -> None:
+        """replace() for a session (None: follow nothing), handlers named by event."""
+        self.replace(session.events if session is not None else None, handlers)
+
     def clear(self) -> None:
         """Disconnect everything."""
         disconnects, self._disconnects = self._disconnects, []

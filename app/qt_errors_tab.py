@@ -248,13 +248,8 @@ class QtErrorsTab(QWidget):
     def set_session(self, session) -> None:
         """Follow this session's events from now on (and forget what the previous one showed)."""
         self.session = session
-        self._subscriptions.replace(
-            session.events if session is not None else None,
-            {
-                "calibrated": self._on_calibrated,
-                "config_changed": self._on_config_changed,
-                "images_changed": self._on_images_changed,
-            },
+        self._subscriptions.follow(
+            session, calibrated=self._on_calibrated, config_changed=self._on_config_changed, images_changed=self._on_images_changed
         )
         self.sensitivity_table.set_session(session)
         self.images = ImageSnapshot.of(session)

@@ -237,13 +237,8 @@ class QtRangesTab(QWidget):
     def set_session(self, session) -> None:
         """Follow this session's events from now on; show its statistics if it has some (a loaded one)."""
         self.session = session
-        self._subscriptions.replace(
-            session.events if session is not None else None,
-            {
-                "calibrated": self._on_calibrated,
-                "config_changed": self._on_config_changed,
-                "images_changed": self._on_images_changed,
-            },
+        self._subscriptions.follow(
+            session, calibrated=self._on_calibrated, config_changed=self._on_config_changed, images_changed=self._on_images_changed
         )
         self._on_images_changed()
         self._forget()
