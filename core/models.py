@@ -13,21 +13,25 @@ import torch
 from safetensors import safe_open
 from transformers import Gemma4VisionConfig, Gemma4VisionModel
 
-from core.errors import ModelLoadError
+from core.errors import ConfigError, ModelLoadError
 
 __all__ = [
+    "NORM_CONSUMERS",
     "SPECS",
     "VISION_TOWER_PREFIXES",
+    "clamp_reason",
     "describe_model",
     "e2b_config",
+    "inject_outliers",
     "load_model",
     "tiny_config",
 ]
 
 # "tiny" and "e2b" are initialised to behave like a trained network (see _calm); the "-chaotic"
 # variants keep the first release's initialisation, a stress model on which any rounding
-# difference grows ~500x through the layers.
-SPECS = ("tiny", "e2b", "tiny-chaotic", "e2b-chaotic")
+# difference grows ~500x through the layers. "+outliers" adds trained-like activation outliers
+# (inject_outliers) without changing the float function.
+SPECS = ("tiny", "e2b", "tiny-chaotic", "e2b-chaotic", "tiny+outliers", "e2b+outliers")
 
 # Where the vision tower's tensors live in a full Gemma 4 checkpoint
 # (Gemma4ForConditionalGeneration.save_pretrained writes "model.vision_tower.";
@@ -40,7 +44,7 @@ VISION_TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
 _TINY_POSITION_EMBEDDING_SIZE = 1120 * 3
 
 _SEED = 20260401
-_FIX_SPEC = "pass 'tiny', 'e2b' (or 'tiny-chaotic', 'e2b-chaotic') or a folder written by save_pretrained()"
+_FIX_SPEC = f"pass one of {', '.join(SPECS)} or a folder written by save_pretrained()"
 
 # Trained-like scales (see _calm). Attention logits q.k have a standard deviation of about
 # _LOGIT_STD; each residual branch adds an update whose RMS is about _BRANCH_SCALE.
@@ -81,9 +85,12 @@ def _eager(config: Gemma4VisionConfig) -> Gemma4VisionConfig:
 def load_model(spec: str | Path = "tiny") -> Gemma4VisionModel:
     """Return a float32 Gemma4VisionModel in eval mode with eager attention: a built-in name (SPECS) or a folder."""
     if isinstance(spec, str) and spec in SPECS:
-        size, _, variant = spec.partition("-")
+        base, _, option = spec.partition("+")
+        size, _, variant = base.partition("-")
         config = tiny_config() if size == "tiny" else e2b_config()
         model = build_seeded_model(config, calm=variant != "chaotic")
+        if option == "outliers":
+            inject_outliers(model)
         model.config.name_or_path = spec
         return model
     return _load_folder(Path(spec))
@@ -184,6 +191,73 @@ def _calm(model: Gemma4VisionModel) -> None:
         layer.self_attn.k_norm.weight.mul_(qk)
         layer.post_attention_layernorm.weight.mul_(_BRANCH_SCALE)
         layer.post_feedforward_layernorm.weight.mul_(_BRANCH_SCALE)
+
+
+# --------------------------------------------------------------------------- activation outliers
+
+# Which norm feeds which linears in a Gemma4VisionEncoderLayer (post_attention_layernorm and
+# post_feedforward_layernorm feed the residual sum, not a linear, so they cannot carry a fold).
+NORM_CONSUMERS = {
+    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "pre_feedforward_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+}
+# Trained vision transformers carry a handful of "massive activation" channels, the same ones in
+# every layer, 20-100x the others (Sun et al. 2024; Darcet et al. 2024).
+_OUTLIER_FACTORS = (20.0, 100.0)
+_OUTLIER_SHARE = 128  # one outlier channel per this many hidden channels, at least 2
+
+
+def clamp_reason(linear: torch.nn.Module | None, side: str = "input") -> str | None:
+    """Why a per-channel rescale across a Gemma4ClippableLinear's `side` ('input' or 'output') clamp may
+    not be function-preserving, or None when there is no finite clamp.
+
+    The clamp is one scalar range for every channel: clamp(k*x_j) != k*clamp(x_j) once it binds, so
+    moving a channel's scale across it changes the function.
+    """
+    if linear is None or not getattr(linear, "use_clipped_linears", False):
+        return None
+    bounds = (float(getattr(linear, f"{side}_min")), float(getattr(linear, f"{side}_max")))
+    if all(math.isinf(b) for b in bounds):
+        return None
+    return f"its {side} clamp [{bounds[0]:.3g}, {bounds[1]:.3g}] is one scalar range for every channel"
+
+
+@torch.no_grad()
+def inject_outliers(model: Gemma4VisionModel, seed: int = _SEED + 1) -> dict[str, dict[int, float]]:
+    """Give a few hidden channels large activations without changing the float function (seeded).
+
+    Each chosen channel j of every layer's input and pre-feedforward RMSNorm scale becomes 20-100 times
+    the norm's largest scale (a factor k_j) and column j of every linear that norm feeds is divided by k_j. Gemma 4's
+    RMSNorm multiplies by its weight itself (``normed * w``, not ``1 + w``), so the norm output's
+    channel j is exactly k_j times larger and the linears see the same product. Returns
+    {norm parameter name: {channel: factor}}. Refuses (ModelLoadError) linears with finite input
+    clamps, where the rescale would not be function-preserving (ConfigError).
+    """
+    hidden = int(model.config.hidden_size)
+    gen = torch.Generator().manual_seed(seed)
+    count = max(2, hidden // _OUTLIER_SHARE)
+    channels = sorted(int(c) for c in torch.randperm(hidden, generator=gen)[:count])
+    low, high = _OUTLIER_FACTORS
+    injected: dict[str, dict[int, float]] = {}
+    for index, layer in enumerate(model.encoder.layers):
+        for norm_name, consumers in NORM_CONSUMERS.items():
+            linears = [layer.get_submodule(c) for c in consumers]
+            for name, linear in zip(consumers, linears):
+                reason = clamp_reason(linear)
+                if reason is not None:
+                    raise ConfigError(
+                        f"cannot inject outliers before encoder.layers.{index}.{name}: {reason}; use a model without clipped linears"
+                    )
+            norm = getattr(layer, norm_name).weight
+            # Relative to the norm's largest scale, so the outlier stands out whatever the drawn scale was.
+            targets = (low + (high - low) * torch.rand(count, generator=gen)) * norm.abs().max()
+            scale = torch.ones(hidden)
+            scale[channels] = targets / norm[channels].abs()
+            norm.mul_(scale)
+            for linear in linears:
+                linear.linear.weight.div_(scale)
+            injected[f"encoder.layers.{index}.{norm_name}.weight"] = {c: float(scale[c]) for c in channels}
+    return injected
 
 
 # --------------------------------------------------------------------------- checkpoints

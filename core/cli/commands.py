@@ -36,7 +36,7 @@ def add_parsers(sub: Any) -> None:
     """Register quantize, report, export and sensitivity on core.cli.main's subparsers."""
     dtypes = tuple(DTYPES)
     q = sub.add_parser("quantize", help="calibrate a model on images and save a session")
-    q.add_argument("--model", default="tiny", help="tiny | e2b | tiny-chaotic | e2b-chaotic | checkpoint folder (default tiny)")
+    q.add_argument("--model", default="tiny", help="tiny | e2b | tiny-chaotic | e2b-chaotic | tiny+outliers | e2b+outliers | checkpoint folder (default tiny)")
     q.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
     q.add_argument("--out", required=True, metavar="SESSION", help="session folder to write")
     q.add_argument(
