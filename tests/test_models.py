@@ -354,3 +354,63 @@ def test_chaotic_variants_keep_the_first_release_weights(tiny: Gemma4VisionModel
             assert not torch.equal(a, b), name
         else:
             assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------- activation outliers
+def test_outlier_models_are_offered_and_seeded(tiny: Gemma4VisionModel) -> None:
+    assert {"tiny+outliers", "e2b+outliers"} <= set(models.SPECS)
+    a, b = load_model("tiny+outliers"), load_model("tiny+outliers")
+    _assert_same_state(a, b)
+    assert a.config._name_or_path == "tiny+outliers"
+    # Only the input/pre-feedforward norm scales and the columns of the linears they feed change.
+    fed = tuple(f"{norm}.weight" for norm in models.NORM_CONSUMERS) + tuple(
+        f"{linear}.linear.weight" for linears in models.NORM_CONSUMERS.values() for linear in linears
+    )
+    for (name, x), (_, y) in zip(tiny.state_dict().items(), a.state_dict().items()):
+        assert torch.equal(x, y) == (not name.endswith(fed)), name
+
+
+def test_outliers_keep_the_float_function_and_grow_the_post_norm_range(tiny: Gemma4VisionModel, sample_images) -> None:
+    from core.data.images import ImagePreprocessor
+    from core.ptq import prepare
+    from wrappers.wrapper_support import judged_against_noise
+
+    outliers = load_model("tiny+outliers")
+    batch = ImagePreprocessor(tiny.config, max_soft_tokens=70)(sample_images[:2])
+    absmax: dict[tuple[str, str], float] = {}
+
+    def hook(tag: str, name: str):
+        def record(_module, _args, out) -> None:
+            absmax[tag, name] = max(absmax.get((tag, name), 0.0), float(out.abs().max()))
+
+        return record
+
+    handles = [
+        getattr(layer, norm).register_forward_hook(hook(tag, f"{index}.{norm}"))
+        for tag, model in (("plain", tiny), ("outliers", outliers))
+        for index, layer in enumerate(model.encoder.layers)
+        for norm in models.NORM_CONSUMERS
+    ]
+    try:
+        with torch.no_grad():
+            reference = tiny(**batch).last_hidden_state
+            outliers(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Float output: the wrapped copy in NO_QUANT (HF's maths), judged against torch's own rounding noise.
+    qmodel = prepare(outliers)
+    rows = int(batch["pixel_values"].shape[1])
+    verdict = judged_against_noise(qmodel, lambda: qmodel(**batch).last_hidden_state, reference, rows)
+    assert verdict.ok, verdict.summary
+    for (tag, name), value in absmax.items():
+        if tag == "outliers":
+            assert value >= 20.0 * absmax["plain", name], (name, value, absmax["plain", name])
+
+
+def test_outliers_refuse_a_clamp_before_the_rescaled_linears() -> None:
+    from core.errors import ConfigError
+
+    model = models.build_seeded_model(tiny_config(use_clipped_linears=True))
+    with pytest.raises(ConfigError, match="input clamp .* one scalar range"):
+        models.inject_outliers(model)

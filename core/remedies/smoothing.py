@@ -28,9 +28,10 @@ between the pair, per channel:
   the norm, so nothing can be moved across it. q/k feed q_norm/k_norm and RoPE: not pairs either.
 
 Gemma4ClippableLinear's clamps are one scalar range for all channels, so a per-channel rescale
-across a finite clamp is exact only where the clamp does not bind. SmoothQuant checks that on the
-batches (a group whose clamp binds is skipped with the reason) and widens the clamp so it stays
-loose for every channel; CLE has no data and skips pairs with a finite clamp between them.
+across a finite clamp is exact only where the clamp does not bind. Checking that on the calibration
+images is not enough (held-out photos bind where they did not: measured on the tiny model with
+clipped linears), so a group or pair with a finite clamp in between is skipped and its reason
+reported (``summary["skipped"]``). The built-in models have no clamps (use_clipped_linears is off).
 
 Both change the float weights in place and leave observer statistics and qparams stale: the
 caller recalibrates. Neither changes the model's mode.
@@ -83,20 +84,16 @@ def _parameter_names(qmodel) -> dict[int, str]:
 
 
 @torch.no_grad()
-def _input_statistics(qmodel, wrappers: Mapping[str, Any], batches, progress, cancel) -> dict[str, dict[str, Any]]:
-    """Per wrapped linear: per-channel absmax of its input (before its clamp) and the input's min and max."""
-    stats: dict[str, dict[str, Any]] = {}
+def _input_statistics(qmodel, wrappers: Mapping[str, Any], batches, progress, cancel) -> dict[str, torch.Tensor]:
+    """Per key: the per-channel absmax of the input of its wrapper."""
+    stats: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
         def record(_module, args) -> None:
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            absmax, lo, hi = x.abs().amax(dim=0).cpu(), float(x.min()), float(x.max())
+            absmax = x.abs().amax(dim=0).cpu()
             seen = stats.get(name)
-            if seen is None:
-                stats[name] = {"absmax": absmax, "min": lo, "max": hi}
-            else:
-                seen["absmax"] = torch.maximum(seen["absmax"], absmax)
-                seen["min"], seen["max"] = min(seen["min"], lo), max(seen["max"], hi)
+            stats[name] = absmax if seen is None else torch.maximum(seen, absmax)
 
         return record
 
@@ -145,16 +142,14 @@ def _group_alphas(qmodel, alpha_by_glob: Mapping[str, float]) -> list[tuple[tupl
     return selected
 
 
-def _binding_clamp(linears: list[tuple[str, Any]], stats: Mapping[str, Mapping[str, Any]]) -> str | None:
-    """Why the group cannot be smoothed exactly (a finite input clamp that binds on the batches), or None."""
-    for name, wrapper in linears:
-        source = getattr(wrapper, "source", None)
-        if source is None or clamp_reason(source) is None:
-            continue
-        seen = stats[name]
-        if seen["min"] < float(source.input_min) or seen["max"] > float(source.input_max):
-            return f"{name}: {clamp_reason(source)} and it binds on these images (inputs {seen['min']:.3g}..{seen['max']:.3g})"
-    return None
+def _clamps_between(sides: Sequence[tuple[Any, str]]) -> str | None:
+    """Why a per-channel rescale across these (wrapper, 'input'|'output') clamps is refused, or None."""
+    reasons = [
+        f"{w.module_name}: {reason}" for w, side in sides if (reason := clamp_reason(getattr(w, "source", None), side)) is not None
+    ]
+    if not reasons:
+        return None
+    return "; ".join(reasons) + ": the rescale would change the function wherever the clamp binds"
 
 
 def apply_smoothquant(
@@ -172,44 +167,37 @@ def apply_smoothquant(
     batches = list(batches)
     if not batches:
         raise ConfigError("SmoothQuant needs at least one calibration image for its activation statistics")
-    wrappers = {name: w for (_, _, linears), _ in selected for name, w in linears}
-    stats = _input_statistics(qmodel, wrappers, batches, progress, cancel)
+    skipped: dict[str, str] = {}
+    smoothable = []
+    for (norm_name, norm, linears), alpha in selected:
+        why_not = _clamps_between([(w, "input") for _, w in linears]) if norm.with_scale else "the norm has no scale to fold into"
+        if why_not is None:
+            smoothable.append((norm_name, norm, linears, alpha))
+        else:
+            skipped[norm_name] = why_not
+    # The linears of a group share one input, the norm's output: the first one's statistics serve all.
+    firsts = {norm_name: linears[0][1] for norm_name, _, linears, _ in smoothable}
+    stats = _input_statistics(qmodel, firsts, batches, progress, cancel) if smoothable else {}
 
     names = _parameter_names(qmodel)
     changed: list[str] = []
     parameters: list[str] = []
-    buffers: list[str] = []
     groups: dict[str, Any] = {}
     input_absmax: dict[str, dict[str, float]] = {}
-    skipped: dict[str, str] = {}
     with torch.no_grad():
-        for (norm_name, norm, linears), alpha in selected:
-            why_not = _binding_clamp(linears, stats) if norm.with_scale else "the norm has no scale to fold into"
-            if why_not is not None:
-                skipped[norm_name] = why_not
-                continue
-            # The linears share one input (the norm's output); take the widest view of each channel.
-            x_max = torch.stack([stats[n]["absmax"] for n, _ in linears]).amax(dim=0)
+        for norm_name, norm, linears, alpha in smoothable:
+            x_max = stats[norm_name]
             weight = norm.source.weight
             w_max = torch.stack([w.linear.weight.detach().abs().amax(dim=0).cpu() for _, w in linears]).amax(dim=0)
             scale = (x_max.clamp(min=_MIN_SCALE).pow(alpha) / w_max.clamp(min=_MIN_SCALE).pow(1.0 - alpha)).clamp(min=_MIN_SCALE)
             scale = torch.where(x_max > 0, scale, torch.ones_like(scale))  # a dead channel keeps its scale
             weight.div_(scale.to(weight))
             parameters.append(names[id(weight)])
-            loosen = float((1.0 / scale).max())
             for name, wrapper in linears:
                 w = wrapper.linear.weight
                 w.mul_(scale.to(w).unsqueeze(0))
                 parameters.append(names[id(w)])
-                source = getattr(wrapper, "source", None)
-                if source is not None and clamp_reason(source) is not None:
-                    # Inputs shrink by 1/s_j; widening by max(1/s) keeps the clamp loose for every channel.
-                    for bound in (source.input_min, source.input_max):
-                        bound.mul_(loosen)
-                        buffers.append(names[id(bound)])
-                before = float(stats[name]["absmax"].max())
-                after = float((stats[name]["absmax"] / scale).max())
-                input_absmax[name] = {"before": before, "after": after}
+                input_absmax[name] = {"before": float(x_max.max()), "after": float((x_max / scale).max())}
             groups[norm_name] = {
                 "alpha": alpha,
                 "linears": [n for n, _ in linears],
@@ -219,7 +207,7 @@ def apply_smoothquant(
                 "input_absmax_after": float((x_max / scale).max()),
             }
             changed += [norm_name, *(n for n, _ in linears)]
-    summary = {"parameters": parameters, "buffers": buffers, "groups": groups, "input_absmax": input_absmax, "skipped": skipped}
+    summary = {"parameters": parameters, "groups": groups, "input_absmax": input_absmax, "skipped": skipped}
     return RemedyReport(step=step, modules=changed, summary=summary, seconds=time.perf_counter() - start)
 
 
@@ -268,13 +256,9 @@ def apply_cle(qmodel, globs: Sequence[str], *, progress: Callable[..., None] | N
     summary_pairs: dict[str, Any] = {}
     for done, (mlp_name, mlp) in enumerate(pairs, start=1):
         up, down = mlp.up_proj, mlp.down_proj
-        clamps = [
-            f"{w.module_name}: {reason}"
-            for w, side in ((up, "output"), (down, "input"))
-            if (reason := clamp_reason(getattr(w, "source", None), side)) is not None
-        ]
-        if clamps:
-            skipped[mlp_name] = "; ".join(clamps) + " (no data to check that it never binds)"
+        why_not = _clamps_between([(up, "output"), (down, "input")])
+        if why_not is not None:
+            skipped[mlp_name] = why_not
             continue
         before = (_spread(up.linear.weight, 1), _spread(down.linear.weight, 0))
         scale = equalize_layer_pair(up.linear, down.linear, method="absmax")  # up rows * c, down columns / c
