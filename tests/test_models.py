@@ -371,9 +371,10 @@ def test_outlier_models_are_offered_and_seeded(tiny: Gemma4VisionModel) -> None:
 
 
 def test_outliers_keep_the_float_function_and_grow_the_post_norm_range(tiny: Gemma4VisionModel, sample_images) -> None:
+    from wrappers.wrapper_support import judged_against_noise
+
     from core.data.images import ImagePreprocessor
     from core.ptq import prepare
-    from wrappers.wrapper_support import judged_against_noise
 
     outliers = load_model("tiny+outliers")
     batch = ImagePreprocessor(tiny.config, max_soft_tokens=70)(sample_images[:2])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from wrappers.wrapper_support import judged_against_noise
 
 from core.analysis.metrics import sqnr_db
 from core.cancel import CancelToken
@@ -13,7 +14,6 @@ from core.errors import CancelledError, ConfigError
 from core.models import build_seeded_model, load_model, tiny_config
 from core.ptq import calibrate, convert, prepare
 from core.remedies.smoothing import apply_cle, apply_smoothquant
-from wrappers.wrapper_support import judged_against_noise
 
 TOKENS = 70
 
