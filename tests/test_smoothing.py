@@ -69,7 +69,7 @@ def test_smoothquant_keeps_the_float_function_and_reports_exactly_what_it_change
     # q/k/v share input_layernorm, gate/up share pre_feedforward_layernorm: one group per norm.
     assert set(report.summary["groups"]) == {f"encoder.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "pre_feedforward_layernorm")}
     for name, figures in report.summary["input_absmax"].items():
-        assert figures["after"] < figures["before"] / 10, name  # the injected 20-100x outliers are gone
+        assert figures["after"] < figures["before"] / 10, name  # the injected >= 20x outliers are gone
     assert report.to_json()["summary"]["parameters"] == report.summary["parameters"]
 
 
@@ -85,7 +85,8 @@ def test_smoothquant_shrinks_the_recalibrated_norm_ranges_and_recovers_uint8(pho
     smoothed_sqnr = _uint8_sqnr(smoothed, calib, evals)
     ranges_after = {o.name: float(o.max_val - o.min_val) for o in smoothed.observers() if o.role == "output"}
     for norm in report.summary["groups"]:
-        # The norm's output is the matched linears' input: its observed range shrinks after recalibration.
+        # The norm's output is the matched linears' input: its observed range shrinks after recalibration,
+        # and by far more than 2x, since the injected outliers made it >= 20x wider (tests/test_models.py).
         assert ranges_after[f"{norm}.output"] < ranges_before[f"{norm}.output"] / 5, norm
     # The outliers cost uint8 a wide gap; SmoothQuant must close at least half of it (the issue's target).
     assert plain_sqnr - outlier_sqnr > 3.0, (plain_sqnr, outlier_sqnr)
