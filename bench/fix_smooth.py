@@ -39,17 +39,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _batches(config, args) -> tuple[list[dict], list[dict]]:
+def _batches(config, args) -> tuple[list[dict], list[dict], int]:
+    """Calibration and evaluation batches, and how many photos are in both."""
     from core.data.images import ImagePreprocessor
     from core.data.resources import sample_images
 
     photos = sample_images()
-    if args.calib + args.eval > len(photos):
-        raise SystemExit(f"--calib + --eval must be at most {len(photos)} (the bundled photos)")
+    if not (1 <= args.calib <= len(photos) and 1 <= args.eval <= len(photos)):
+        raise SystemExit(f"--calib and --eval must each be 1 to {len(photos)} (the bundled photos)")
     pre = ImagePreprocessor(config, max_soft_tokens=args.max_soft_tokens)
+    # Calibration from the front, evaluation from the back: held out unless together they exceed the photos.
     calib = [dict(pre([p])) for p in photos[: args.calib]]
-    evals = [dict(pre([p])) for p in photos[args.calib : args.calib + args.eval]]
-    return calib, evals
+    evals = [dict(pre([p])) for p in photos[len(photos) - args.eval :]]
+    return calib, evals, max(0, args.calib + args.eval - len(photos))
 
 
 def _uint8_sqnr(spec: str, calib, evals, remedy=None) -> tuple[float, Any]:
@@ -102,8 +104,9 @@ def run_section(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     model = args.model
     outliers = f"{model}+outliers"
-    calib, evals = _batches(load_model(model).config, args)
-    setup = f"{model}, uint8 act+weight, {len(calib)} calib + {len(evals)} held-out photos, {args.max_soft_tokens} soft tokens"
+    calib, evals, shared = _batches(load_model(model).config, args)
+    held_out = f"{len(evals)} held-out" if not shared else f"{len(evals)} eval ({shared} also calibrated on: only 10 bundled)"
+    setup = f"{model}, uint8 act+weight, {len(calib)} calib + {held_out} photos, {args.max_soft_tokens} soft tokens"
 
     plain, _ = _uint8_sqnr(model, calib, evals)
     noisy, _ = _uint8_sqnr(outliers, calib, evals)

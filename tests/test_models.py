@@ -370,14 +370,16 @@ def test_outlier_models_are_offered_and_seeded(tiny: Gemma4VisionModel) -> None:
         assert torch.equal(x, y) == (not name.endswith(fed)), name
 
 
-def test_outliers_keep_the_float_function_and_grow_the_post_norm_range(tiny: Gemma4VisionModel, sample_images) -> None:
+@pytest.mark.parametrize("size", ["tiny", pytest.param("e2b", marks=pytest.mark.slow)])
+def test_outliers_keep_the_float_function_and_grow_the_post_norm_range(size: str, tiny: Gemma4VisionModel, sample_images) -> None:
     from wrappers.wrapper_support import judged_against_noise
 
     from core.data.images import ImagePreprocessor
     from core.ptq import prepare
 
-    outliers = load_model("tiny+outliers")
-    batch = ImagePreprocessor(tiny.config, max_soft_tokens=70)(sample_images[:2])
+    plain = tiny if size == "tiny" else load_model(size)
+    outliers = load_model(f"{size}+outliers")
+    batch = ImagePreprocessor(plain.config, max_soft_tokens=70)(sample_images[:2])
     absmax: dict[tuple[str, str], float] = {}
 
     def hook(tag: str, name: str):
@@ -388,13 +390,13 @@ def test_outliers_keep_the_float_function_and_grow_the_post_norm_range(tiny: Gem
 
     handles = [
         getattr(layer, norm).register_forward_hook(hook(tag, f"{index}.{norm}"))
-        for tag, model in (("plain", tiny), ("outliers", outliers))
+        for tag, model in (("plain", plain), ("outliers", outliers))
         for index, layer in enumerate(model.encoder.layers)
         for norm in models.NORM_CONSUMERS
     ]
     try:
         with torch.no_grad():
-            reference = tiny(**batch).last_hidden_state
+            reference = plain(**batch).last_hidden_state
             outliers(**batch)
     finally:
         for handle in handles:
