@@ -141,6 +141,7 @@ def run_section(args: argparse.Namespace) -> list[dict[str, Any]]:
             "name": "CLE on the outlier model (uint8, up_proj/down_proj pairs)",
             "figures": {
                 "sqnr_outliers_cle_db": round(equalised, 2),
+                "delta_vs_outliers_db": round(equalised - noisy, 3),
                 "pairs": len(cle_report.summary["pairs"]),
                 "skipped": len(cle_report.summary["skipped"]),
             },
