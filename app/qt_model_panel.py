@@ -29,8 +29,8 @@ MODEL_CHOICES = [
     ("E2B-shaped, chaotic init (stress test)", "e2b-chaotic"),
     # Same float function, a few activation channels 20-100x larger (core.models.inject_outliers):
     # the case SmoothQuant and CLE are for.
-    ("Built-in tiny model with activation outliers", "tiny+outliers"),
-    ("E2B-shaped model with activation outliers", "e2b+outliers"),
+    ("Built-in tiny model with activation outliers (random weights)", "tiny+outliers"),
+    ("E2B-shaped model with activation outliers (random weights)", "e2b+outliers"),
 ]
 
 def config_from_settings(settings: dict[str, Any], extra_overrides: dict[str, Any]) -> PTQConfig:
