@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from core.errors import CancelledError, ConfigError
 from core.models import load_model
 from core.ptq import calibrate, convert, prepare
 from core.quant.mode import Mode
-from core.remedies.rounding import apply_weight_rounding, linear_targets
+from core.remedies.rounding import apply_weight_rounding, end_to_end_sqnr_db, linear_targets
 from core.session_store import load_observer_state, observer_state
 from core.wrappers.layers import QuantLinear
 
@@ -60,17 +59,6 @@ def gptq(minmax, images):
 
 def _linears(qmodel):
     return {n: w for n, w in qmodel.wrappers() if isinstance(w, QuantLinear)}
-
-
-def _sqnr_db(tiny, qmodel, batches) -> float:
-    signal = noise = 0.0
-    with torch.no_grad():
-        for b in batches:
-            ref = tiny(pixel_values=b["pixel_values"], pixel_position_ids=b["pixel_position_ids"]).last_hidden_state
-            out = qmodel(pixel_values=b["pixel_values"], pixel_position_ids=b["pixel_position_ids"]).last_hidden_state
-            signal += float((ref.double() ** 2).sum())
-            noise += float(((ref.double() - out.double()) ** 2).sum())
-    return 10 * math.log10(signal / noise)
 
 
 def test_report_names_every_linear_and_its_hf_parameter(gptq):
@@ -179,8 +167,8 @@ def test_gptq_lowers_the_layer_reconstruction_error(gptq, minmax, images):
 
 def test_gptq_raises_end_to_end_sqnr_at_uint4(gptq, minmax, tiny, images):
     """(e) end to end on images the rounding never saw: >= 3 dB over min-max (issue 14's target)."""
-    before = _sqnr_db(tiny, minmax, images[1])
-    after = _sqnr_db(tiny, gptq[0], images[1])
+    before = end_to_end_sqnr_db(tiny, minmax, images[1])
+    after = end_to_end_sqnr_db(tiny, gptq[0], images[1])
     assert after >= before + 3.0, (before, after)
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.analysis.metrics import sqnr_from_sums
 from core.config import PTQConfig, check_globs
 from core.errors import ConfigError, NotCalibratedError
 from core.quant.mode import Mode
@@ -166,8 +167,20 @@ def _energy(delta: torch.Tensor, h: torch.Tensor) -> float:
     return float(((d @ h) * d).sum())
 
 
-def _db(signal: float, noise: float) -> float:
-    return 10.0 * math.log10(signal / noise) if noise > 0 else math.inf
+def end_to_end_sqnr_db(float_model: nn.Module, qmodel, batches: Sequence[Mapping[str, Any]]) -> float:
+    """SQNR (dB) of the wrapped model's output against the ORIGINAL float model over the batches.
+
+    core.analysis.compare takes its float reference from the wrapped model itself, whose float
+    weights a rounding has changed; a before/after of a rounding needs the untouched model.
+    """
+    signal = noise = 0.0
+    with torch.no_grad():
+        for b in batches:
+            inputs = {"pixel_values": b["pixel_values"], "pixel_position_ids": b["pixel_position_ids"]}
+            ref = float_model(**inputs).last_hidden_state.double()
+            noise += float(((ref - qmodel(**inputs).last_hidden_state.double()) ** 2).sum())
+            signal += float((ref**2).sum())
+    return sqnr_from_sums(signal, noise)
 
 
 def _gptq(linear: nn.Linear, obs, hessian: _Hessian, opts: Mapping[str, Any]) -> torch.Tensor:
@@ -278,8 +291,8 @@ class _Rounder:
         signal = _energy(weight, hessian.h)
         self.figures[target.name] = LayerFigures(
             samples=hessian.rows,
-            nearest_db=_db(signal, _energy(weight - nearest, hessian.h)),
-            rounded_db=_db(signal, _energy(weight - rounded, hessian.h)),
+            nearest_db=sqnr_from_sums(signal, _energy(weight - nearest, hessian.h)),
+            rounded_db=sqnr_from_sums(signal, _energy(weight - rounded, hessian.h)),
             changed=float((rounded != nearest).float().mean()),
         )
         source = self.qmodel.patch_embedder.source.input_proj.weight if target.folded else None
