@@ -19,8 +19,9 @@ fake-quantized, every earlier linear already rounded), i.e. from what the layer 
 model runs quantized. So each layer's rounding also absorbs the error the layers before it left
 (GPTQ's sequential order). Linears that share an input (q/k/v, gate/up) are still rounded one
 after the other, each seeing its predecessors' rounded weights where they feed it. Inside an
-encoder layer the layer's input is cached once per image and the layer alone is replayed, so a
-whole encoder costs about one model pass per image plus one layer pass per linear.
+encoder layer the layer's input is cached once per image, and so is the input of the attention or
+MLP a linear sits in; only that part is replayed. Per image, an encoder layer costs about three
+runs of its attention (o_proj's inputs, the MLP's inputs, the layer's output for the next layer).
 
 The weights stay float, exactly on the grid (each is passed through its observer's fake-quant
 once more), and the grid is pinned (``Observer.pin_qparams``): recalibration, a saved session
@@ -322,15 +323,25 @@ class _Rounder:
             for wrapper in self.qmodel.quant_modules():
                 wrapper.cache_weights()
 
+    def _unit_of(self, target: RoundingTarget, block: nn.Module) -> nn.Module:
+        """The wrapper to replay for `target`: its parent inside the encoder layer (attention, MLP),
+        else the layer itself. A parent's input does not depend on its own linears."""
+        parent = target.name.rpartition(".")[0]
+        for name, wrapper in block.named_modules(prefix=block.module_name):
+            if name == parent and wrapper is not block:
+                return wrapper
+        return block
+
     def run(self, targets: list[RoundingTarget]) -> None:
+        """Round every target in forward order; each sees the earlier ones rounded."""
         total = len(targets)
         layer_cache: tuple[int, list[tuple[tuple, dict]]] | None = None
+        unit_cache: tuple[nn.Module, list[tuple[tuple, dict]]] | None = None
         layers = self.qmodel.encoder.layers
         for done, target in enumerate(targets):
             if target.layer is None:
                 runs = [lambda image=image: self.qmodel(**image) for image in self.images]
-                hessian = self._hessian_from(target, runs)
-                layer_cache = None
+                layer_cache = unit_cache = None
             else:
                 block = layers[target.layer]
                 if layer_cache is None or layer_cache[0] != target.layer:
@@ -342,8 +353,16 @@ class _Rounder:
                     else:
                         entries = self._full_pass_inputs(block)
                     layer_cache = (target.layer, entries)
-                runs = [lambda a=a, k=k: block(*a, **k) for a, k in layer_cache[1]]
-                hessian = self._hessian_from(target, runs)
+                unit = self._unit_of(target, block)
+                if unit is block:
+                    unit_cache = (block, layer_cache[1])
+                elif unit_cache is None or unit_cache[0] is not unit:
+                    # Captured once when the unit is entered: every earlier linear is rounded by then,
+                    # and the unit's own linears do not feed its input. Saves re-running the
+                    # attention for each MLP linear.
+                    unit_cache = (unit, [_capture(unit, lambda a=a, k=k: block(*a, **k)) for a, k in layer_cache[1]])
+                runs = [lambda a=a, k=k, unit=unit: unit(*a, **k) for a, k in unit_cache[1]]
+            hessian = self._hessian_from(target, runs)
             self._round(target, hessian)
             if self.progress is not None:
                 self.progress(done + 1, total, f"{self.method}: rounded {target.name}")
