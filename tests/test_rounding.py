@@ -132,7 +132,7 @@ def test_session_observer_state_round_trip_keeps_the_pin(gptq, tiny):
         loaded = _linears(fresh)[name].obs_weight
         assert loaded.is_pinned
         assert torch.equal(loaded.scale, wrapper.obs_weight.scale) and torch.equal(loaded.zero_point, wrapper.obs_weight.zero_point)
-    old = {k: v for k, v in tensors.items() if not k.endswith("/pinned_levels")}
+    old = {k: v for k, v in tensors.items() if not k.endswith("/pinned_grid")}
     older = prepare(tiny, UINT4)
     load_observer_state(older, old, prov)
     assert not any(w.obs_weight.is_pinned for w in _linears(older).values())
@@ -244,3 +244,30 @@ def test_cancel_restores_weights_and_qparams_exactly(minmax, images):
     assert all(torch.equal(p, weights[n]) for n, p in q.source.named_parameters())
     assert all(torch.equal(v, state[k]) for k, v in q.state_dict().items())
     assert not any(w.obs_weight.is_pinned for w in _linears(q).values())
+
+
+def test_a_pin_belongs_to_its_grid():
+    """Unit level: kept through reset and compute_qparams; dropped on another grid of the same width."""
+    from core.quant.observers import make_observer
+
+    def observer(dtype):
+        spec = QuantSpec(dtype, per_channel=True)
+        return make_observer("minmax", name="w", module_name="m", role="weight", kind="weight", spec=spec, channels=3)
+
+    torch.manual_seed(0)
+    weight = torch.randn(3, 8)
+    obs = observer("uint8")
+    obs.collect(weight, "weights")
+    obs.compute_qparams()
+    minmax_scale = obs.scale.clone()
+    obs.pin_qparams(minmax_scale * 1.5, torch.tensor([100, 120, 140]))
+    obs.reset()
+    obs.collect(weight, "weights")
+    obs.compute_qparams()
+    assert obs.is_pinned and torch.equal(obs.scale, minmax_scale * 1.5) and obs.zero_point.tolist() == [100, 120, 140]
+    signed = observer("int8")  # 255 steps as well, but from -128: the uint8 pin means nothing there
+    signed.load_state_dict(obs.state_dict())
+    signed.compute_qparams()
+    assert not signed.is_pinned and int(signed.zero_point.max()) <= 127
+    with pytest.raises(ValueError, match="zero points in"):
+        obs.pin_qparams(minmax_scale, torch.tensor([0, 300, 0]))

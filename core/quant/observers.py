@@ -32,8 +32,8 @@ for signed dtypes or the middle code for unsigned ones.
 Pinned qparams: a weight rounded by GPTQ or AdaRound lies on the grid the algorithm chose; the
 min-max of the rounded weight would give another grid and undo the rounding. ``pin_qparams``
 fixes (scale, zero_point) so ``compute_qparams`` keeps them through recalibration and
-``reset``; the pin is a buffer (``pinned_levels``, the grid's number of steps, 0 when not
-pinned), so a saved session reloads it, and a pin made for another dtype's grid is dropped.
+``reset``; the pin is a buffer (``pinned_grid``: the [qmin, qmax] it was made for, [0, 0] when
+not pinned), so a saved session reloads it, and a pin made for another dtype's grid is dropped.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Observer(nn.Module):
         self.register_buffer("hist_range", torch.tensor([math.inf, -math.inf], dtype=torch.float64))
         self.register_buffer("num_seen", torch.zeros((), dtype=torch.int64))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("pinned_levels", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("pinned_grid", torch.zeros(2, dtype=torch.int64))
         self.min_source: str | None = None
         self.max_source: str | None = None
         self._clear_locations()
@@ -234,7 +234,8 @@ class Observer(nn.Module):
     @property
     def is_pinned(self) -> bool:
         """Whether (scale, zero_point) are pinned for this observer's current grid."""
-        return int(self.pinned_levels) == self.qdtype.qmax - self.qdtype.qmin
+        lo, hi = self.pinned_grid.tolist()
+        return (lo, hi) == (self.qdtype.qmin, self.qdtype.qmax)
 
     @torch.no_grad()
     def pin_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
@@ -246,13 +247,13 @@ class Observer(nn.Module):
             raise ValueError(f"{self.name}: pinned qparams must have positive scales and zero points in [{q.qmin}, {q.qmax}]")
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point.to(torch.int32))
-        self.pinned_levels.fill_(q.qmax - q.qmin)
+        self.pinned_grid.copy_(torch.tensor([q.qmin, q.qmax]))
         self.frozen.fill_(True)
         self._refresh_cache()
 
     def unpin(self) -> None:
         """Let the statistics decide the qparams again (from the next compute_qparams)."""
-        self.pinned_levels.zero_()
+        self.pinned_grid.zero_()
 
     @torch.no_grad()
     def compute_qparams(self) -> None:
@@ -261,7 +262,7 @@ class Observer(nn.Module):
             self.frozen.fill_(True)
             self._refresh_cache()
             return
-        if int(self.pinned_levels):
+        if bool(self.pinned_grid.any()):
             self.unpin()  # pinned for another dtype's grid: meaningless on this one
         if not self.has_stats:
             raise NotCalibratedError(f"observer {self.name} has no statistics: calibrate before converting")
@@ -287,9 +288,9 @@ class Observer(nn.Module):
             self._zp_i = int(self.zero_point)
 
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
-        # Sessions saved before pins existed have no pinned_levels: nothing was pinned then.
+        # Sessions saved before pins existed have no pinned_grid: nothing was pinned then.
         # (nn.Module.load_state_dict hands every module its own copy of the dict.)
-        state_dict.setdefault(prefix + "pinned_levels", torch.zeros((), dtype=torch.int64))
+        state_dict.setdefault(prefix + "pinned_grid", torch.zeros(2, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_cache()
 

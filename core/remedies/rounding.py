@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,7 +76,6 @@ class LayerFigures:
     nearest_db: float
     rounded_db: float
     changed: float  # fraction of weights whose code differs from nearest rounding
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class _Stop(Exception):
@@ -129,7 +128,7 @@ def _images(batches: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _capture(module: nn.Module, run: Callable[[], Any], *, inputs: bool = True) -> tuple[tuple, dict]:
+def _capture(module: nn.Module, run: Callable[[], Any]) -> tuple[tuple, dict]:
     """Run `run` until `module` is entered and return its (args, kwargs); the rest is skipped."""
     seen: list[tuple[tuple, dict]] = []
 
