@@ -28,6 +28,12 @@ Quantization maths (affine, per tensor)::
 
 Symmetric: ``scale = max(|x_min|, |x_max|) / ((qmax - qmin) / 2)`` and the zero point is 0
 for signed dtypes or the middle code for unsigned ones.
+
+Pinned qparams: a weight rounded by GPTQ or AdaRound lies on the grid the algorithm chose; the
+min-max of the rounded weight would give another grid and undo the rounding. ``pin_qparams``
+fixes (scale, zero_point) so ``compute_qparams`` keeps them through recalibration and
+``reset``; the pin is a buffer (``pinned_grid``: the [qmin, qmax] it was made for, [0, 0] when
+not pinned), so a saved session reloads it, and a pin made for another dtype's grid is dropped.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class Observer(nn.Module):
         self.register_buffer("hist_range", torch.tensor([math.inf, -math.inf], dtype=torch.float64))
         self.register_buffer("num_seen", torch.zeros((), dtype=torch.int64))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("pinned_grid", torch.zeros(2, dtype=torch.int64))
         self.min_source: str | None = None
         self.max_source: str | None = None
         self._clear_locations()
@@ -100,13 +107,13 @@ class Observer(nn.Module):
         return int(self.num_seen) > 0
 
     def reset(self) -> None:
-        """Forget all statistics and qparams."""
+        """Forget all statistics and qparams (pinned qparams stay: they do not come from statistics)."""
         self.min_val.fill_(math.inf)
         self.max_val.fill_(-math.inf)
         self.hist_counts.zero_()
         self.hist_range.copy_(torch.tensor([math.inf, -math.inf], dtype=torch.float64))
         self.num_seen.zero_()
-        self.frozen.fill_(False)
+        self.frozen.fill_(self.is_pinned)
         self.min_source = self.max_source = None
         self._clear_locations()
         self._reset_extra()
@@ -224,9 +231,39 @@ class Observer(nn.Module):
         """The (lo, hi) range that qparams are computed from."""
         return self.min_val, self.max_val
 
+    @property
+    def is_pinned(self) -> bool:
+        """Whether (scale, zero_point) are pinned for this observer's current grid."""
+        lo, hi = self.pinned_grid.tolist()
+        return (lo, hi) == (self.qdtype.qmin, self.qdtype.qmax)
+
+    @torch.no_grad()
+    def pin_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Fix (scale, zero_point): recalibration and reset keep them until unpin() or a new prepare."""
+        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(self.scale.shape)
+        zero_point = torch.as_tensor(zero_point).reshape(self.zero_point.shape)
+        q = self.qdtype
+        if not bool((scale > 0).all()) or bool(((zero_point < q.qmin) | (zero_point > q.qmax)).any()):
+            raise ValueError(f"{self.name}: pinned qparams must have positive scales and zero points in [{q.qmin}, {q.qmax}]")
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point.to(torch.int32))
+        self.pinned_grid.copy_(torch.tensor([q.qmin, q.qmax]))
+        self.frozen.fill_(True)
+        self._refresh_cache()
+
+    def unpin(self) -> None:
+        """Let the statistics decide the qparams again (from the next compute_qparams)."""
+        self.pinned_grid.zero_()
+
     @torch.no_grad()
     def compute_qparams(self) -> None:
-        """Freeze the collected statistics into (scale, zero_point)."""
+        """Freeze the collected statistics into (scale, zero_point); pinned qparams are kept."""
+        if self.is_pinned:
+            self.frozen.fill_(True)
+            self._refresh_cache()
+            return
+        if bool(self.pinned_grid.any()):
+            self.unpin()  # pinned for another dtype's grid: meaningless on this one
         if not self.has_stats:
             raise NotCalibratedError(f"observer {self.name} has no statistics: calibrate before converting")
         lo, hi = (t.double() for t in self.range())
@@ -251,6 +288,9 @@ class Observer(nn.Module):
             self._zp_i = int(self.zero_point)
 
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        # Sessions saved before pins existed have no pinned_grid: nothing was pinned then.
+        # (nn.Module.load_state_dict hands every module its own copy of the dict.)
+        state_dict.setdefault(prefix + "pinned_grid", torch.zeros(2, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_cache()
 

@@ -26,11 +26,20 @@ class QuantLinear(QuantModule):
         self.register_buffer("weight_fq", None, persistent=False)
 
     def collect_weights(self) -> None:
+        # A pinned weight still records its range (the Ranges tab shows it); its qparams stay pinned.
         self.obs_weight.collect(self.linear.weight, "weights")
 
     def cache_weights(self) -> None:
         with torch.no_grad():
             self.weight_fq = self.obs_weight.fake_quant(self.linear.weight) if self.obs_weight.enabled else None
+
+    @torch.no_grad()
+    def pin_weight(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Write a weight rounded onto the grid (scale, zero_point) and pin that grid for QUANT and export."""
+        self.obs_weight.pin_qparams(scale, zero_point)
+        self.linear.weight.copy_(weight)
+        if self.weight_fq is not None or bool(self.obs_weight.frozen):
+            self.cache_weights()
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.fq_weight(self.linear.weight, self.obs_weight, self.weight_fq)
