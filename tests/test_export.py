@@ -471,3 +471,16 @@ def test_e2b_float_export_matches_as_well_as_torch_matches_itself(e2b_float_expo
     assert v.verdict.level == "verified", v.verdict
     assert v.max_abs_diff <= 2 * v.noise_floor.max_abs, v
     assert v.export_vs_forward <= v.noise_floor.max_abs, v
+
+
+def test_uint4_weights_export_and_verify(tiny, tmp_path):
+    """Packed 4-bit weights (Circle's UINT4, two codes a byte) are read back right where the file is
+    rewritten for a runtime (a bridged op's constants are dequantized), and the export verifies."""
+    from core.config import PTQConfig, QuantSpec
+
+    q = prepare(tiny, PTQConfig(weight=QuantSpec("uint4", per_channel=True)))
+    calibrate(q, _batches(tiny.config, sample_images()[:2]))
+    convert(q)
+    r = export_circle(q, tmp_path / "u4.circle", _batch(tiny.config, SQUARE, 70))
+    assert r.tensors_without_qparams == [], r.unquantized_details
+    assert r.verify is not None and r.verify.verdict.level == "verified", r.verify.verdict
