@@ -59,9 +59,13 @@ class ErrorsStream:
         return work
 
     def ended(self) -> bool:
-        """The run is over; True when the evaluation set changed while it ran (evaluate again)."""
+        """The run is over; True when the evaluation set changed while it ran (evaluate again, once per change)."""
         self.running = False
-        return self.wanted_paths is not None and self.ran_paths is not None and self.wanted_paths != self.ran_paths
+        stale = self.wanted_paths is not None and self.ran_paths is not None and self.wanted_paths != self.ran_paths
+        # Consumed: the set can shrink later without an announcement (a photo removed), and the
+        # next run must not chase a set the session no longer has.
+        self.wanted_paths = None
+        return stale
 
     def forget(self) -> None:
         """Partial results still on their way are no longer wanted."""

@@ -138,3 +138,14 @@ def test_removing_the_last_evaluation_photo_is_refused_and_the_set_survives_a_sa
     qtbot.waitUntil(lambda: window.session is not before and not window.runner.busy, timeout=LONG)
     assert [Path(e.path).name for e in window.session.evaluation_images] == [names[0], names[2]]
     assert cal.findChild(QLabel, "evaluationCountLabel").text() == "Evaluating on 2 of 3 photos"
+
+
+def test_a_changed_set_re_runs_once_not_after_every_later_run(qtbot):
+    from app.qt_errors_stream import ErrorsStream
+
+    stream = ErrorsStream(lambda part, first: None)
+    stream.wanted_paths, stream.ran_paths = ["a.jpg", "b.jpg"], ["a.jpg"]  # the set changed while a run ran
+    assert stream.ended()
+    # The re-run found "b.jpg" removed meanwhile (no announcement): no endless chase of the old set.
+    stream.ran_paths = ["a.jpg"]
+    assert not stream.ended()
