@@ -12,7 +12,7 @@ from typing import Any
 from app.qt_common import error_text
 from app.qt_divergence_panel import QtDivergenceBanner, QtDivergenceChart
 from app.qt_heatmap import QtPatchHeatmap
-from app.tab_state import ErrorsState, ImageSnapshot
+from app.tab_state import ErrorsState, ImageSnapshot, PartialAnalysis
 from core.errors import CancelledError
 
 
@@ -77,11 +77,14 @@ class ErrorDiagnostics:
         self.forget()
         self.streaming = True
 
-    def show_partial(self, maps: tuple[Any, dict[str, Any]] | None, image_id: str, divergence) -> None:
-        """One more photo of the running analysis: its divergence so far, and its heatmaps (None: the what-if's, not drawn)."""
-        if maps is not None:
-            self.state.maps_cache[image_id] = maps
-        self._show_divergence(divergence)
+    def show_partial(self, part: PartialAnalysis) -> None:
+        """One more photo of the running analysis: its divergence so far, and its heatmaps (drawn by the
+        worker for the first photo; the others' maps wait until chosen, the what-if's are not shown)."""
+        if part.maps is not None:
+            self.state.maps_cache[part.image_id] = part.maps
+        elif not part.analysis.compare.keep_float and part.image_id in part.analysis.maps:
+            self._analysed_maps[part.image_id] = part.analysis.maps[part.image_id]
+        self._show_divergence(part.analysis.divergence)
         self.heatmap.set_images(self.state.images, self.heatmap.current_image())
         current = self.heatmap.current_image()
         if current in self.state.maps_cache and (self.heatmap.image_id != current or self.heatmap.heatmap is None):
@@ -148,8 +151,8 @@ class ErrorDiagnostics:
             self._show_maps(image_id)
             return
         self.heatmap.show_pending(image_id)
-        if image_id in self._maps_tasks or self.streaming:
-            return  # a streaming analysis draws it when that photo is done
+        if image_id in self._maps_tasks or (self.streaming and image_id not in self._analysed_maps):
+            return  # a streaming analysis hands its maps on when that photo is done
         path = images.path_for(image_id)
         if session is None or path is None:
             self.heatmap.title.setText(f"{image_id} is no longer in the image set.")

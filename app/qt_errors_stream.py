@@ -7,9 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from PySide6.QtWidgets import QLabel
+
 from app.events import on_gui_thread
 from app.qt_module_errors_table import ModuleErrorModel
-from app.tab_state import PartialAnalysis, PartialResults
+from app.tab_state import ErrorsState, ImageSnapshot, PartialAnalysis, PartialResults
 from core.analysis.analysis_pass import STEPS_PER_IMAGE
 
 
@@ -27,6 +29,15 @@ class ErrorsStream:
         self.wanted_paths: list[str] | None = None  # the evaluation set the session last announced
         self.ran_paths: list[str] | None = None  # the photos the last run evaluated
         self.tables: dict[int, tuple[list, list]] = {}  # id(CompareResult) -> table texts made by the worker
+        self.label = QLabel("")  # which photos the numbers on screen are from
+        self.label.setObjectName("evaluationLabel")
+        self.label.setStyleSheet("color: palette(dark);")
+
+    def show_line(self, state: ErrorsState, images: ImageSnapshot, running: bool) -> None:
+        """Say which photos the numbers on screen are from (the tooltip lists them all)."""
+        names = [images.name_of(i) for i in state.images]
+        self.label.setText(state.evaluation_line(names, running))
+        self.label.setToolTip("\n".join(names))
 
     def work(self, session, unit: str, keep: list[str]) -> Callable[..., Any]:
         """A new run: the worker function (progress, cancel) -> AnalysisResult."""
@@ -44,8 +55,9 @@ class ErrorsStream:
             self.ran_paths = paths
 
             def on_image(image_id: str, partial) -> None:
-                # The what-if's maps (modules kept float) are not what the heatmap shows: not drawn.
-                maps = None if keep else partial.maps.get(image_id)
+                # The first photo is what the heatmap shows; the others are drawn when chosen. The
+                # what-if's maps (modules kept float) are not what the heatmap shows: not drawn.
+                maps = None if keep or len(partial.images) > 1 else partial.maps.get(image_id)
                 drawn = None if maps is None else (maps, {name: maps.heatmap(name) for name in maps.modules()})
                 table = ModuleErrorModel.prepare(partial.compare.modules)
                 partials.arrived.emit(run, PartialAnalysis(image_id, partial, len(paths), table, drawn))

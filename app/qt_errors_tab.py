@@ -59,6 +59,7 @@ class QtErrorsTab(QWidget):
         self._image_task = None
         # Each photo's numbers come from the worker as that photo is done; drawn on this thread.
         self.stream = ErrorsStream(self._on_partial)
+        self._heatmap_follows = True
 
         self.model = ModuleErrorModel(self)
         self.model.sigKeepFloatChanged.connect(self._on_keep_changed)
@@ -129,9 +130,7 @@ class QtErrorsTab(QWidget):
         self.end_to_end_label.setObjectName("endToEndLabel")
         self.end_to_end_label.setStyleSheet("font-weight: 600;")
         self.end_to_end_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.evaluation_label = QLabel("")
-        self.evaluation_label.setObjectName("evaluationLabel")
-        self.evaluation_label.setStyleSheet("color: palette(dark);")
+        self.evaluation_label = self.stream.label  # "from 2 of 4 evaluation photos: …"
         self.progress = QtTaskProgress(cancel_name="errorsCancelButton")
         self.progress.setMinimumWidth(300)
         self.progress.setMaximumWidth(420)
@@ -339,8 +338,8 @@ class QtErrorsTab(QWidget):
         self.state.evaluation_total = part.total
         self.state.complete = False
         self.set_result(part.analysis.compare, prepared=part.table)
-        self.diagnostics.show_partial(part.maps, part.image_id, part.analysis.divergence)
-        self._show_evaluation_line()
+        self.diagnostics.show_partial(part)
+        self.stream.show_line(self.state, self.images, running=True)
 
     def _on_evaluated(self, result, stats_version: int | None = None, analysis=None) -> None:
         self._eval_task = None
@@ -350,7 +349,7 @@ class QtErrorsTab(QWidget):
         self.state.complete = True
         self.state.evaluation_total = len(getattr(result, "images", []) or [])
         self.set_result(result, stats_version)
-        self._show_evaluation_line()
+        self.stream.show_line(self.state, self.images, running=False)
         # Queued before the signal, so whoever waits for the runner to go idle sees them too.
         self.diagnostics.start(self.session, self.images, analysis)
         if self.stream.ended():
@@ -365,15 +364,10 @@ class QtErrorsTab(QWidget):
         if self.stream.streamed:
             # The photos drawn so far stay, and their line says the rest never came.
             self.diagnostics.end_stream()
-            self._show_evaluation_line()
+            self.stream.show_line(self.state, self.images, running=False)
         else:
             self.banner.clear()  # nothing is being located any more: "evaluate to locate it" is true again
         self.message.show_message(error_text(exc), "error")
-
-    def _show_evaluation_line(self) -> None:
-        names = [self.images.name_of(i) for i in self.state.images]
-        self.evaluation_label.setText(self.state.evaluation_line(names, running=self._eval_task is not None))
-        self.evaluation_label.setToolTip("\n".join(names))
 
     def _forget(self) -> None:
         self.stream.forget()
@@ -429,7 +423,13 @@ class QtErrorsTab(QWidget):
             "info",
         )
         names = [m.name for m in result.modules]
-        self.select_module(selected if selected in names else (worst[0].name if worst else None))
+        # Numbers that stream in (and their final total) re-select the row without moving the heatmap off
+        # what it shows: only the user's choice of a module does.
+        self._heatmap_follows = not self.stream.streamed
+        try:
+            self.select_module(selected if selected in names else (worst[0].name if worst else None))
+        finally:
+            self._heatmap_follows = True
 
     def copy_keep_float_to_settings(self) -> None:
         """Append the checked module names to the model panel's keep-float globs."""
@@ -547,7 +547,7 @@ class QtErrorsTab(QWidget):
 
     def _follow_in_heatmap(self, name: str | None) -> None:
         """The heatmap follows the table's module when that module has a map."""
-        if name is not None and self.heatmap.has_heatmap(name):
+        if name is not None and self._heatmap_follows and self.heatmap.has_heatmap(name):
             self.heatmap.show_module(name)
 
     def request_maps(self, image_id: str | None) -> None:

@@ -155,4 +155,4 @@ class PartialAnalysis:
     analysis: Any  # core AnalysisResult of the photos done so far
     total: int  # photos in the evaluation set
     table: Any = None  # ModuleErrorModel.prepare of its modules
-    maps: Any = None  # (ImageErrorMaps, {module: Heatmap}) of this photo, None when not drawn
+    maps: Any = None  # (ImageErrorMaps, {module: Heatmap}) of this photo when the worker drew it, else None
