@@ -52,6 +52,7 @@ class ErrorDiagnostics:
         self._div_task = None
         self._maps_tasks = {}
         self._analysed_maps = {}
+        self.streaming = False
 
     def start(self, session, images: ImageSnapshot, analysis=None) -> None:
         """After an evaluation: locate the first divergence (or show the AnalysisResult's) and map the chosen image's errors.
