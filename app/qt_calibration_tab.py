@@ -44,6 +44,7 @@ from PySide6.QtWidgets import (
 from app.events import SessionSubscriptions
 from app.qt_common import QtMessageLine, QtTaskProgress, error_text, plural
 from app.qt_drop_zone import QtDropZone
+from app.qt_evaluation_marks import EvaluationMarks
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -53,6 +54,7 @@ PATH_ROLE = Qt.UserRole + 1
 STATUS_ROLE = Qt.UserRole + 2
 REASON_ROLE = Qt.UserRole + 3
 ID_ROLE = Qt.UserRole + 4
+EVAL_ROLE = Qt.UserRole + 5  # the photo is in the session's evaluation set
 
 STATUS_COLORS = {
     "ok": QColor("#2e7dd7"),
@@ -161,6 +163,9 @@ class QtCalibrationTab(QWidget):
         self.grid.setAcceptDrops(False)
         self.grid.viewport().setAcceptDrops(False)
         self.grid.setDragEnabled(False)
+        self.marks = EvaluationMarks(
+            self.grid, PATH_ROLE, host.submit, lambda text: self.message.show_message(text, "error")
+        )
 
         self._preview_path: str | None = None
         self.preview_image = QLabel("Select an image")
@@ -211,6 +216,7 @@ class QtCalibrationTab(QWidget):
         row.addWidget(self.remove_button)
         row.addWidget(self.clear_button)
         row.addWidget(self.count_label)
+        row.addWidget(self.marks.count_label)
         row.addStretch(1)
         actions = QHBoxLayout()
         actions.addWidget(self.calibrate_button)
@@ -243,6 +249,7 @@ class QtCalibrationTab(QWidget):
                 "images_changed": self._on_images_changed,
                 "calibrated": self._on_images_changed,
                 "config_changed": self._on_images_changed,
+                "evaluation_changed": self._on_images_changed,
             },
         )
         self._on_images_changed()
@@ -250,6 +257,7 @@ class QtCalibrationTab(QWidget):
     def _on_images_changed(self, *_args) -> None:
         # Copied here, on the GUI thread, so the grid never holds entries the worker mutates.
         entries = [copy.copy(e) for e in tuple(getattr(self._session, "images", ()))]
+        self.marks.refresh(self._session)
         self.show_entries(entries)
 
     def shutdown(self) -> None:
@@ -347,6 +355,7 @@ class QtCalibrationTab(QWidget):
             item.setData(entry.status, STATUS_ROLE)
             item.setData(entry.reason or "", REASON_ROLE)
             item.setData(getattr(entry, "image_id", ""), ID_ROLE)
+            item.setData(key in self.marks.paths, EVAL_ROLE)
             self._decorate(item)
         current = self.grid.currentIndex()
         self._show_preview(self.model.itemFromIndex(current) if current.isValid() else None)
@@ -420,9 +429,15 @@ class QtCalibrationTab(QWidget):
         painter.setPen(Qt.white)
         glyph = {"ok": "•", "used": "✓", "rejected": "✕", "excluded": "–"}.get(status, "?")
         painter.drawText(THUMB - 22, 4, 18, 18, Qt.AlignCenter, glyph)
+        if item.data(EVAL_ROLE):  # an evaluation photo: the Errors tab's numbers come from it
+            painter.setPen(QPen(Qt.white, 2))
+            painter.setBrush(QColor("#e08a00"))
+            painter.drawRoundedRect(4, THUMB - 22, 18, 18, 4, 4)
+            painter.setPen(Qt.white)
+            painter.drawText(4, THUMB - 22, 18, 18, Qt.AlignCenter, "E")
         painter.end()
         item.setIcon(QIcon(canvas))
-        tip = f"{path}\nstatus: {status}"
+        tip = f"{path}\nstatus: {status}" + ("\nevaluation photo (right-click to change)" if item.data(EVAL_ROLE) else "")
         if reason:
             tip += f"\nreason: {reason}"
         item.setToolTip(tip)

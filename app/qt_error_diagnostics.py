@@ -1,7 +1,8 @@
 """The Errors tab's diagnostics of an evaluation: the first-divergence locator and the per-image patch error
 maps, run in the worker and drawn into the banner, the per-unit chart and the heatmap. After the automatic
 analysis (Session.analyse: one pass gives the table, the divergence and every image's maps) nothing is run
-again: the divergence is shown as it came, and each image's heatmaps are drawn from its maps."""
+again: the divergence is shown as it came, and each image's heatmaps are drawn from its maps. While the
+analysis runs, each photo's partial divergence and maps are drawn as they arrive (show_partial)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from app.qt_common import error_text
 from app.qt_divergence_panel import QtDivergenceBanner, QtDivergenceChart
 from app.qt_heatmap import QtPatchHeatmap
-from app.tab_state import ErrorsState, ImageSnapshot
+from app.tab_state import ErrorsState, ImageSnapshot, PartialAnalysis
 from core.errors import CancelledError
 
 
@@ -37,6 +38,7 @@ class ErrorDiagnostics:
         self._div_task = None
         self._maps_tasks: dict[str, Any] = {}
         self._analysed_maps: dict[str, Any] = {}  # image id -> ImageErrorMaps of the last analysis
+        self.streaming = False  # an analysis is drawing its photos as they arrive
 
     def cancel(self) -> None:
         """Cancel the divergence locator and the heatmaps being computed."""
@@ -50,19 +52,48 @@ class ErrorDiagnostics:
         self._div_task = None
         self._maps_tasks = {}
         self._analysed_maps = {}
+        self.streaming = False
 
     def start(self, session, images: ImageSnapshot, analysis=None) -> None:
-        """After an evaluation: locate the first divergence (or show the AnalysisResult's) and map the chosen image's errors."""
-        self.state.new_generation()
-        self.forget()
+        """After an evaluation: locate the first divergence (or show the AnalysisResult's) and map the chosen image's errors.
+
+        The maps drawn while the analysis streamed its photos (show_partial) are kept: they are its own."""
+        if not self.streaming:
+            self.state.new_generation()
+            self.forget()
+        self.streaming = False
         self.heatmap.set_images(self.state.images, self.heatmap.current_image())
         if analysis is None:
             self.locate(session, self.banner.unit())
         else:
             # Its maps ran with the what-if's modules kept float; the heatmap shows the model as configured.
-            self._analysed_maps = {} if analysis.compare.keep_float else dict(analysis.maps)
+            kept = analysis.compare.keep_float
+            self._analysed_maps = {} if kept else {k: m for k, m in analysis.maps.items() if k not in self.state.maps_cache}
             self._show_divergence(analysis.divergence)
         self.request_maps(session, images, self.heatmap.current_image())
+
+    def begin_stream(self) -> None:
+        """A new analysis drew its first photo: what the older evaluation computed no longer holds."""
+        self.state.new_generation()
+        self.forget()
+        self.streaming = True
+
+    def show_partial(self, part: PartialAnalysis) -> None:
+        """One more photo of the running analysis: its divergence so far, and its heatmaps (drawn by the
+        worker for the first photo; the others' maps wait until chosen, the what-if's are not shown)."""
+        if part.maps is not None:
+            self.state.maps_cache[part.image_id] = part.maps
+        elif not part.analysis.compare.keep_float and part.image_id in part.analysis.maps:
+            self._analysed_maps[part.image_id] = part.analysis.maps[part.image_id]
+        self._show_divergence(part.analysis.divergence)
+        self.heatmap.set_images(self.state.images, self.heatmap.current_image())
+        current = self.heatmap.current_image()
+        if current in self.state.maps_cache and (self.heatmap.image_id != current or self.heatmap.heatmap is None):
+            self._show_maps(current)
+
+    def end_stream(self) -> None:
+        """The analysis stopped early: photos chosen from now on are computed on demand."""
+        self.streaming = False
 
     def _show_divergence(self, found) -> None:
         self.banner.set_done()
@@ -121,8 +152,8 @@ class ErrorDiagnostics:
             self._show_maps(image_id)
             return
         self.heatmap.show_pending(image_id)
-        if image_id in self._maps_tasks:
-            return
+        if image_id in self._maps_tasks or (self.streaming and image_id not in self._analysed_maps):
+            return  # a streaming analysis hands its maps on when that photo is done
         path = images.path_for(image_id)
         if session is None or path is None:
             self.heatmap.title.setText(f"{image_id} is no longer in the image set.")

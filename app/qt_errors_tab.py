@@ -32,11 +32,11 @@ from app.qt_depth_chart import QtDepthChart
 from app.qt_divergence_panel import QtDivergenceBanner, QtDivergenceChart
 from app.qt_error_diagnostics import ErrorDiagnostics
 from app.qt_error_scatter import QtErrorScatterPanel
+from app.qt_errors_stream import ErrorsStream
 from app.qt_heatmap import QtPatchHeatmap
 from app.qt_module_errors_table import SORT_ROLE, ModuleErrorModel
 from app.qt_sensitivity_table import QtSensitivityTable
-from app.tab_state import ErrorsState, ImageSnapshot
-from core.analysis.analysis_pass import STEPS_PER_IMAGE
+from app.tab_state import ErrorsState, ImageSnapshot, PartialAnalysis
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -57,7 +57,9 @@ class QtErrorsTab(QWidget):
         self._eval_task = None
         self._sens_task = None
         self._image_task = None
-        self._prepared: dict[int, tuple[list, list]] = {}  # id(result) -> table texts made by the worker
+        # Each photo's numbers come from the worker as that photo is done; drawn on this thread.
+        self.stream = ErrorsStream(self._on_partial)
+        self._heatmap_follows = True
 
         self.model = ModuleErrorModel(self)
         self.model.sigKeepFloatChanged.connect(self._on_keep_changed)
@@ -110,7 +112,7 @@ class QtErrorsTab(QWidget):
     def _build_toolbar(self) -> None:
         self.evaluate_button = QPushButton("Evaluate")
         self.evaluate_button.setObjectName("evaluateButton")
-        self.evaluate_button.setToolTip("Compare float and quantized outputs of every module on the calibration images")
+        self.evaluate_button.setToolTip("Compare float and quantized outputs of every module on the evaluation photos (Calibration tab)")
         self.evaluate_button.clicked.connect(self.evaluate)
         self.sensitivity_button = QPushButton("Sensitivity…")
         self.sensitivity_button.setObjectName("sensitivityButton")
@@ -128,6 +130,7 @@ class QtErrorsTab(QWidget):
         self.end_to_end_label.setObjectName("endToEndLabel")
         self.end_to_end_label.setStyleSheet("font-weight: 600;")
         self.end_to_end_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.evaluation_label = self.stream.label  # "from 2 of 4 evaluation photos: …"
         self.progress = QtTaskProgress(cancel_name="errorsCancelButton")
         self.progress.setMinimumWidth(300)
         self.progress.setMaximumWidth(420)
@@ -158,7 +161,11 @@ class QtErrorsTab(QWidget):
     def _build_layout(self) -> None:
         bar = QHBoxLayout()
         bar.addWidget(self.evaluate_button)
-        bar.addWidget(self.end_to_end_label, 1)
+        numbers = QVBoxLayout()
+        numbers.setSpacing(0)
+        numbers.addWidget(self.end_to_end_label)
+        numbers.addWidget(self.evaluation_label)
+        bar.addLayout(numbers, 1)
         bar.addWidget(self.to_settings_button)
         bar.addWidget(self.sensitivity_button)
         bar.addWidget(self.progress)
@@ -173,7 +180,7 @@ class QtErrorsTab(QWidget):
         )
         div_title.setMinimumHeight(self.depth_chart.metric_combo.sizeHint().height())
         # Long one-line texts wrap instead of setting the window's minimum width (1280 px screens).
-        for label in (div_title, self.end_to_end_label):
+        for label in (div_title, self.end_to_end_label, self.evaluation_label):
             label.setWordWrap(True)
             label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         dl.addWidget(div_title)
@@ -249,7 +256,11 @@ class QtErrorsTab(QWidget):
         """Follow this session's events from now on (and forget what the previous one showed)."""
         self.session = session
         self._subscriptions.follow(
-            session, calibrated=self._on_calibrated, config_changed=self._on_config_changed, images_changed=self._on_images_changed
+            session,
+            calibrated=self._on_calibrated,
+            config_changed=self._on_config_changed,
+            images_changed=self._on_images_changed,
+            evaluation_changed=self._on_evaluation_changed,
         )
         self.sensitivity_table.set_session(session)
         self.images = ImageSnapshot.of(session)
@@ -259,6 +270,13 @@ class QtErrorsTab(QWidget):
 
     def _on_images_changed(self) -> None:
         self.images = ImageSnapshot.of(self.session)
+
+    def _on_evaluation_changed(self, paths: list) -> None:
+        """Another evaluation set: the numbers on screen stay (their line names their photos) until the re-run replaces them."""
+        self.images = ImageSnapshot.of(self.session)
+        self.stream.wanted_paths = list(paths)
+        if self._eval_task is None and self.state.stats_version and getattr(self.session, "state", "") == "calibrated":
+            self.evaluate()  # a running one re-runs when it ends, if its photos differ (_on_evaluated)
 
     def _on_config_changed(self, _config) -> None:
         self._forget()
@@ -293,22 +311,10 @@ class QtErrorsTab(QWidget):
             "Evaluating" + (f" with {len(keep)} module(s) kept in float" if keep else "") + "…"
         )
         stats_version = session.stats_version
-
         unit = self.banner.unit() if self.banner.unit() in ("layer", "module") else "layer"
-
-        def work(progress, cancel):
-            # One pass per image gives the table, the divergence banner and the maps (core.analysis.analysis_pass);
-            # it reports its three steps per image, the bar counts images.
-            def per_image(done: int, total: int, message: str = "") -> None:
-                progress(done // STEPS_PER_IMAGE, total // STEPS_PER_IMAGE, message)
-
-            analysis = session.analyse(unit=unit, progress=per_image, cancel=cancel, keep_float=keep or None)
-            self._prepared[id(analysis.compare)] = ModuleErrorModel.prepare(analysis.compare.modules)
-            return analysis
-
         self._eval_task = self._host.submit(
             "evaluate",
-            work,
+            self.stream.work(session, unit, keep),
             on_done=lambda analysis: self._on_evaluated(analysis.compare, stats_version, analysis),
             on_error=self._on_eval_error,
             on_progress=self.progress.update_progress,
@@ -325,24 +331,47 @@ class QtErrorsTab(QWidget):
         """Cancel the divergence locator and the heatmaps being computed."""
         self.diagnostics.cancel()
 
+    def _on_partial(self, part: PartialAnalysis, first: bool) -> None:
+        """One more evaluation photo is done: draw the numbers of the photos so far (later ones refine them)."""
+        if first:
+            self.diagnostics.begin_stream()
+        self.state.evaluation_total = part.total
+        self.state.complete = False
+        self.set_result(part.analysis.compare, prepared=part.table)
+        self.diagnostics.show_partial(part)
+        self.stream.show_line(self.state, self.images, running=True)
+
     def _on_evaluated(self, result, stats_version: int | None = None, analysis=None) -> None:
         self._eval_task = None
         self.evaluate_button.setEnabled(True)
         self.evaluate_button.setText("Re-evaluate")
         self.progress.end(f"evaluated on {plural(len(getattr(result, 'images', []) or []), 'image')}")
+        self.state.complete = True
+        self.state.evaluation_total = len(getattr(result, "images", []) or [])
         self.set_result(result, stats_version)
+        self.stream.show_line(self.state, self.images, running=False)
         # Queued before the signal, so whoever waits for the runner to go idle sees them too.
         self.diagnostics.start(self.session, self.images, analysis)
+        if self.stream.ended():
+            self.evaluate()  # the evaluation set changed while this ran
         self.sigEvaluated.emit(result)
 
     def _on_eval_error(self, exc: BaseException) -> None:
         self._eval_task = None
         self.evaluate_button.setEnabled(True)
         self.progress.end("failed")
-        self.banner.clear()  # nothing is being located any more: "evaluate to locate it" is true again
+        self.stream.ended()
+        if self.stream.streamed:
+            # The photos drawn so far stay, and their line says the rest never came.
+            self.diagnostics.end_stream()
+            self.stream.show_line(self.state, self.images, running=False)
+        else:
+            self.banner.clear()  # nothing is being located any more: "evaluate to locate it" is true again
         self.message.show_message(error_text(exc), "error")
 
     def _forget(self) -> None:
+        self.stream.forget()
+        self.evaluation_label.setText("")
         self.diagnostics.forget()
         self.state.forget()
         self.banner.clear()
@@ -356,13 +385,15 @@ class QtErrorsTab(QWidget):
         self.scatter_panel.clear()
         self.message.show_message("Calibrate, then Evaluate to compare float and quantized outputs.")
 
-    def set_result(self, result, stats_version: int | None = None) -> None:
-        """Show a CompareResult: table, chart, end-to-end line, image choices."""
+    def set_result(self, result, stats_version: int | None = None, prepared: tuple[list, list] | None = None) -> None:
+        """Show a CompareResult: table, chart, end-to-end line, image choices (`prepared`: its table texts)."""
         selected = self.selected_module()
         self.state.show(result, stats_version if stats_version is not None else self.state.stats_version)
         keep = getattr(result, "keep_float", None) or self.model.keep_float
-        self.model.set_modules(result.modules, keep, self._prepared.pop(id(result), None))
-        self._prepared.clear()
+        if prepared is None:
+            prepared = self.stream.tables.pop(id(result), None)
+            self.stream.tables.clear()
+        self.model.set_modules(result.modules, keep, prepared)
         self.to_settings_button.setEnabled(bool(self.model.keep_float))
         self._apply_widths()
         self.depth_chart.set_modules(self.model.modules)
@@ -392,7 +423,13 @@ class QtErrorsTab(QWidget):
             "info",
         )
         names = [m.name for m in result.modules]
-        self.select_module(selected if selected in names else (worst[0].name if worst else None))
+        # Numbers that stream in (and their final total) re-select the row without moving the heatmap off
+        # what it shows: only the user's choice of a module does.
+        self._heatmap_follows = not self.stream.streamed
+        try:
+            self.select_module(selected if selected in names else (worst[0].name if worst else None))
+        finally:
+            self._heatmap_follows = True
 
     def copy_keep_float_to_settings(self) -> None:
         """Append the checked module names to the model panel's keep-float globs."""
@@ -510,7 +547,7 @@ class QtErrorsTab(QWidget):
 
     def _follow_in_heatmap(self, name: str | None) -> None:
         """The heatmap follows the table's module when that module has a map."""
-        if name is not None and self.heatmap.has_heatmap(name):
+        if name is not None and self._heatmap_follows and self.heatmap.has_heatmap(name):
             self.heatmap.show_module(name)
 
     def request_maps(self, image_id: str | None) -> None:

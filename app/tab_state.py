@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from psygnal import Signal
+
+# Photo names a one-line "from … photos" text lists before it says how many more (the tooltip has all).
+NAMES_SHOWN = 4
+
 
 @dataclass
 class ImageSnapshot:
@@ -17,6 +22,7 @@ class ImageSnapshot:
 
     path_by_id: dict[str, str] = field(default_factory=dict)
     status_by_path: dict[str, str] = field(default_factory=dict)
+    evaluation: list[str] = field(default_factory=list)  # paths of the session's evaluation photos
 
     @classmethod
     def of(cls, session: Any) -> ImageSnapshot:
@@ -27,7 +33,17 @@ class ImageSnapshot:
             snap.status_by_path[path] = str(entry.status)
             if entry.status != "rejected":
                 snap.path_by_id[str(entry.image_id or Path(path).name)] = path
+        snap.evaluation = [str(e.path) for e in list(getattr(session, "evaluation_images", None) or [])]
         return snap
+
+    def name_of(self, image_id: str) -> str:
+        """The file name of the image with this id (the id itself when it left the set)."""
+        path = self.path_for(image_id)
+        return Path(path).name if path is not None else str(image_id)
+
+    def evaluation_count_text(self) -> str:
+        """'Evaluating on 4 of 25 photos': how many usable photos the analysis runs on."""
+        return f"Evaluating on {len(self.evaluation)} of {self.usable_count()} photos"
 
     def path_for(self, image_id: str) -> str | None:
         """The file path of the image with this id (None when it left the set)."""
@@ -61,6 +77,22 @@ class ErrorsState:
     maps_cache: dict[str, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
     wanted_module: str | None = None  # shown in the heatmap once its image's maps arrive
     generation: int = 0  # bumped by every evaluation and clear: late results of older ones are dropped
+    evaluation_total: int = 0  # photos in the evaluation set the numbers on screen come from
+    complete: bool = True  # False while later photos may still refine the numbers on screen
+
+    def evaluation_line(self, names: list[str], running: bool) -> str:
+        """'from 2 of 4 evaluation photos: a.jpg, b.jpg…', true of the numbers on screen (names: their photos)."""
+        if self.result is None:
+            return ""
+        total = max(self.evaluation_total, len(names))
+        shown = ", ".join(names[:NAMES_SHOWN]) + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
+        if self.complete:
+            tail = ""
+        elif running:
+            tail = " (more on the way…)"
+        else:
+            tail = " (stopped before the rest)"
+        return f"from {len(names)} of {total} evaluation photo{'s' if total != 1 else ''}: {shown}{tail}"
 
     def show(self, result: Any, stats_version: int | None) -> None:
         """A new evaluation: its numbers replace the old ones, whose per-image views no longer hold."""
@@ -105,3 +137,22 @@ class RangesState:
         """The statistics are about to change: what was located no longer holds."""
         self.generation += 1
         self.locations.clear()
+
+
+class PartialResults:
+    """Each evaluation photo's partial analysis, emitted on the worker as it is done; the Errors tab draws it
+    on the GUI thread (app.events.on_gui_thread)."""
+
+    # (run, PartialAnalysis)
+    arrived = Signal(int, object)
+
+
+@dataclass
+class PartialAnalysis:
+    """One photo's contribution: the analysis of the photos so far and what the worker prepared for drawing it."""
+
+    image_id: str
+    analysis: Any  # core AnalysisResult of the photos done so far
+    total: int  # photos in the evaluation set
+    table: Any = None  # ModuleErrorModel.prepare of its modules
+    maps: Any = None  # (ImageErrorMaps, {module: Heatmap}) of this photo when the worker drew it, else None

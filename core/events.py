@@ -20,6 +20,9 @@ class SessionEvents(SignalGroup):
     # new statistics: the session's stats_version after calibrate, recalibrate_without (also when
     # it restores the earlier ones) or load
     calibrated = Signal(int)
+    # the paths of the evaluation images after Session.set_evaluation_images changed them (what
+    # analyse / evaluate / sensitivity use when given no images)
+    evaluation_changed = Signal(list)
     # the CompareResult of evaluate()
     evaluated = Signal(object)
     # the ExportResult of export()

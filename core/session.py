@@ -32,6 +32,7 @@ from core.analysis.threeway import three_way_session
 from core.config import PTQConfig
 from core.data import image_set
 from core.data.device import batches_to_device, resolve_device
+from core.data.eval_set import choose_paths, evaluation_entries
 from core.data.grid import patch_layout
 from core.data.image_set import AddImagesResult, ImageEntry
 from core.data.images import DEFAULT_SOFT_TOKENS, ImagePreprocessor
@@ -101,6 +102,8 @@ class Session:
         self.model_info: dict[str, Any] = dict(describe_model(self.model))
         self.preprocessor = ImagePreprocessor(self.model.config, max_soft_tokens=self.max_soft_tokens)
         self.images: list[ImageEntry] = []
+        # Paths of the chosen evaluation photos; None: the default (core.data.eval_set).
+        self.evaluation_choice: list[str] | None = None
         # Emitted on the calling thread (a GUI worker); see core.events.
         self.events = SessionEvents()
         # Which statistics the observers hold: 0 = none, then a new number for each new set.
@@ -221,10 +224,26 @@ class Session:
             batch["image_ids"] = [e.image_id or Path(e.path).name for e in chunk]
             yield batch
 
+    @property
+    def evaluation_images(self) -> list[ImageEntry]:
+        """The usable images the analysis runs on by default (core.data.eval_set: the chosen ones, else the first few)."""
+        return evaluation_entries(self.images, self.evaluation_choice)
+
+    def set_evaluation_images(self, paths_or_ids) -> list[ImageEntry]:
+        """Choose the evaluation photos by path or image id (None: back to the default); announces
+        evaluation_changed. A name that is no usable image of the session raises ConfigError."""
+        choice = None if paths_or_ids is None else choose_paths(self.images, paths_or_ids)
+        before = [e.path for e in self.evaluation_images]
+        self.evaluation_choice = choice
+        now = [e.path for e in self.evaluation_images]
+        if now != before:
+            self.events.evaluation_changed.emit(now)
+        return self.evaluation_images
+
     def entries_for(self, images) -> list[ImageEntry]:
-        """The usable images when `images` is None, else the given paths probed; NoImagesError if none."""
+        """The evaluation images when `images` is None, else the given paths probed; NoImagesError if none."""
         if images is None:
-            entries = self.usable_images()
+            entries = self.evaluation_images
         else:
             entries = self.probe_images(images).accepted
         if not entries:
@@ -508,6 +527,7 @@ class Session:
             except TypeError:
                 session.calibration = None
         session.images = image_set.recheck_images(saved.images)
+        session.evaluation_choice = saved.evaluation_images
         session.saved_manifest = saved.manifest
         session.events.calibrated.emit(session.stats_version)
         return session

@@ -7,7 +7,9 @@ Session folder format (``FORMAT_VERSION`` 1)::
                              referenced by absolute path + sha256 of its config and
                              safetensors files, never copied), PTQ config, max_soft_tokens,
                              image list (path, image id, sha256, status: ok, used,
-                             excluded or rejected), package versions, observer provenance
+                             excluded or rejected), the evaluation images (paths, or
+                             null for the default; absent in older sessions, which load
+                             with the default), package versions, observer provenance
                              (which image set each min / max, and where in its tensor: flat
                              index, shape and value; absent in older sessions, which still
                              load) and the sha256 of observers.safetensors
@@ -36,6 +38,7 @@ import torch
 from safetensors import SafetensorError  # type: ignore[attr-defined]
 
 from core.config import PTQConfig
+from core.data.eval_set import saved_paths
 from core.data.image_set import ImageEntry
 from core.data.images import SUPPORTED_SOFT_TOKENS
 from core.errors import PTQStudioError, SessionFileError, UnwritablePathError, one_line
@@ -155,6 +158,7 @@ def build_manifest(session) -> dict[str, Any]:
         "state": session.state,
         "calibration": asdict(session.calibration) if session.calibration else None,
         "images": [asdict(e) for e in session.images],
+        "evaluation_images": list(session.evaluation_choice) if session.evaluation_choice else None,
         "packages": package_versions(),
     }
 
@@ -203,6 +207,7 @@ class SessionFile:
     max_soft_tokens: int
     images: list[ImageEntry]
     calibration: dict[str, Any] | None
+    evaluation_images: list[str] | None  # the chosen evaluation photos' paths; None: the default
     observers_path: Path
     tensors: dict[str, torch.Tensor]
     provenance: dict[str, dict[str, Any]]
@@ -270,6 +275,7 @@ def read_session(folder: str | os.PathLike) -> SessionFile:
         max_soft_tokens=mst,
         images=images,
         calibration=cal if isinstance(cal, dict) else None,
+        evaluation_images=saved_paths(manifest.get("evaluation_images")),
         observers_path=opath,
         tensors=tensors,
         provenance=obs_meta.get("provenance", {}),

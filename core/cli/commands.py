@@ -13,11 +13,15 @@ from typing import Any
 
 from core.cli.common import (
     add_common_flags,
+    add_evaluation_flags,
     check_new_session_folder,
     check_output,
     check_soft_tokens,
     count,
     ensure_parent,
+    evaluation_images,
+    evaluation_list,
+    evaluation_text,
     fmt,
     images_dict,
     load_session,
@@ -27,7 +31,7 @@ from core.cli.common import (
     table,
 )
 from core.config import DEFAULT_SOFT_TOKENS, OBSERVERS, build_config, check_globs
-from core.errors import CancelledError, NoImagesError
+from core.errors import CancelledError
 from core.io import json_safe
 from core.quant.dtypes import DTYPES
 
@@ -52,7 +56,7 @@ def add_parsers(sub: Any) -> None:
 
     r = sub.add_parser("report", help="observer ranges and FP-vs-quantized errors of a session")
     r.add_argument("session", metavar="SESSION")
-    r.add_argument("--images", nargs="+", metavar="PATH", help="evaluate on these images (default: calibration set)")
+    add_evaluation_flags(r)
     r.add_argument("--plots", metavar="DIR", help="write PNG charts into DIR")
     r.add_argument("--keep-float", nargs="+", default=[], metavar="GLOB", help="what-if: keep these in float")
     r.add_argument("--top", type=count(1), default=15, metavar="N", help="rows of the worst-modules table")
@@ -80,7 +84,7 @@ def add_parsers(sub: Any) -> None:
 
     s = sub.add_parser("sensitivity", help="keep one layer / module kind in float at a time, rank them")
     s.add_argument("session", metavar="SESSION")
-    s.add_argument("--images", nargs="+", required=True, metavar="PATH")
+    add_evaluation_flags(s)
     s.add_argument("--unit", default="layer", choices=("layer", "kind"), help="what to keep in float (default layer)")
     add_common_flags(s)
 
@@ -193,17 +197,7 @@ def cmd_report(args, progress) -> tuple[dict, str]:
     session = load_session(args.session, args.device)
     if args.keep_float:
         check_globs(args.keep_float, module_names(session), "module", "--keep-float")
-    rejected = []
-    if args.images:
-        probe = session.probe_images(args.images)
-        rejected = probe.rejected
-        if not probe.accepted:
-            raise no_images_error(rejected)
-        images = [e.path for e in probe.accepted]
-    else:
-        images = None
-        if not session.usable_images():
-            raise NoImagesError(args.session, "no calibration image is still on disk unchanged; pass --images")
+    images, rejected, entries = evaluation_images(session, args)
     res = session.evaluate(images=images, progress=progress, keep_float=args.keep_float)
     progress.close()
     plots = []
@@ -228,11 +222,12 @@ def cmd_report(args, progress) -> tuple[dict, str]:
     doc["heatmaps"] = heatmaps.written if heatmaps is not None else []
     doc["session"] = str(args.session)
     doc["images"] = images_dict([], rejected) | {"evaluated": res.images}
+    doc["evaluation_images"] = evaluation_list(entries)
     doc["seconds"] = time.perf_counter() - t0
-    return doc, _report_text(session, res, rejected, divergence, plots, args.top)
+    return doc, _report_text(session, res, rejected, divergence, plots, args.top, entries)
 
 
-def _report_text(session, res, rejected, divergence, plots: list[str], top: int) -> str:
+def _report_text(session, res, rejected, divergence, plots: list[str], top: int, entries) -> str:
     """The human-readable report: divergence line, observer table, error table, worst modules."""
     records = session.observer_table()
     obs_rows = [
@@ -252,7 +247,7 @@ def _report_text(session, res, rejected, divergence, plots: list[str], top: int)
                 f"Observers ({len(records)})",
                 table(obs_rows, ["observer", "kind", "dtype", "min", "max", "scale", "zp", "max set by", ""]),
                 "",
-                f"Errors on {len(res.images)} image(s)"
+                f"Errors {evaluation_text(entries)}"
                 + (f", keeping {', '.join(res.keep_float)} in float" if res.keep_float else ""),
                 table(
                     [[m.name, m.kind, m.peir, m.sqnr_db, m.cosine, m.clipped_fraction, m.max_abs] for m in res.modules],
@@ -325,17 +320,16 @@ def cmd_sensitivity(args, progress) -> tuple[dict, str]:
     """Rank layers (or module kinds) by how much keeping them in float helps end to end."""
     t0 = time.perf_counter()
     session = load_session(args.session, args.device)
-    probe = session.probe_images(args.images)
-    if not probe.accepted:
-        raise no_images_error(probe.rejected)
-    ranked = session.sensitivity(images=[e.path for e in probe.accepted], unit=args.unit, progress=progress)
+    images, rejected, entries = evaluation_images(session, args)
+    ranked = session.sensitivity(images=images, unit=args.unit, progress=progress)
     progress.close()
     base = session.last_sensitivity_baseline
     doc = {
         "command": "sensitivity",
         "session": str(args.session),
         "unit": args.unit,
-        "images": images_dict(probe.accepted, probe.rejected),
+        "images": images_dict(entries, rejected),
+        "evaluation_images": evaluation_list(entries),
         "baseline": base.to_dict() if base is not None else None,
         "ranking": [e.to_dict() for e in ranked],
         "seconds": time.perf_counter() - t0,
@@ -344,7 +338,8 @@ def cmd_sensitivity(args, progress) -> tuple[dict, str]:
         filter(
             None,
             [
-                rejected_text(probe.rejected),
+                rejected_text(rejected),
+                f"Sensitivity {evaluation_text(entries)}",
                 f"Baseline end to end: SQNR {fmt(base.sqnr_db)} dB, PEIR {fmt(base.peir)}" if base else "",
                 table(
                     [[e.name, e.improvement_db, e.sqnr_db, e.peir] for e in ranked],

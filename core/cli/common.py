@@ -13,9 +13,12 @@ import os
 import sys
 import tempfile
 import time
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from core.config import check_globs
+from core.data.eval_set import DEFAULT_EVAL_COUNT
 from core.errors import ConfigError, NoImagesError, UnwritablePathError
 
 
@@ -24,6 +27,20 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="torch device (default cpu)")
+
+
+def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    """--images (any photos) or --eval-images (some of the session's), for the commands that evaluate."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--images", nargs="+", metavar="PATH",
+        help="evaluate on these image files or folders instead (they need not be in the session)",
+    )
+    group.add_argument(
+        "--eval-images", nargs="+", metavar="GLOB",
+        help="evaluate on these of the session's photos: paths, image ids or globs over them "
+        f"(default: the session's evaluation set, its first {DEFAULT_EVAL_COUNT} usable photos unless one was chosen)",
+    )
 
 
 def count(minimum: int):
@@ -260,6 +277,51 @@ def load_session(path, device: str):
     from core.session import Session  # noqa: PLC0415 -- core.session loads torch (seconds); --help stays fast
 
     return Session.load(path, device=device)
+
+
+def expand_images(session, items, flag: str) -> list[str]:
+    """Image ids named by paths, ids or globs over them; a name or glob that matches none is a ConfigError."""
+    entries = [e for e in session.images if e.status != "rejected"]
+
+    def keys(e) -> tuple[str, ...]:
+        return (e.image_id, e.path, Path(e.path).name)
+
+    ids: list[str] = []
+    for item in items:
+        resolved = str(Path(item).resolve())
+        hits = [e for e in entries if item in keys(e) or str(Path(e.path).resolve()) == resolved]
+        if not hits:
+            hits = [e for e in entries if any(fnmatchcase(k, item) for k in keys(e))]
+        if not hits:
+            check_globs([item], [k for e in entries for k in keys(e)], "image", flag)
+        ids += [e.image_id for e in hits if e.image_id not in ids]
+    return ids
+
+
+def evaluation_images(session, args) -> tuple[list[str] | None, list, list]:
+    """(images for the Session call or None, rejected, the entries evaluated) from --images / --eval-images."""
+    if args.images:
+        probe = session.probe_images(args.images)
+        if not probe.accepted:
+            raise no_images_error(probe.rejected)
+        return [e.path for e in probe.accepted], probe.rejected, probe.accepted
+    if args.eval_images:
+        session.set_evaluation_images(expand_images(session, args.eval_images, "--eval-images"))
+    entries = session.evaluation_images
+    if not entries:
+        raise NoImagesError(args.session, "no calibration image is still on disk unchanged; pass --images")
+    return None, [], entries
+
+
+def evaluation_list(entries) -> list[dict[str, str]]:
+    """The photos the numbers are from, as the JSON documents list them."""
+    return [{"image_id": e.image_id or Path(e.path).name, "path": e.path} for e in entries]
+
+
+def evaluation_text(entries) -> str:
+    """'on 2 photos: a.jpg, b.jpg': the photos the numbers are from."""
+    n = len(entries)
+    return f"on {n} photo{'s' if n != 1 else ''}: " + ", ".join(Path(e.path).name for e in entries)
 
 
 def module_names(session) -> list[str]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import tempfile
 import time
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from core.cli import common
-from core.config import OBSERVERS, build_config, check_globs, parse_override_lines
+from core.config import OBSERVERS, build_config, parse_override_lines
 from core.errors import CancelledError, ConfigError
 from core.export.config_export import one_name_map, to_one_quant_config, write_one_quant_config, write_tico_ptq_yaml
 from core.quant.dtypes import DTYPES
@@ -52,7 +51,7 @@ def add_parsers(sub: Any) -> None:
         "--b-override", nargs="+", default=[], metavar="GLOB=DTYPE",
         help="B's per-module overrides, e.g. 'encoder.layers.*.self_attn=int16' or 'pooler=float'",
     )
-    ab.add_argument("--images", nargs="+", metavar="PATH", help="evaluate on these images (default: calibration set)")
+    common.add_evaluation_flags(ab)
     ab.add_argument("--margin", type=float, default=0.5, metavar="DB", help="B must win by more than this (dB)")
     ab.add_argument("--tico-yaml", metavar="FILE.yaml", help="write the winning overrides as a TICO PTQConfig")
     ab.add_argument("--one-json", metavar="FILE.json", help="write them as a ONE one-quantize --quant_config")
@@ -142,7 +141,7 @@ def cmd_recalibrate(args, progress) -> tuple[dict, str]:
     if args.out:
         common.check_new_session_folder(out)
     session = common.load_session(args.session, args.device)
-    excluded_ids = _expand_images(session, args.exclude, "--exclude")
+    excluded_ids = common.expand_images(session, args.exclude, "--exclude")
     before = {r.name: (r.min, r.max) for r in session.observer_table()}
     cal = session.recalibrate_without(excluded_ids, progress=progress)
     progress.close()
@@ -169,25 +168,6 @@ def cmd_recalibrate(args, progress) -> tuple[dict, str]:
         f"{len(changed)} observer range(s) changed; session saved to {saved}"
     )
     return doc, text
-
-
-def _expand_images(session, items, flag: str) -> list[str]:
-    """Image ids named by paths, ids or globs over them; a name or glob that matches none is a ConfigError."""
-    entries = [e for e in session.images if e.status != "rejected"]
-
-    def keys(e) -> tuple[str, ...]:
-        return (e.image_id, e.path, Path(e.path).name)
-
-    ids: list[str] = []
-    for item in items:
-        resolved = str(Path(item).resolve())
-        hits = [e for e in entries if item in keys(e) or str(Path(e.path).resolve()) == resolved]
-        if not hits:
-            hits = [e for e in entries if any(fnmatchcase(k, item) for k in keys(e))]
-        if not hits:
-            check_globs([item], [k for e in entries for k in keys(e)], "image", flag)
-        ids += [e.image_id for e in hits if e.image_id not in ids]
-    return ids
 
 
 def _differs(a, b) -> bool:
@@ -222,13 +202,7 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
     config_b.check_globs(names, "--b-override")
     if args.one_json:
         _check_one_expressible(session.config, config_b, names)
-    images = None
-    rejected = []
-    if args.images:
-        probe = session.probe_images(args.images)
-        if not probe.accepted:
-            raise common.no_images_error(probe.rejected)
-        images, rejected = [e.path for e in probe.accepted], probe.rejected
+    images, rejected, entries = common.evaluation_images(session, args)
     ab = ABComparison(session, config_b)
     ab.calibrate_b(progress=progress)
     progress.close()
@@ -250,10 +224,11 @@ def cmd_ab(args, progress) -> tuple[dict, str]:
         "command": "ab",
         "session": str(args.session),
         **result.to_dict(args.margin),
+        "evaluation_images": common.evaluation_list(entries),
         "written": written,
         "seconds": time.perf_counter() - t0,
     }
-    lines = [common.rejected_text(rejected), *ab.summary_lines(args.margin)]
+    lines = [common.rejected_text(rejected), common.evaluation_text(entries), *ab.summary_lines(args.margin)]
     lines += [f"wrote {v}" for v in written.values()]
     ab.release()
     return doc, "\n".join(filter(None, lines))
