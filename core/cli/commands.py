@@ -26,6 +26,7 @@ from core.cli.common import (
     rejected_text,
     table,
 )
+from core.cli.fix import remedies_line
 from core.config import DEFAULT_SOFT_TOKENS, OBSERVERS, build_config, check_globs
 from core.errors import CancelledError, NoImagesError
 from core.io import json_safe
@@ -158,6 +159,7 @@ def report_document(
         "divergence": divergence.to_dict() if divergence is not None else None,
         "observers": [r.to_dict(histogram=histograms) for r in records],
         "errors": compare_result.to_dict(),
+        "remedies": [r.to_json() for r in getattr(session, "remedies", [])],
         "plots": plots or [],
     }
 
@@ -248,6 +250,7 @@ def _report_text(session, res, rejected, divergence, plots: list[str], top: int)
             None,
             [
                 rejected_text(rejected),
+                remedies_line(getattr(session, "remedies", [])),
                 divergence.summary_line() if divergence is not None else "",
                 f"Observers ({len(records)})",
                 table(obs_rows, ["observer", "kind", "dtype", "min", "max", "scale", "zp", "max set by", ""]),
