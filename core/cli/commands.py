@@ -250,8 +250,8 @@ def _report_text(session, res, rejected, divergence, plots: list[str], top: int)
             None,
             [
                 rejected_text(rejected),
-                remedies_line(getattr(session, "remedies", [])),
                 divergence.summary_line() if divergence is not None else "",
+                remedies_line(getattr(session, "remedies", [])),
                 f"Observers ({len(records)})",
                 table(obs_rows, ["observer", "kind", "dtype", "min", "max", "scale", "zp", "max set by", ""]),
                 "",
