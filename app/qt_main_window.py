@@ -22,6 +22,7 @@ from app.qt_calibration_tab import QtCalibrationTab
 from app.qt_common import calibration_text, error_text, fmt_bytes
 from app.qt_errors_tab import QtErrorsTab
 from app.qt_export_tab import QtExportTab
+from app.qt_fix_tab import QtFixTab
 from app.qt_model_panel import QtModelPanel, config_from_settings
 from app.qt_netron_tab import QtNetronTab
 from app.qt_ranges_tab import QtRangesTab
@@ -87,6 +88,7 @@ class QtMainWindow(QMainWindow):
         self.calibration_tab = QtCalibrationTab(self)
         self.ranges_tab = QtRangesTab(self)
         self.errors_tab = QtErrorsTab(self)
+        self.fix_tab = QtFixTab(self)
         self.ab_tab = QtABTab(self)
         self.export_tab = QtExportTab(self)
         self.netron_tab = QtNetronTab(self)
@@ -96,6 +98,7 @@ class QtMainWindow(QMainWindow):
         self.tabs.addTab(self.calibration_tab, "Calibration")
         self.tabs.addTab(self.ranges_tab, "Ranges")
         self.tabs.addTab(self.errors_tab, "Errors")
+        self.tabs.addTab(self.fix_tab, "Fix")
         self.tabs.addTab(self.ab_tab, "A/B")
         self.tabs.addTab(self.export_tab, "Export")
         self.tabs.addTab(self.netron_tab, "Netron")
@@ -283,7 +286,7 @@ class QtMainWindow(QMainWindow):
                 "exported": self._on_exported,
             },
         )
-        for tab in (self.calibration_tab, self.ranges_tab, self.errors_tab, self.ab_tab, self.export_tab):
+        for tab in (self.calibration_tab, self.ranges_tab, self.errors_tab, self.fix_tab, self.ab_tab, self.export_tab):
             tab.set_session(session)  # each follows the session's events from here on
         self._reset_summary()
         self._show_model_info()

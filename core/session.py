@@ -497,9 +497,9 @@ class Session:
     ):
         """The unit where the error jumps most, local vs inherited error (core.analysis.divergence);
         `keep_float`: modules kept float in the quantized runs (the Errors tab's what-if)."""
-        return locate_divergence(
-            self, images=images, unit=unit, progress=progress, cancel=cancel, keep_float=keep_float
-        )
+        result = locate_divergence(self, images=images, unit=unit, progress=progress, cancel=cancel, keep_float=keep_float)
+        self.events.analysed.emit("divergence", result)  # as analyse() does: the Fix tab pre-fills its globs from it
+        return result
 
     def locate_extreme(self, observer_name: str, which: str = "max"):
         """The image and patch where an observer's min or max occurred (core.analysis.provenance)."""
