@@ -120,3 +120,30 @@ def test_a_glob_that_matches_nothing_is_said_in_one_line(make_window, sample_ima
     _wait_idle(qtbot, window)
     assert "encoder.layerz.*" in tab.message.text() and "closest" in tab.message.text()
     assert window.session.remedies == [] and "encoder.layerz.*" in window.statusBar().currentMessage()
+
+
+def test_mixed_precision_shows_the_pareto_curve_and_a_click_applies_a_point(make_window, sample_images, qtbot, fakes):
+    window = make_window(sample_images[:1])
+    session = window.session
+    tab = window.fix_tab
+    _calibrate(qtbot, window)
+    tab.mixed_check.setChecked(True)
+    tab.mixed_mode.setCurrentIndex(tab.mixed_mode.findData("target_sqnr_db"))
+    tab.mixed_value.setValue(25.0)
+    with qtbot.waitSignal(tab.sigFixed, timeout=LONG) as blocker:
+        qtbot.mouseClick(tab.apply_button, Qt.LeftButton)
+    _wait_idle(qtbot, window)
+    assert blocker.args[0].reports[0].step.params == {"target_sqnr_db": 25.0}
+    spots = tab.pareto.points.points()
+    assert [(s.pos().x() * 1024, s.pos().y()) for s in spots] == [(p.cost_bytes, p.sqnr_db) for p in remedy_fakes.POINTS[:2]]
+    assert session.config.spec_for("encoder.layers.0.mlp", "activation").dtype == "int16"
+    assert session.config.spec_for("encoder.layers.0.self_attn", "activation").dtype != "int16"
+
+    # a click on the dearer point applies its dtypes, without a new search
+    with qtbot.waitSignal(tab.sigFixed, timeout=LONG) as blocker:
+        tab.pareto.sigPointClicked.emit(spots[1].data())
+    _wait_idle(qtbot, window)
+    step = blocker.args[0].reports[0].step
+    assert step.kind == "mixed" and step.params["overrides"] == remedy_fakes.POINTS[1].overrides
+    assert session.config.spec_for("encoder.layers.0.self_attn", "activation").dtype == "int16"
+    assert [r.step.kind for r in session.remedies] == ["mixed", "mixed"]
