@@ -30,9 +30,9 @@ from PySide6.QtWidgets import (
 from app.events import SessionSubscriptions
 from app.fix_state import FixViewState
 from app.qt_ab_charts import A_COLOR, B_COLOR, QtABCharts
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text
+from app.qt_common import QtMessageLine, QtTaskProgress, end_task_with_error, error_text
 from app.qt_pareto_chart import QtParetoChart
-from core.errors import CancelledError, ConfigError, PTQStudioError
+from core.errors import ConfigError, PTQStudioError
 from core.remedies.plan import RemedyStep
 
 if TYPE_CHECKING:
@@ -256,13 +256,7 @@ class QtFixTab(QWidget):
     def _on_error(self, exc: BaseException) -> None:
         self._task = None
         self.apply_button.setEnabled(True)
-        if isinstance(exc, CancelledError):
-            self.progress.end("cancelled")
-            self.message.show_message("Cancelled; the session is exactly as it was before the fix.")
-            return
-        self.progress.end("failed")
-        self.message.show_message(error_text(exc), "error")
-        self._host.show_error(exc)
+        end_task_with_error(exc, self.progress, self.message, self._host, "Cancelled; the session is exactly as it was before the fix.")
 
     # -- showing the view state -------------------------------------------------------------
     def _show_view(self) -> None:
