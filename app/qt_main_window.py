@@ -284,6 +284,7 @@ class QtMainWindow(QMainWindow):
                 "calibrated": self._on_statistics,
                 "evaluated": self._on_evaluated,
                 "exported": self._on_exported,
+                "remedied": self._on_remedied,
             },
         )
         for tab in (self.calibration_tab, self.ranges_tab, self.errors_tab, self.fix_tab, self.ab_tab, self.export_tab):
@@ -454,6 +455,12 @@ class QtMainWindow(QMainWindow):
     def _on_config_changed(self, config) -> None:
         self._shown_stats_version = 0
         self._reset_summary()
+        self._show_overrides()
+
+    def _on_remedied(self, _result) -> None:
+        # Mixed precision may have given modules other dtypes: later configs the panel builds keep them.
+        config = self.session.config
+        self.extra_overrides = {g: o for g, o in dict(config.overrides).items() if not getattr(o, "keep_float", False)}
         self._show_overrides()
 
     def _show_overrides(self) -> None:

@@ -138,6 +138,9 @@ def test_mixed_precision_shows_the_pareto_curve_and_a_click_applies_a_point(make
     assert [(s.pos().x() * 1024, s.pos().y()) for s in spots] == [(p.cost_bytes, p.sqnr_db) for p in remedy_fakes.POINTS[:2]]
     assert session.config.spec_for("encoder.layers.0.mlp", "activation").dtype == "int16"
     assert session.config.spec_for("encoder.layers.0.self_attn", "activation").dtype != "int16"
+    # the window keeps the new dtypes for the configs its panel builds later
+    assert window.extra_overrides.keys() == {"encoder.layers.0.mlp"}
+    assert window.model_panel.summary["overrides"].text() == "1 per-module override(s)"
 
     # a click on the dearer point applies its dtypes, without a new search
     with qtbot.waitSignal(tab.sigFixed, timeout=LONG) as blocker:
