@@ -91,3 +91,21 @@ def test_a_failing_remedy_never_touches_the_saved_session(capfd, folder, monkeyp
     rc, _, err = run(capfd, "fix", folder, "--gptq", GLOB, "--json")
     assert rc == 1 and "the algorithm broke" in err
     assert listing(folder) == before
+
+
+def test_fix_out_writes_a_new_session_and_keeps_the_original(capfd, folder, tmp_path):
+    before = listing(folder)
+    out = tmp_path / "fixed"
+    rc, stdout, err = run(capfd, "fix", folder, "--smoothquant", GLOB, "--cle", "encoder.layers.1.*", "--out", out, "--json")
+    assert rc == 0, err
+    doc = json.loads(stdout)
+    assert doc["session"] == str(out) and [s["kind"] for s in doc["steps"]] == ["smoothquant", "cle"]
+    assert doc["steps"][0]["params"] == {}  # no ALPHA given: the default (core.remedies.apply.DEFAULT_ALPHA)
+    assert listing(folder) == before and Session.load(folder).remedies == []
+    assert [r.step.kind for r in Session.load(out).remedies] == ["smoothquant", "cle"]
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    rc, _, err = run(capfd, "fix", folder, "--gptq", GLOB, "--out", other)  # never over a folder that is not a session
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "not a PTQ Studio session" in err
+    assert (other / "keep.txt").read_text() == "mine"
