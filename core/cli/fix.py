@@ -16,7 +16,7 @@ from core.errors import CancelledError, ConfigError
 
 def glob_alpha(text: str) -> tuple[str, float | None]:
     """An argparse type: GLOB or GLOB=ALPHA (SmoothQuant's migration strength for that glob)."""
-    glob, sep, alpha = text.rpartition("=") if "=" in text else (text, "", "")
+    glob, sep, alpha = text.rpartition("=")
     if not sep:
         return text, None
     try:
