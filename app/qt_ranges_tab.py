@@ -267,7 +267,7 @@ class QtRangesTab(QWidget):
             self.refresh()
 
     def _on_remedied(self, result) -> None:
-        """A remedy changed the ranges: the table shows the ranges before it beside the new ones."""
+        """After a remedy the table shows, beside each range it changed, the range before it."""
         before = {r.name: (r.min, r.max) for r in getattr(result, "observers_before", [])}
         self._before = (getattr(self.session, "stats_version", 0), before)
         if self.records and self.state.stats_version == self._before[0]:
@@ -306,6 +306,11 @@ class QtRangesTab(QWidget):
             self.proxy.sort(-1)
         version, before = self._before
         before = before if version and version == self.state.stats_version else {}
+        # Only the ranges the remedy moved (a recalibration after smoothing moves many, rounding none).
+        before = {
+            r.name: before[r.name] for r in self.records
+            if r.name in before and not (np.array_equal(before[r.name][0], r.min) and np.array_equal(before[r.name][1], r.max))
+        }
         self.model.set_records(self.records, ObserverTableModel.prepare(self.records, before) if before else prepared)
         self.table.setColumnHidden(len(ObserverTableModel.COLUMNS) - 1, not before)
         self._apply_widths()

@@ -44,6 +44,7 @@ def test_fix_the_first_divergence_see_the_change_and_export(make_window, sample_
 
     window.tabs.setCurrentWidget(tab)
     tab.checks["gptq"].setChecked(True)
+    tab.checks["smoothquant"].setChecked(True)  # smoothing recalibrates: the ranges move
     weights_before = {k: v.detach().clone() for k, v in session.model.named_parameters()}
     with qtbot.waitSignal(tab.sigFixed, timeout=LONG) as blocker:
         qtbot.mouseClick(tab.apply_button, Qt.LeftButton)
@@ -52,7 +53,8 @@ def test_fix_the_first_divergence_see_the_change_and_export(make_window, sample_
     # that layer's linears (and only they) changed
     changed = {k for k, v in session.model.named_parameters() if not torch.equal(v, weights_before[k])}
     assert changed and all(k.startswith(located + ".") for k in changed)
-    assert set(result.reports[0].summary["parameters"]) == changed
+    assert [r.step.kind for r in result.reports] == ["smoothquant", "gptq"]
+    assert set(result.reports[1].summary["parameters"]) == changed
     # the end-to-end SQNR before -> after, as the session measured it
     assert result.sqnr_after_db != result.sqnr_before_db
     text = tab.summary_label.text()
@@ -60,14 +62,18 @@ def test_fix_the_first_divergence_see_the_change_and_export(make_window, sample_
     # the A/B charts, reused: before and after per module
     _, after_y = tab.charts.curve_b.getData()
     np.testing.assert_allclose(after_y, [m.b.sqnr_db for m in result.comparison.modules])
-    assert "gptq" in tab.applied_label.text()
 
     # the Ranges tab shows the ranges before the fix beside the new ones
     ranges = window.ranges_tab
     column = ranges.model.columnCount() - 1
     qtbot.waitUntil(lambda: not ranges.table.isColumnHidden(column), timeout=LONG)
     assert ranges.model.headerData(column, Qt.Horizontal) == "Before fix"
-    assert ranges.model.data(ranges.model.index(0, column))
+    old = {r.name: r for r in result.observers_before}
+    shown = [ranges.model.data(ranges.model.index(row, column)) for row in range(ranges.model.rowCount())]
+    moved = [not (np.array_equal(old[r.name].min, r.min) and np.array_equal(old[r.name].max, r.max)) for r in ranges.records]
+    assert any(moved) and not all(moved)
+    assert [bool(text) for text in shown] == moved  # a "before" range only where the fix moved it
+    assert "gptq" in tab.applied_label.text() and "smoothquant" in tab.applied_label.text()
 
     # the export carries the remedied model (the child rebuilds it from a saved copy)
     export = window.export_tab
