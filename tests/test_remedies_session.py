@@ -134,6 +134,8 @@ def test_bad_glob_and_bad_settings_are_one_line_errors_before_any_work(session, 
         session.apply_remedies([RemedyStep("smoothquant", (GLOB,), {"alpha": 1.5})])
     with pytest.raises(ConfigError, match="target"):
         session.apply_remedies([RemedyStep("mixed")])
+    with pytest.raises(ConfigError, match="pooler.nope"):
+        session.apply_remedies([RemedyStep("mixed", params={"overrides": {"pooler.nope": "int16"}})])
     assert_same(before, snapshot(session))
 
 

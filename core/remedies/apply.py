@@ -109,7 +109,9 @@ def validate_plan(qmodel, steps: Sequence[RemedyStep]) -> None:
             for glob, alpha in smoothquant_alphas(step).items():
                 if not 0.0 < alpha <= 1.0:
                     raise ConfigError(f"smoothquant alpha {alpha:g} for {glob!r} must lie in (0, 1]")
-        if step.kind == "mixed" and "overrides" not in step.params:
+        if step.kind == "mixed" and "overrides" in step.params:
+            check_globs(list(step.params["overrides"]), names, "module", "mixed precision point:")
+        elif step.kind == "mixed":
             given = [k for k in MIXED_TARGETS if step.params.get(k) is not None]
             if len(given) != 1:
                 raise ConfigError("mixed precision needs exactly one target: a target SQNR (dB) or 'within X dB of int16'")
