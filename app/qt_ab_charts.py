@@ -64,13 +64,15 @@ class QtABCharts(QWidget):
 
     sigModuleClicked = Signal(int)  # forward-order index of the clicked module
 
-    def __init__(self) -> None:
+    def __init__(self, labels: tuple[str, str] = ("A", "B"), name: str = "ab") -> None:
         super().__init__()
+        # The Fix tab draws "before" and "after" with the same charts.
+        self.labels = la, lb = labels
         self.axis = _CategoryAxis(orientation="bottom")
-        self.plot = _plot(self.axis, "abPlot", "SQNR (dB)")
+        self.plot = _plot(self.axis, f"{name}Plot", "SQNR (dB)")
         self.plot.addLegend(offset=(-10, 5))
-        self.curve_a = self.plot.plot([], [], pen=pg.mkPen(A_COLOR, width=1.5), name="A")
-        self.curve_b = self.plot.plot([], [], pen=pg.mkPen(B_COLOR, width=1.5), name="B")
+        self.curve_a = self.plot.plot([], [], pen=pg.mkPen(A_COLOR, width=1.5), name=la)
+        self.curve_b = self.plot.plot([], [], pen=pg.mkPen(B_COLOR, width=1.5), name=lb)
         tip = self._tip
         self.points_a = pg.ScatterPlotItem(size=6, pen=None, brush=pg.mkBrush(A_COLOR), hoverable=True, tip=tip)
         self.points_b = pg.ScatterPlotItem(size=6, pen=None, brush=pg.mkBrush(B_COLOR), hoverable=True, tip=tip)
@@ -83,7 +85,7 @@ class QtABCharts(QWidget):
         self.points_b.sigClicked.connect(self._on_point_clicked)
 
         self.delta_axis = _CategoryAxis(orientation="bottom")
-        self.delta_plot = _plot(self.delta_axis, "abDeltaPlot", "Δ dB (B − A)")
+        self.delta_plot = _plot(self.delta_axis, f"{name}DeltaPlot", f"Δ dB ({lb} − {la})")
         self.delta_plot.setXLink(self.plot)
         self.delta_bars = pg.BarGraphItem(x=[], height=[], width=0.7, brush=B_COLOR)
         self.delta_plot.addItem(self.delta_bars)
@@ -109,8 +111,8 @@ class QtABCharts(QWidget):
         self.curve_a.setData(x, a, connect="finite")
         self.curve_b.setData(x, b, connect="finite")
         ok_a, ok_b = np.isfinite(a), np.isfinite(b)
-        self.points_a.setData(x[ok_a], a[ok_a], data=[names[i] + " (A)" for i in np.flatnonzero(ok_a)])
-        self.points_b.setData(x[ok_b], b[ok_b], data=[names[i] + " (B)" for i in np.flatnonzero(ok_b)])
+        self.points_a.setData(x[ok_a], a[ok_a], data=[f"{names[i]} ({self.labels[0]})" for i in np.flatnonzero(ok_a)])
+        self.points_b.setData(x[ok_b], b[ok_b], data=[f"{names[i]} ({self.labels[1]})" for i in np.flatnonzero(ok_b)])
         colors = {"A": A_COLOR, "B": B_COLOR}
         brushes = [pg.mkBrush(colors.get(str(m.winner), "#999")) for m in modules]
         self.delta_bars.setOpts(x=x, height=np.nan_to_num(delta), width=0.7, brushes=brushes)

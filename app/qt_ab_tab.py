@@ -27,10 +27,10 @@ from PySide6.QtWidgets import (
 from app.ab_state import ABViewState
 from app.events import SessionSubscriptions
 from app.qt_ab_charts import A_COLOR, B_COLOR, QtABCharts
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, results_table
+from app.qt_common import QtMessageLine, QtTaskProgress, end_task_with_error, error_text, fmt_float, results_table
 from core.analysis.ab_overrides import describe_config, override_text
 from core.config import OBSERVERS, PTQConfig, build_config, override_line, parse_override_lines
-from core.errors import CancelledError, PTQStudioError
+from core.errors import PTQStudioError
 from core.export.config_export import one_name_map, write_one_quant_config, write_tico_ptq_yaml
 from core.quant.dtypes import DTYPES
 
@@ -300,13 +300,9 @@ class QtABTab(QWidget):
     def _on_error(self, exc: BaseException) -> None:
         self._task = None
         self.compare_button.setEnabled(True)
-        if isinstance(exc, CancelledError):
-            self.progress.end("cancelled")
-            self.message.show_message("Cancelled; A is unchanged and the earlier comparison (if any) is kept.")
-            return
-        self.progress.end("failed")
-        self.message.show_message(error_text(exc), "error")
-        self._host.show_error(exc)
+        end_task_with_error(
+            exc, self.progress, self.message, self._host, "Cancelled; A is unchanged and the earlier comparison (if any) is kept."
+        )
 
     # -- showing the view state -------------------------------------------------------------
     def _show_view(self) -> None:

@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from core.errors import PTQStudioError
+from core.errors import CancelledError, PTQStudioError
 
 
 def error_text(exc: BaseException) -> str:
@@ -178,6 +178,17 @@ class QtTaskProgress(QWidget):
         if self.bar.maximum() == 0:
             self.bar.setRange(0, 1)
         self.bar.setFormat(text.replace("%", "%%"))
+
+
+def end_task_with_error(exc: BaseException, progress: QtTaskProgress, message: QtMessageLine, host, cancelled: str) -> None:
+    """A tab's worker error path: a cancel is said calmly; a failure in the tab and in the window's status bar."""
+    if isinstance(exc, CancelledError):
+        progress.end("cancelled")
+        message.show_message(cancelled)
+        return
+    progress.end("failed")
+    message.show_message(error_text(exc), "error")
+    host.show_error(exc)
 
 
 def results_table(columns, name: str, row_numbers: bool = False) -> QTableWidget:

@@ -22,6 +22,7 @@ from app.qt_calibration_tab import QtCalibrationTab
 from app.qt_common import calibration_text, error_text, fmt_bytes
 from app.qt_errors_tab import QtErrorsTab
 from app.qt_export_tab import QtExportTab
+from app.qt_fix_tab import QtFixTab
 from app.qt_model_panel import QtModelPanel, config_from_settings
 from app.qt_netron_tab import QtNetronTab
 from app.qt_ranges_tab import QtRangesTab
@@ -87,6 +88,7 @@ class QtMainWindow(QMainWindow):
         self.calibration_tab = QtCalibrationTab(self)
         self.ranges_tab = QtRangesTab(self)
         self.errors_tab = QtErrorsTab(self)
+        self.fix_tab = QtFixTab(self)
         self.ab_tab = QtABTab(self)
         self.export_tab = QtExportTab(self)
         self.netron_tab = QtNetronTab(self)
@@ -96,6 +98,7 @@ class QtMainWindow(QMainWindow):
         self.tabs.addTab(self.calibration_tab, "Calibration")
         self.tabs.addTab(self.ranges_tab, "Ranges")
         self.tabs.addTab(self.errors_tab, "Errors")
+        self.tabs.addTab(self.fix_tab, "Fix")
         self.tabs.addTab(self.ab_tab, "A/B")
         self.tabs.addTab(self.export_tab, "Export")
         self.tabs.addTab(self.netron_tab, "Netron")
@@ -281,9 +284,10 @@ class QtMainWindow(QMainWindow):
                 "calibrated": self._on_statistics,
                 "evaluated": self._on_evaluated,
                 "exported": self._on_exported,
+                "remedied": self._on_remedied,
             },
         )
-        for tab in (self.calibration_tab, self.ranges_tab, self.errors_tab, self.ab_tab, self.export_tab):
+        for tab in (self.calibration_tab, self.ranges_tab, self.errors_tab, self.fix_tab, self.ab_tab, self.export_tab):
             tab.set_session(session)  # each follows the session's events from here on
         self._reset_summary()
         self._show_model_info()
@@ -451,6 +455,12 @@ class QtMainWindow(QMainWindow):
     def _on_config_changed(self, config) -> None:
         self._shown_stats_version = 0
         self._reset_summary()
+        self._show_overrides()
+
+    def _on_remedied(self, _result) -> None:
+        # Mixed precision may have given modules other dtypes: later configs the panel builds keep them.
+        config = self.session.config
+        self.extra_overrides = {g: o for g, o in dict(config.overrides).items() if not getattr(o, "keep_float", False)}
         self._show_overrides()
 
     def _show_overrides(self) -> None:

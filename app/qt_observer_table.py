@@ -51,11 +51,12 @@ class ObserverTableModel(QAbstractTableModel):
         ("Outlier ratio", "outlier_ratio"),
         ("Min set by", "min_source"),
         ("Max set by", "max_source"),
+        ("Before fix", "before"),  # the range before the session's last remedy (hidden without one)
     ]
 
     # Column widths in characters; set once, because measuring hundreds of rows stalls the UI.
     # The observer name is elided (its tooltip has it whole) so Min and Max, beside it, fit at 1280 px.
-    WIDTHS = (5, 26, 24, 15, 7, 9, 10, 10, 11, 10, 11, 24, 24)
+    WIDTHS = (5, 26, 24, 15, 7, 9, 10, 10, 11, 10, 11, 24, 24, 22)
     NUMERIC = frozenset({"index", "min", "max", "scale", "zero_point", "outlier_ratio"})
 
     def __init__(self, parent=None) -> None:
@@ -67,11 +68,24 @@ class ObserverTableModel(QAbstractTableModel):
         self._disabled_brush = QBrush(DISABLED_FG)
 
     @classmethod
-    def prepare(cls, records: list) -> tuple[list, list]:
-        """Cell texts and sort keys; plain Python, so the worker thread can compute them."""
-        display = [[cls._text(row, rec, attr) for _title, attr in cls.COLUMNS] for row, rec in enumerate(records)]
-        keys = [[cls._key(row, rec, attr) for _title, attr in cls.COLUMNS] for row, rec in enumerate(records)]
+    def prepare(cls, records: list, before: dict | None = None) -> tuple[list, list]:
+        """Cell texts and sort keys; plain Python, so the worker thread can compute them.
+        `before`: observer name -> (min, max) before the last remedy, for the "Before fix" column."""
+        before = before or {}
+        display = [
+            [cls._before_text(before.get(rec.name)) if attr == "before" else cls._text(row, rec, attr) for _title, attr in cls.COLUMNS]
+            for row, rec in enumerate(records)
+        ]
+        keys = [
+            [scalar(before[rec.name][1], "max") if attr == "before" and rec.name in before else cls._key(row, rec, attr)
+             for _title, attr in cls.COLUMNS]
+            for row, rec in enumerate(records)
+        ]
         return display, keys
+
+    @staticmethod
+    def _before_text(extremes) -> str:
+        return "" if extremes is None else f"{fmt_float(extremes[0])} … {fmt_float(extremes[1])}"
 
     def set_records(self, records: list, prepared: tuple[list, list] | None = None) -> None:
         """Replace every row (texts and sort keys computed once, not per paint)."""

@@ -57,6 +57,8 @@ class QtRangesTab(QWidget):
         self._recal_task = None
         self._excluding = ""
         self._after_note = ""  # said again when the refreshed ranges arrive
+        # (stats_version, observer name -> (min, max)) before the last remedy: the "Before fix" column
+        self._before: tuple[int, dict] = (0, {})
 
         self.model = ObserverTableModel(self)
         self.proxy = ObserverFilterProxy(self)
@@ -89,6 +91,7 @@ class QtRangesTab(QWidget):
         header.setSectionResizeMode(QHeaderView.Interactive)
         header.setStretchLastSection(True)
         self._apply_widths()
+        self.table.setColumnHidden(len(ObserverTableModel.COLUMNS) - 1, True)  # "Before fix": shown after a remedy
         # Min and max beside the name, where the eye already is (visual order only).
         header.moveSection(6, 2)
         header.moveSection(7, 3)
@@ -238,8 +241,10 @@ class QtRangesTab(QWidget):
         """Follow this session's events from now on; show its statistics if it has some (a loaded one)."""
         self.session = session
         self._subscriptions.follow(
-            session, calibrated=self._on_calibrated, config_changed=self._on_config_changed, images_changed=self._on_images_changed
+            session, calibrated=self._on_calibrated, config_changed=self._on_config_changed,
+            images_changed=self._on_images_changed, remedied=self._on_remedied,
         )
+        self._before = (0, {})
         self._on_images_changed()
         self._forget()
         if getattr(session, "stats_version", 0):
@@ -260,6 +265,13 @@ class QtRangesTab(QWidget):
             self._forget()
         elif stats_version != self.state.stats_version:
             self.refresh()
+
+    def _on_remedied(self, result) -> None:
+        """After a remedy the table shows, beside each range it changed, the range before it."""
+        before = {r.name: (r.min, r.max) for r in getattr(result, "observers_before", [])}
+        self._before = (getattr(self.session, "stats_version", 0), before)
+        if self.records and self.state.stats_version == self._before[0]:
+            self.set_records(self.records)
 
     # -- data in ------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -292,7 +304,15 @@ class QtRangesTab(QWidget):
         if header.sortIndicatorSection() == 0 and header.sortIndicatorOrder() == Qt.AscendingOrder:
             # Rows already arrive in forward order: skip a sort that calls data() thousands of times.
             self.proxy.sort(-1)
-        self.model.set_records(self.records, prepared)
+        version, before = self._before
+        before = before if version and version == self.state.stats_version else {}
+        # Only the ranges the remedy moved (a recalibration after smoothing moves many, rounding none).
+        before = {
+            r.name: before[r.name] for r in self.records
+            if r.name in before and not (np.array_equal(before[r.name][0], r.min) and np.array_equal(before[r.name][1], r.max))
+        }
+        self.model.set_records(self.records, ObserverTableModel.prepare(self.records, before) if before else prepared)
+        self.table.setColumnHidden(len(ObserverTableModel.COLUMNS) - 1, not before)
         self._apply_widths()
         n_out = sum(bool(getattr(r, "outlier", False)) for r in self.records)
         # "Outlier" is the core's per-observer test (a few values far beyond that observer's own

@@ -30,3 +30,6 @@ class SessionEvents(SignalGroup):
     # an analysis view's result, named by its view: ("sensitivity", [SensitivityEntry, ...]); a new
     # view (a module in core.analysis plus a Session method) announces itself here, views subscribe
     analysed = Signal(str, object)
+    # a finished remedy run's FixResult (core.remedies.apply): the model's weights, statistics
+    # and perhaps per-module dtypes changed; `calibrated` with the new stats_version comes first
+    remedied = Signal(object)

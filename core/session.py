@@ -42,6 +42,8 @@ from core.export.pipeline import ExportResult, export_circle
 from core.export.process import export_in_process
 from core.models import SPECS, describe_model, load_model
 from core.quant.mode import Mode
+from core.remedies.apply import FixResult, fix_model, validate_plan
+from core.remedies.plan import RemedyReport, RemedyStep
 from core.session_store import (
     FORMAT_VERSION,
     MANIFEST,
@@ -51,6 +53,7 @@ from core.session_store import (
     load_observer_state,
     observer_state,
     package_versions,
+    read_remedies,
     read_session,
     session_error,
     write_session,
@@ -116,6 +119,8 @@ class Session:
         # path -> status an image had when it was excluded ("used" if the current statistics
         # still contain it), so include_images can put it back; in memory only.
         self._status_before_exclude: dict[str, str] = {}
+        # The remedies applied so far (core.remedies), in order; their float weights live in self.model.
+        self.remedies: list[RemedyReport] = []
         self._prepare()
 
     # ---- model -------------------------------------------------------------------------
@@ -472,6 +477,34 @@ class Session:
         batch = self.preprocessor([image])
         return tuple(patch_layout(self.qmodel, batch["pixel_position_ids"]).grid)
 
+    # ---- remedies (the work lives in core.remedies.apply) -----------------------------
+
+    def apply_remedies(self, steps: Sequence[RemedyStep], progress: Progress | None = None, cancel=None) -> FixResult:
+        """Apply remedy steps (smoothing -> recalibrate -> rounding -> mixed) and measure the error
+        before and after on the same images. The steps run on a copy of the model that replaces
+        the session's only when they all finish: a cancelled or failed run changes nothing."""
+        self.require_calibrated()
+        steps = tuple(steps)
+        validate_plan(self.qmodel, steps)
+        usable = self.usable_images()
+        if not usable:
+            raise NoImagesError(None, "the session has no usable image to fix with")
+        # Calibration-driven remedies see the images the statistics came from.
+        calib_entries = [e for e in usable if e.status == "used"] or usable
+        # evalset: measure on session.evaluation_images once that lands; until then the usable images.
+        eval_entries = usable
+        calib = list(batches_to_device(self.batches(calib_entries), self.device))
+        evaluation = list(batches_to_device(self.batches(eval_entries), self.device))
+        # No torch.no_grad() here: AdaRound optimises with gradients; the passes that need none disable them.
+        qmodel, result, config = fix_model(self.qmodel, self.config, steps, calib, evaluation, progress=progress, cancel=cancel)
+        self.qmodel, self.model, self.config = qmodel, qmodel.source, config
+        self.remedies = [*self.remedies, *result.reports]
+        self._new_stats_version()
+        self.last_compare = result.after
+        self.events.calibrated.emit(self.stats_version)
+        self.events.remedied.emit(result)
+        return result
+
     # ---- diagnostics (thin entry points; the work lives in the modules named) -----------
 
     def image_error_maps(self, image, progress: Progress | None = None, cancel=None):
@@ -483,9 +516,9 @@ class Session:
     ):
         """The unit where the error jumps most, local vs inherited error (core.analysis.divergence);
         `keep_float`: modules kept float in the quantized runs (the Errors tab's what-if)."""
-        return locate_divergence(
-            self, images=images, unit=unit, progress=progress, cancel=cancel, keep_float=keep_float
-        )
+        result = locate_divergence(self, images=images, unit=unit, progress=progress, cancel=cancel, keep_float=keep_float)
+        self.events.analysed.emit("divergence", result)  # as analyse() does: the Fix tab pre-fills its globs from it
+        return result
 
     def locate_extreme(self, observer_name: str, which: str = "max"):
         """The image and patch where an observer's min or max occurred (core.analysis.provenance)."""
@@ -516,6 +549,8 @@ class Session:
         saved = read_session(folder)
         session = cls(saved.model_spec, saved.config, saved.max_soft_tokens, device=device)
         session._checkpoint_hash = saved.checkpoint_sha256
+        # The remedied float weights go in before the statistics freeze the fake-quantized weights.
+        session.remedies = read_remedies(folder, saved.manifest, session.model)
         try:
             load_observer_state(session.qmodel, saved.tensors, saved.provenance)
         except (KeyError, ValueError, RuntimeError) as e:

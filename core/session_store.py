@@ -15,6 +15,10 @@ Session folder format (``FORMAT_VERSION`` 1)::
                              load) and the sha256 of observers.safetensors
       observers.safetensors  every observer's statistics and frozen qparams (min / max,
                              histograms, scale, zero_point), keyed "<observer name>/<field>"
+      remedies.json          only when remedies were applied (manifest "remedies" names it and
+                             its sha256): the plan, each step's report, the changed parameters
+      remedied_weights.safetensors  the float parameters the remedies changed (their qualified
+                             names in the HF vision model), loaded over the model's own weights
 
 A save is atomic (core.io.staged_folder): the new folder is written next to the target under a
 temporary name and swapped in with one rename; an existing session is kept until the new one is
@@ -44,11 +48,15 @@ from core.data.images import SUPPORTED_SOFT_TOKENS
 from core.errors import PTQStudioError, SessionFileError, UnwritablePathError, one_line
 from core.io import atomic_write_text, file_sha256, json_safe, recover_folder, staged_folder
 from core.quant.mode import Mode
+from core.remedies.apply import changed_parameters
+from core.remedies.plan import RemedyReport, plan_to_json
 
 FORMAT = "ptq-studio-session"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 OBSERVERS = "observers.safetensors"
+REMEDIES = "remedies.json"
+REMEDIED_WEIGHTS = "remedied_weights.safetensors"
 # Sessions saved before the built-in models got their trained-like scales name "tiny" / "e2b"
 # without an "init" entry: their statistics belong to today's "-chaotic" models.
 BUILTIN_INIT = "calm-1"
@@ -179,6 +187,9 @@ def write_session(session, folder: str | os.PathLike) -> Path:
             with open(tmp / OBSERVERS, "rb+") as f:
                 os.fsync(f.fileno())
             manifest = build_manifest(session)
+            remedies = write_remedies(session, tmp)
+            if remedies is not None:
+                manifest["remedies"] = remedies
             manifest["observers"] = {
                 "file": OBSERVERS,
                 "sha256": file_sha256(tmp / OBSERVERS),
@@ -189,6 +200,73 @@ def write_session(session, folder: str | os.PathLike) -> Path:
     except OSError as e:
         raise UnwritablePathError(folder, e.strerror or str(e)) from None
     return folder
+
+
+def write_remedies(session, folder: Path) -> dict[str, Any] | None:
+    """Write remedies.json and remedied_weights.safetensors into `folder`; their manifest entry (None: no remedies)."""
+    reports = list(getattr(session, "remedies", []) or [])
+    if not reports:
+        return None
+    names = changed_parameters(reports)
+    params = dict(session.model.named_parameters())
+    tensors = {name: params[name].detach().cpu().contiguous().clone() for name in names}
+    safetensors.torch.save_file(tensors, str(folder / REMEDIED_WEIGHTS), metadata={"format": FORMAT})
+    doc = {"plan": plan_to_json([r.step for r in reports]), "reports": [r.to_json() for r in reports], "parameters": names}
+    atomic_write_text(folder / REMEDIES, json.dumps(json_safe(doc), indent=2) + "\n")
+    return {
+        "file": REMEDIES,
+        "sha256": file_sha256(folder / REMEDIES),
+        "weights": REMEDIED_WEIGHTS,
+        "weights_sha256": file_sha256(folder / REMEDIED_WEIGHTS),
+        "steps": [r.step.kind for r in reports],
+    }
+
+
+def read_remedies(folder: str | os.PathLike, manifest: dict[str, Any], model) -> list[RemedyReport]:
+    """The saved remedies' reports, their float weights loaded into `model` (nothing for older sessions)."""
+    meta = manifest.get("remedies")
+    if meta is None:
+        return []
+    folder = Path(folder)
+    fix = "save the session again from the PTQ Studio that fixed it, or quantize and fix again"
+    if not isinstance(meta, dict):
+        raise session_error(folder / MANIFEST, "corrupt (its remedies entry is not a mapping)", fix)
+    rpath = _session_member(folder, meta.get("file"), meta.get("sha256"), fix)
+    wpath = _session_member(folder, meta.get("weights"), meta.get("weights_sha256"), fix)
+    try:
+        doc = json.loads(rpath.read_text(encoding="utf-8"))
+        reports = [RemedyReport.from_json(r) for r in doc["reports"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, PTQStudioError) as e:
+        raise session_error(rpath, f"corrupt ({one_line(e)})", fix) from None
+    try:
+        tensors = safetensors.torch.load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise session_error(wpath, f"corrupt ({one_line(e)})", fix) from None
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        own = params.get(name)
+        if own is None or own.shape != t.shape or own.dtype != t.dtype:
+            found = "no such parameter" if own is None else f"model has {tuple(own.shape)} {own.dtype}"
+            raise session_error(wpath, f"does not fit this model ({name}: saved {tuple(t.shape)} {t.dtype}, {found})", fix)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].device))
+    return reports
+
+
+def _session_member(folder: Path, name: Any, sha256: Any, fix: str = "quantize again to create a new session") -> Path:
+    """A file the manifest names inside the session folder, checked against its sha256."""
+    # A plain file name only: a manifest must not make us read (and trust) a file elsewhere.
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise session_error(folder / MANIFEST, f"names {name!r}, which is not a file name inside the session folder", fix)
+    path = folder / name
+    if path.resolve().parent != folder.resolve():
+        raise session_error(path, "links outside the session folder; the file must live inside it", fix)
+    if not path.is_file():
+        raise session_error(path, "missing", fix)
+    if file_sha256(path) != sha256:
+        raise session_error(path, "corrupt (content does not match the manifest's sha256)", fix)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,18 +363,8 @@ def read_session(folder: str | os.PathLike) -> SessionFile:
 def _read_observers(folder: Path, mpath: Path, obs_meta) -> tuple[Path, dict[str, torch.Tensor]]:
     """The observer file the manifest names, checked against its sha256, and its tensors."""
     oname = obs_meta.get("file", OBSERVERS) if isinstance(obs_meta, dict) else None
-    # A plain file name only: a manifest must not make us read (and trust) a file elsewhere.
-    if not isinstance(oname, str) or not oname or Path(oname).name != oname or oname in (".", ".."):
-        raise session_error(mpath, f"observer file {oname!r} is not a file name inside the session folder")
-    opath = folder / oname
-    if opath.resolve().parent != folder.resolve():
-        raise session_error(opath, "links outside the session folder; the observer file must live inside it")
-    if not opath.is_file():
-        raise session_error(opath, "missing")
-    if file_sha256(opath) != obs_meta.get("sha256"):
-        raise session_error(opath, "corrupt (content does not match the manifest's sha256)")
+    opath = _session_member(folder, oname, obs_meta.get("sha256") if isinstance(obs_meta, dict) else None)
     try:
         return opath, safetensors.torch.load_file(str(opath))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise session_error(opath, f"corrupt ({one_line(e)})") from None
-

@@ -53,6 +53,7 @@ __all__ = [
     "resolved_specs",
     "describe_config",
     "owner_modules",
+    "pair_results",
     "DEFAULT_MARGIN_DB",
     "TIE_DB",
 ]
@@ -370,6 +371,13 @@ def _pair(
         result_a=res_a,
         result_b=res_b,
     )
+
+
+def pair_results(
+    config_a: PTQConfig, config_b: PTQConfig, res_a: CompareResult, res_b: CompareResult, names: list[str], tie_db: float = TIE_DB
+) -> ABResult:
+    """Two evaluations on the same images paired as A and B (e.g. before and after a remedy)."""
+    return _pair(config_a, config_b, res_a, res_b, names, tie_db)
 
 
 # ---------------------------------------------------------------------------------------------

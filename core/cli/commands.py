@@ -30,6 +30,7 @@ from core.cli.common import (
     rejected_text,
     table,
 )
+from core.cli.fix import remedies_line
 from core.config import DEFAULT_SOFT_TOKENS, OBSERVERS, build_config, check_globs
 from core.errors import CancelledError
 from core.io import json_safe
@@ -162,6 +163,7 @@ def report_document(
         "divergence": divergence.to_dict() if divergence is not None else None,
         "observers": [r.to_dict(histogram=histograms) for r in records],
         "errors": compare_result.to_dict(),
+        "remedies": [r.to_json() for r in getattr(session, "remedies", [])],
         "plots": plots or [],
     }
 
@@ -244,6 +246,7 @@ def _report_text(session, res, rejected, divergence, plots: list[str], top: int,
             [
                 rejected_text(rejected),
                 divergence.summary_line() if divergence is not None else "",
+                remedies_line(getattr(session, "remedies", [])),
                 f"Observers ({len(records)})",
                 table(obs_rows, ["observer", "kind", "dtype", "min", "max", "scale", "zp", "max set by", ""]),
                 "",

@@ -1,6 +1,6 @@
 """`ptq-studio` command line: the parser, the dispatch and the error handling. The commands live in
-core.cli.commands (quantize, report, export, sensitivity) and core.cli.diag (images, locate,
-recalibrate, ab); what they share is in core.cli.common. The console script's launcher
+core.cli.commands (quantize, report, export, sensitivity), core.cli.diag (images, locate,
+recalibrate, ab) and core.cli.fix (fix); what they share is in core.cli.common. The console script's launcher
 (ptq_studio.launcher) opens the GUI when given no argument; here no argument is a usage error.
 
 Exit codes: 0 success; 2 user error (bad arguments, no usable image, unreadable session,
@@ -19,13 +19,13 @@ import traceback
 from collections.abc import Sequence
 from importlib import metadata
 
-from core.cli import commands, diag
+from core.cli import commands, diag, fix
 from core.cli.common import Channels, Progress
 from core.errors import PTQStudioError, one_line
 from core.io import json_safe
 
 PROG = "ptq-studio"
-COMMANDS = {**diag.COMMANDS, **commands.COMMANDS}
+COMMANDS = {**diag.COMMANDS, **commands.COMMANDS, **fix.COMMANDS}
 
 
 class UsageError(Exception):
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     commands.add_parsers(sub)
     diag.add_parsers(sub)
+    fix.add_parsers(sub)
     return p
 
 
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.command:
         message = (
-            "choose a command: quantize, report, export, sensitivity, images, locate, recalibrate, ab "
+            "choose a command: quantize, report, export, sensitivity, images, locate, recalibrate, ab, fix "
             f"(see {PROG} --help)"
         )
         return _fail(wants_json, None, "UsageError", f"{PROG}: {message}", message, 2)

@@ -131,7 +131,7 @@ def test_ab_int16_activations_table_chart_and_exports(calibrated, qtbot, tmp_pat
     window = calibrated
     session = window.session
     tab = window.ab_tab
-    assert [window.tabs.tabText(i) for i in range(window.tabs.count())][2:4] == ["Errors", "A/B"]
+    assert [window.tabs.tabText(i) for i in range(window.tabs.count())][2:5] == ["Errors", "Fix", "A/B"]
     window.tabs.setCurrentWidget(tab)
     tab.activation_combo.setCurrentText("int16")
     tab.weight_combo.setCurrentText("uint8")

@@ -66,7 +66,7 @@ def test_opens_on_tiny_with_samples_and_object_names(make_window, sample_images)
     assert f"images: {len(sample_images)}" in window.status_images.text()
     assert "memory" in window.status_memory.text()
     qtbot_tabs = [window.tabs.tabText(i) for i in range(window.tabs.count())]
-    assert qtbot_tabs == ["Calibration", "Ranges", "Errors", "A/B", "Export", "Netron"]
+    assert qtbot_tabs == ["Calibration", "Ranges", "Errors", "Fix", "A/B", "Export", "Netron"]
 
 
 def test_window_state_and_folders_kept_in_qsettings(make_window, qsettings, tmp_path):

@@ -1,0 +1,158 @@
+"""The Fix tab: calibrate, locate the first divergence, apply a remedy (a fake that really changes
+weights, tests/remedy_fakes.py) to that layer, see the SQNR change, the ranges before/after, export."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QPushButton
+from test_app_truth import LONG, _calibrate, _wait_idle
+
+from app.fix_state import FixViewState
+from core.remedies import rounding
+from tests import remedy_fakes
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    remedy_fakes.install(monkeypatch)
+
+
+def test_view_state_keeps_a_fix_until_the_statistics_change():
+    view = FixViewState()
+    assert view.located(SimpleNamespace(located=SimpleNamespace(name="encoder.layers.1"))) == "encoder.layers.1"
+    assert view.located(SimpleNamespace(located=SimpleNamespace(name="model"))) is None  # the root is no glob
+    view.fixed("result", 3)
+    assert not view.statistics_changed(3) and view.result == "result"
+    assert view.statistics_changed(4) and view.stale and view.result is None
+    assert view.pareto_points() == []
+
+
+def test_fix_the_first_divergence_see_the_change_and_export(make_window, sample_images, qtbot, fakes, tmp_path):
+    window = make_window(sample_images[:2])
+    session = window.session
+    tab = window.fix_tab
+    _calibrate(qtbot, window)  # the Errors tab's analysis locates the first divergence
+    located = window.errors_tab.divergence.located.name
+    qtbot.waitUntil(lambda: tab.globs["gptq"].text() == located, timeout=LONG)
+    assert located in tab.message.text()
+
+    window.tabs.setCurrentWidget(tab)
+    tab.checks["gptq"].setChecked(True)
+    tab.checks["smoothquant"].setChecked(True)  # smoothing recalibrates: the ranges move
+    weights_before = {k: v.detach().clone() for k, v in session.model.named_parameters()}
+    with qtbot.waitSignal(tab.sigFixed, timeout=LONG) as blocker:
+        qtbot.mouseClick(tab.apply_button, Qt.LeftButton)
+    result = blocker.args[0]
+    _wait_idle(qtbot, window)
+    # that layer's linears (and only they) changed
+    changed = {k for k, v in session.model.named_parameters() if not torch.equal(v, weights_before[k])}
+    assert changed and all(k.startswith(located + ".") for k in changed)
+    assert [r.step.kind for r in result.reports] == ["smoothquant", "gptq"]
+    assert set(result.reports[1].summary["parameters"]) == changed
+    # the end-to-end SQNR before -> after, as the session measured it
+    assert result.sqnr_after_db != result.sqnr_before_db
+    text = tab.summary_label.text()
+    assert f"{result.sqnr_before_db:.2f} dB" in text and f"{result.sqnr_after_db:.2f} dB" in text
+    # the A/B charts, reused: before and after per module
+    _, after_y = tab.charts.curve_b.getData()
+    np.testing.assert_allclose(after_y, [m.b.sqnr_db for m in result.comparison.modules])
+
+    # the Ranges tab shows the ranges before the fix beside the new ones
+    ranges = window.ranges_tab
+    column = ranges.model.columnCount() - 1
+    qtbot.waitUntil(lambda: not ranges.table.isColumnHidden(column), timeout=LONG)
+    assert ranges.model.headerData(column, Qt.Horizontal) == "Before fix"
+    old = {r.name: r for r in result.observers_before}
+    shown = [ranges.model.data(ranges.model.index(row, column)) for row in range(ranges.model.rowCount())]
+    moved = [not (np.array_equal(old[r.name].min, r.min) and np.array_equal(old[r.name].max, r.max)) for r in ranges.records]
+    assert any(moved) and not all(moved)
+    assert [bool(text) for text in shown] == moved  # a "before" range only where the fix moved it
+    assert "gptq" in tab.applied_label.text() and "smoothquant" in tab.applied_label.text()
+
+    # the export carries the remedied model (the child rebuilds it from a saved copy)
+    export = window.export_tab
+    window.tabs.setCurrentWidget(export)
+    export.path_edit.setText(str(tmp_path / "fixed.circle"))
+    with qtbot.waitSignal(export.sigExported, timeout=600_000) as blocker:
+        qtbot.mouseClick(window.findChild(QPushButton, "exportButton"), Qt.LeftButton)
+    exported = blocker.args[0]
+    _wait_idle(qtbot, window)
+    assert exported.tensors_without_qparams == []
+    assert exported.verify.verdict.level == "verified", exported.verify.verdict
+
+
+def test_a_cancelled_fix_leaves_the_session_and_the_tab_as_they_were(make_window, sample_images, qtbot, fakes, monkeypatch):
+    def slow_rounding(qmodel, batches, globs, method="gptq", *, progress=None, cancel=None, **options):
+        remedy_fakes.fake_rounding(qmodel, batches, globs, method)  # changes the (copied) weights...
+        for i in range(600):  # ...then waits to be cancelled
+            progress(i, 600, "rounding")
+            cancel.raise_if_cancelled(method)
+            time.sleep(0.05)
+        pytest.fail("never cancelled")
+
+    monkeypatch.setattr(rounding, "apply_weight_rounding", slow_rounding)
+    window = make_window(sample_images[:1])
+    session = window.session
+    tab = window.fix_tab
+    _calibrate(qtbot, window)
+    weights = {k: v.detach().clone() for k, v in session.model.named_parameters()}
+    version, qmodel = session.stats_version, session.qmodel
+    tab.checks["gptq"].setChecked(True)
+    tab.globs["gptq"].setText("encoder.layers.0")
+    qtbot.mouseClick(tab.apply_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: "rounding" in tab.progress.bar.format(), timeout=LONG)
+    qtbot.mouseClick(tab.progress.cancel_button, Qt.LeftButton)
+    _wait_idle(qtbot, window)
+    assert "Cancelled" in tab.message.text() and tab.apply_button.isEnabled()
+    assert session.qmodel is qmodel and session.stats_version == version and session.remedies == []
+    for k, v in session.model.named_parameters():
+        assert torch.equal(v, weights[k]), k
+    assert tab.view.result is None and "Applied: none" == tab.applied_label.text()
+
+
+def test_a_glob_that_matches_nothing_is_said_in_one_line(make_window, sample_images, qtbot, fakes):
+    window = make_window(sample_images[:1])
+    tab = window.fix_tab
+    _calibrate(qtbot, window)
+    tab.checks["cle"].setChecked(True)
+    tab.globs["cle"].setText("encoder.layerz.*")
+    qtbot.mouseClick(tab.apply_button, Qt.LeftButton)
+    _wait_idle(qtbot, window)
+    assert "encoder.layerz.*" in tab.message.text() and "closest" in tab.message.text()
+    assert window.session.remedies == [] and "encoder.layerz.*" in window.statusBar().currentMessage()
+
+
+def test_mixed_precision_shows_the_pareto_curve_and_a_click_applies_a_point(make_window, sample_images, qtbot, fakes):
+    window = make_window(sample_images[:1])
+    session = window.session
+    tab = window.fix_tab
+    _calibrate(qtbot, window)
+    tab.mixed_check.setChecked(True)
+    tab.mixed_mode.setCurrentIndex(tab.mixed_mode.findData("target_sqnr_db"))
+    tab.mixed_value.setValue(25.0)
+    with qtbot.waitSignal(tab.sigFixed, timeout=LONG) as blocker:
+        qtbot.mouseClick(tab.apply_button, Qt.LeftButton)
+    _wait_idle(qtbot, window)
+    assert blocker.args[0].reports[0].step.params == {"target_sqnr_db": 25.0}
+    spots = tab.pareto.points.points()
+    assert [(s.pos().x() * 1024, s.pos().y()) for s in spots] == [(p.cost_bytes, p.sqnr_db) for p in remedy_fakes.POINTS[:2]]
+    assert session.config.spec_for("encoder.layers.0.mlp", "activation").dtype == "int16"
+    assert session.config.spec_for("encoder.layers.0.self_attn", "activation").dtype != "int16"
+    # the window keeps the new dtypes for the configs its panel builds later
+    assert window.extra_overrides.keys() == {"encoder.layers.0.mlp"}
+    assert window.model_panel.summary["overrides"].text() == "1 per-module override(s)"
+
+    # a click on the dearer point applies its dtypes, without a new search
+    with qtbot.waitSignal(tab.sigFixed, timeout=LONG) as blocker:
+        tab.pareto.sigPointClicked.emit(spots[1].data())
+    _wait_idle(qtbot, window)
+    step = blocker.args[0].reports[0].step
+    assert step.kind == "mixed" and step.params["overrides"] == remedy_fakes.POINTS[1].overrides
+    assert session.config.spec_for("encoder.layers.0.self_attn", "activation").dtype == "int16"
+    assert [r.step.kind for r in session.remedies] == ["mixed", "mixed"]
