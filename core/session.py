@@ -491,8 +491,8 @@ class Session:
             raise NoImagesError(None, "the session has no usable image to fix with")
         # Calibration-driven remedies see the images the statistics came from.
         calib_entries = [e for e in usable if e.status == "used"] or usable
-        # evalset: measure on session.evaluation_images once that lands; until then the usable images.
-        eval_entries = usable
+        # Before/after are measured on the evaluation set, as every other error the window shows.
+        eval_entries = self.evaluation_images
         calib = list(batches_to_device(self.batches(calib_entries), self.device))
         evaluation = list(batches_to_device(self.batches(eval_entries), self.device))
         # No torch.no_grad() here: AdaRound optimises with gradients; the passes that need none disable them.
