@@ -26,6 +26,7 @@ from core.remedies.mixed import (
     pareto_front,
     search_mixed_precision,
 )
+from core.remedies.mixed_units import option_dtypes
 
 CALIB, EVAL = 4, 2
 # Every kind of change a point makes: wider and narrower weights, 16-bit activations, a module kept float.
@@ -157,6 +158,9 @@ def test_search_reaches_the_target_no_dearer_than_greedy(searched):
     cheapest = min((p for p in result.points if p.origin == "search" and p.sqnr_db >= goal), key=lambda p: p.cost_bytes)
     assert result.chosen.cost_bytes == cheapest.cost_bytes
     assert {p.origin for p in result.points} <= set(ORIGINS)
+    # Uniform activations (the default): every point gives all its modules one activation dtype.
+    for p in result.points:
+        assert len({option_dtypes(v)[0] for v in p.overrides.values() if v != "float"}) == 1, p.overrides
     # Progress once per evaluated configuration, counting up.
     assert [d for d, _, _ in seen] == list(range(1, len(seen) + 1))
     assert len(seen) == len({tuple(p.overrides.values()) for p in result.points})
@@ -221,7 +225,14 @@ def test_cancel_leaves_config_and_qparams_unchanged(tiny, batches):
 
     with pytest.raises(CancelledError):
         search_mixed_precision(
-            q, PTQConfig(), held_out, target_sqnr_db=40.0, unit="layer", progress=progress, cancel=token
+            q,
+            PTQConfig(),
+            held_out,
+            target_sqnr_db=40.0,
+            unit="layer",
+            activations="per-unit",
+            progress=progress,
+            cancel=token,
         )
     _assert_same_state(_state(q), before)
     assert q.ctx.config == PTQConfig() and q.mode is Mode.QUANT
@@ -232,6 +243,13 @@ def test_unreachable_target_says_why_and_bad_targets_fail_first(tiny, batches):
     q = _calibrated(tiny, calib, PTQConfig())
     result = search_mixed_precision(q, PTQConfig(), held_out, target_sqnr_db=400.0, unit="layer")
     assert result.chosen is None and "out of reach" in result.reason and "\n" not in result.reason
-    for kwargs in ({}, {"target_sqnr_db": 30.0, "within_db_of_int16": 1.0}, {"within_db_of_int16": -1.0}):
+    bad = (
+        {},
+        {"target_sqnr_db": 30.0, "within_db_of_int16": 1.0},
+        {"within_db_of_int16": -1.0},
+        {"target_sqnr_db": 30.0, "activations": "mixed"},
+        {"target_sqnr_db": 30.0, "unit": "block"},
+    )
+    for kwargs in bad:
         with pytest.raises(ConfigError):
             search_mixed_precision(q, PTQConfig(), held_out, **kwargs)

@@ -1,7 +1,9 @@
 """Mixed precision to a target: the cheapest per-module dtypes that reach an end-to-end SQNR.
 
 Candidates per unit (core.remedies.mixed_units) in cost order: weights uint4 < uint8 < int16,
-activations uint8 < int16, float as the last resort (leaf units only). The cost of a configuration is
+activations uint8 < int16, float as the last resort (leaf units only). By default the activation dtype
+is one choice for the whole model (the search runs once with uint8 and once with int16 activations):
+that is what TICO 0.3 exports as evaluated (search_mixed_precision's docstring). The cost of a configuration is
 its estimated exported size (core.remedies.cost), with the number of ops computed in a wider dtype
 reported beside it. Every configuration is evaluated on the same images against float references
 computed once; the model is retargeted (core.ptq.retarget), never recalibrated.
@@ -38,9 +40,17 @@ from core.io import json_safe
 from core.ptq import retarget
 from core.quant.mode import Mode
 from core.remedies.cost import TensorSizes, estimate_bytes, wide_ops
-from core.remedies.mixed_units import MixedUnit, assignment_overrides, config_with, dominates, mixed_units
+from core.remedies.mixed_units import (
+    ACTIVATION_DTYPES,
+    MixedUnit,
+    assignment_overrides,
+    config_with,
+    dominates,
+    mixed_units,
+)
 
 ORIGINS = ("search", "greedy", "baseline")
+ACTIVATION_MODES = ("uniform", "per-unit")
 
 
 @dataclass
@@ -150,18 +160,48 @@ def apply_mixed_point(qmodel, config: PTQConfig, point: ParetoPoint) -> PTQConfi
 # ---------------------------------------------------------------------------------------------
 
 
+def _references(qmodel, batches) -> tuple[list[dict], list[torch.Tensor]]:
+    """Each batch's model inputs and its float output (float64, flat): the QUANT graph kept float."""
+    device = model_device(qmodel)
+    inputs = [model_inputs(b, device)[0] for b in batches]
+    with torch.no_grad():
+        return inputs, [fp_forward(qmodel, x).reshape(-1).double() for x in inputs]
+
+
+def _noise(qmodel, inputs, refs) -> float:
+    """Sum of squared differences of the quantized outputs from the float references."""
+    noise = 0.0
+    with torch.no_grad():
+        for x, ref in zip(inputs, refs):
+            d = quant_forward(qmodel, x, []).reshape(-1).double() - ref
+            noise += float(torch.dot(d, d))
+    return noise
+
+
+def end_to_end_sqnr(qmodel, config: PTQConfig, batches: Sequence[Mapping[str, Any]]) -> float:
+    """End-to-end SQNR (dB) of the calibrated model under `config`'s dtypes on these images; the model
+    comes back with its own config, qparams and mode."""
+    original, flags = qmodel.ctx.config, qmodel.observer_flags()
+    try:
+        with qmodel.mode_as(Mode.QUANT):
+            inputs, refs = _references(qmodel, list(batches))
+            retarget(qmodel, config)
+            noise = _noise(qmodel, inputs, refs)
+    finally:
+        retarget(qmodel, original)
+        qmodel.set_observer_flags(flags)
+    return sqnr_from_sums(sum(float(torch.dot(r, r)) for r in refs), noise)
+
+
 class _Evaluator:
     """Evaluates assignments (one option per unit) on fixed images: float references computed once."""
 
-    def __init__(self, qmodel, base: PTQConfig, units: list[MixedUnit], batches, sizes: TensorSizes, tick) -> None:
+    def __init__(self, qmodel, base: PTQConfig, units: list[MixedUnit], references, sizes: TensorSizes, tick, points):
         self.qmodel, self.base, self.units, self.sizes, self.tick = qmodel, base, units, sizes, tick
-        self.points: list[ParetoPoint] = []
+        self.points: list[ParetoPoint] = points  # shared by every evaluator of one search
         self.seen: dict[tuple[tuple[str, ...], str], ParetoPoint] = {}
         self.noise: dict[tuple[str, ...], float] = {}
-        device = model_device(qmodel)
-        self.inputs = [model_inputs(b, device)[0] for b in batches]
-        with torch.no_grad():
-            self.refs = [fp_forward(qmodel, inputs).reshape(-1).double() for inputs in self.inputs]
+        self.inputs, self.refs = references
         self.signal = sum(float(torch.dot(r, r)) for r in self.refs)
 
     def config(self, assignment: Sequence[str]) -> PTQConfig:
@@ -184,12 +224,7 @@ class _Evaluator:
             config = self.config(key)
             self.tick(f"{origin}: evaluating configuration {len(self.noise) + 1}")
             retarget(self.qmodel, config)
-            noise = 0.0
-            with torch.no_grad():
-                for inputs, ref in zip(self.inputs, self.refs):
-                    d = quant_forward(self.qmodel, inputs, []).reshape(-1).double() - ref
-                    noise += float(torch.dot(d, d))
-            self.noise[key] = noise
+            noise = self.noise[key] = _noise(self.qmodel, self.inputs, self.refs)
             figures = (estimate_bytes(self.qmodel, config, self.sizes), wide_ops(self.qmodel, config, self.sizes))
             sqnr = sqnr_from_sums(self.signal, noise)
         else:
@@ -235,25 +270,34 @@ def search_mixed_precision(
     progress: Callable[..., None] | None = None,
     cancel=None,
     unit: str = "kind",
+    activations: str = "uniform",
 ) -> MixedPrecisionResult:
     """Search per-module dtypes for the cheapest configuration that reaches the target on these images.
 
+    activations="uniform" (the default) gives every module the same activation dtype and chooses the
+    weights (and float) per unit, once with uint8 and once with int16 activations: TICO 0.3 converts
+    only some activation dtype changes inside the graph (a linear from int16 into uint8 is refused,
+    one from uint8 into int16 is computed in uint8), so only uniform activations export as evaluated.
+    "per-unit" chooses activations per unit too (cheaper points that may not export).
     The model must be calibrated; it comes back with `config`'s dtypes, qparams and mode (also when
     cancelled: CancelledError). `progress(done, total, message)` is called per evaluated configuration.
     """
     start = time.perf_counter()
     target = _resolve_target(target_sqnr_db, within_db_of_int16)
+    if activations not in ACTIVATION_MODES:
+        raise ConfigError(f"unknown activations mode {activations!r}; use one of {', '.join(ACTIVATION_MODES)}")
     batches = list(batches)
     if not batches:
         raise ConfigError("mixed precision needs at least one evaluation image")
     if not isinstance(config, PTQConfig):
         raise ConfigError(f"expected a PTQConfig, got {type(config).__name__}")
     cancel = cancel or CancelToken()
-    units = mixed_units(qmodel, config, unit)
-    if not units:
+    modes = ACTIVATION_DTYPES if activations == "uniform" else (None,)
+    runs = [mixed_units(qmodel, config, unit, activation=a) for a in modes]
+    if not runs[-1]:
         raise ConfigError("every module is kept float: there is no dtype to choose")
     original_config, original_flags = qmodel.ctx.config, qmodel.observer_flags()
-    planned = 3 + sum(len(u.options) - 1 for u in units)
+    planned = 3 + sum(len(u.options) + 1 for units in runs for u in units)
     done = 0
 
     def tick(message: str) -> None:
@@ -264,45 +308,56 @@ def search_mixed_precision(
         if progress is not None:
             progress(done, planned, message)
 
+    points: list[ParetoPoint] = []
     try:
         with qmodel.mode_as(Mode.QUANT):
             sizes = TensorSizes.measure(qmodel, batches[0])
-            ev = _Evaluator(qmodel, config, units, batches, sizes, tick)
-            result = _run(ev, units, target)
+            references = _references(qmodel, batches)
+            evs = [_Evaluator(qmodel, config, units, references, sizes, tick, points) for units in runs]
+            # The last run's widest integer options are int16 everywhere.
+            int16 = evs[-1].evaluate(tuple(u.widest_integer for u in runs[-1]), "baseline", "all int16")
+            if target["kind"] == "within_int16":
+                target = {**target, "int16_sqnr_db": int16.sqnr_db, "sqnr_db": int16.sqnr_db - target["within_db"]}
+            outcomes = [_run(ev, target["sqnr_db"], mode) for ev, mode in zip(evs, modes)]
     finally:
         retarget(qmodel, original_config)
         qmodel.set_observer_flags(original_flags)
-    result.units = [u.glob for u in units]
+    result = MixedPrecisionResult(target=target, points=points, units=[u.glob for u in runs[-1]])
+    goal = result.target_sqnr_db
+    greedy = [g for g, _ in outcomes if g is not None]
+    result.greedy = min(greedy, key=_cost_key) if greedy else None
+    met = [p for p in points if p.origin == "search" and p.sqnr_db >= goal]
+    result.chosen = min(met, key=_cost_key) if met else None
+    if result.chosen is None:
+        result.reason = next((r for _, r in reversed(outcomes) if r), "no configuration tried reaches the target")
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _run(ev: _Evaluator, units: list[MixedUnit], target: dict[str, Any]) -> MixedPrecisionResult:
+def _cost_key(p: ParetoPoint) -> tuple[int, int, float]:
+    return (p.cost_bytes, p.wide_ops, -p.sqnr_db)
+
+
+def _run(ev: _Evaluator, goal: float, activation: str | None) -> tuple[ParetoPoint | None, str]:
+    """One search over `ev`'s units: the greedy's point and, when the goal is out of reach, why."""
+    units = ev.units
+    suffix = f", {activation} activations" if activation else ""
     bottom = tuple(u.options[0] for u in units)
     top = tuple(u.widest_integer for u in units)
     ceiling = tuple(u.options[-1] for u in units)
-    top_point = ev.evaluate(top, "baseline", "all int16")
-    if target["kind"] == "within_int16":
-        target = {**target, "int16_sqnr_db": top_point.sqnr_db, "sqnr_db": top_point.sqnr_db - target["within_db"]}
-    goal = target["sqnr_db"]
-    result = MixedPrecisionResult(target=target, points=ev.points)
-    bottom_point = ev.evaluate(bottom, "baseline", "all cheapest")
+    top_point = ev.evaluate(top, "baseline", "widest integer" + suffix)
+    bottom_point = ev.evaluate(bottom, "baseline", "cheapest" + suffix)
     if bottom_point.sqnr_db >= goal:
-        result.greedy = ev.evaluate(bottom, "greedy")
-        result.chosen = ev.evaluate(bottom, "search")
-        return result
-    if top_point.sqnr_db < goal and ceiling != top:
-        ceiling_point = ev.evaluate(ceiling, "baseline", "int16, leaves float")
+        ev.evaluate(bottom, "search")
+        return ev.evaluate(bottom, "greedy"), ""
+    if top_point.sqnr_db < goal:
+        ceiling_point = ev.evaluate(ceiling, "baseline", "widest integer, leaves float" + suffix)
         if ceiling_point.sqnr_db < goal:
-            result.reason = (
-                f"target {goal:.2f} dB is out of reach: int16 everywhere with every leaf module float reaches "
-                f"{ceiling_point.sqnr_db:.2f} dB on these images"
+            return None, (
+                f"target {goal:.2f} dB is out of reach: the widest integer dtypes with every leaf module float "
+                f"reach {ceiling_point.sqnr_db:.2f} dB on these images{suffix}"
             )
-            return result
-    elif top_point.sqnr_db < goal:
-        result.reason = f"target {goal:.2f} dB is out of reach: int16 everywhere reaches {top_point.sqnr_db:.2f} dB"
-        return result
-    # Single-unit measurements around all-int16: the noise each option adds (or removes, for float).
+    # Single-unit measurements around the widest integer point: the noise each option adds (float: removes).
     n_top = ev.noise[top]
     delta: list[dict[str, float]] = []
     for i, u in enumerate(units):
@@ -314,19 +369,14 @@ def _run(ev: _Evaluator, units: list[MixedUnit], target: dict[str, Any]) -> Mixe
         delta.append(row)
     n_goal = ev.signal / (10 ** (goal / 10))
     costs = _unit_costs(ev, units, bottom)
-    result.greedy = _greedy(ev, units, delta, bottom, goal)
+    greedy = _greedy(ev, units, delta, bottom, goal)
     found = _knapsack_walk(ev, units, delta, costs, bottom, n_top, n_goal, goal)
-    starts = [p for p in (found, result.greedy) if p is not None]
     best = None
-    for point in sorted(starts, key=lambda p: p.cost_bytes):
-        if best is not None and point.cost_bytes >= best.cost_bytes:
-            continue
-        demoted = _demote(ev, units, delta, costs, _assignment_of(units, point), n_goal, goal)
-        if best is None or demoted.cost_bytes < best.cost_bytes:
-            best = demoted
-    met = [p for p in ev.points if p.origin == "search" and p.sqnr_db >= goal]
-    result.chosen = min(met, key=lambda p: (p.cost_bytes, p.wide_ops, -p.sqnr_db)) if met else best
-    return result
+    for point in sorted((p for p in (found, greedy) if p is not None), key=lambda p: p.cost_bytes):
+        if best is None or point.cost_bytes < best.cost_bytes:
+            demoted = _demote(ev, units, delta, costs, _assignment_of(units, point), n_goal, goal)
+            best = demoted if best is None or demoted.cost_bytes < best.cost_bytes else best
+    return greedy, ""
 
 
 def _with(assignment: Sequence[str], index: int, option: str) -> tuple[str, ...]:

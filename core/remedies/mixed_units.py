@@ -19,6 +19,9 @@ from core.errors import ConfigError
 
 ACTIVATION_DTYPES = ("uint8", "int16")  # cheapest first
 WEIGHT_DTYPES = ("uint4", "uint8", "int16")
+# Weight dtypes that export beside each activation dtype: TICO 0.3 refuses a uint4 weight feeding an
+# int16 linear (the conversion stops with "-1"), so int16 activations take uint8 or int16 weights.
+WEIGHTS_BESIDE = {"uint8": WEIGHT_DTYPES, "int16": ("uint8", "int16")}
 UNITS = ("kind", "layer", "module")
 ROOT_GLOB = "*"  # the root's own observers (module name "") can only be named by "*"
 _LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers)\.(?P<idx>\d+)(?:\.(?P<rest>.+))?$")
@@ -36,8 +39,8 @@ class MixedUnit:
 
     @property
     def widest_integer(self) -> str:
-        """The all-int16 option of this unit."""
-        return option_text("int16", "int16" if self.has_weight else None)
+        """The widest option short of float (options are cheapest first)."""
+        return [o for o in self.options if o != FLOAT][-1]
 
 
 def option_text(activation: str | None, weight: str | None) -> str:
@@ -80,12 +83,13 @@ def _unit_key(module_name: str, unit: str) -> str:
     return module_name
 
 
-def mixed_units(qmodel, config: PTQConfig, unit: str = "kind") -> list[MixedUnit]:
+def mixed_units(qmodel, config: PTQConfig, unit: str = "kind", activation: str | None = None) -> list[MixedUnit]:
     """The units of `qmodel` (parents first), leaving out those `config` keeps entirely float.
 
     unit="kind": one unit per module kind across the encoder layers (as the sensitivity sweep's kinds)
     plus each module outside them; "layer": one per encoder layer plus each top-level module;
-    "module": one per wrapper.
+    "module": one per wrapper. With `activation` every unit's options hold that activation dtype
+    (only weights and float are chosen); without, activations are chosen per unit too.
     """
     if unit not in UNITS:
         raise ConfigError(f"unknown mixed-precision unit {unit!r}; use one of {', '.join(UNITS)}")
@@ -101,7 +105,8 @@ def mixed_units(qmodel, config: PTQConfig, unit: str = "kind") -> list[MixedUnit
         covered = [o for o in observers if glob == ROOT_GLOB or PTQConfig.matches(glob, o.module_name)]
         leaf = glob != ROOT_GLOB and all(o.name in names for o in covered)
         has_weight = any(o.spec_request.spec_kind == "weight" for o in own)
-        options = [option_text(a, w) for a in ACTIVATION_DTYPES for w in (WEIGHT_DTYPES if has_weight else (None,))]
+        acts = ACTIVATION_DTYPES if activation is None else (activation,)
+        options = [option_text(a, w) for a in acts for w in (WEIGHTS_BESIDE[a] if has_weight else (None,))]
         if leaf:
             options.append(FLOAT)
         units.append((len(covered), MixedUnit(glob, tuple(o.name for o in own), has_weight, leaf, tuple(options))))
