@@ -1,19 +1,19 @@
 """Mixed precision to a target: the cheapest per-module dtypes that reach an end-to-end SQNR.
 
 Candidates per unit (core.remedies.mixed_units) in cost order: weights uint4 < uint8 < int16,
-activations uint8 < int16, float as the last resort (leaf units only). By default the activation dtype
-is one choice for the whole model (the search runs once with uint8 and once with int16 activations):
-that is what TICO 0.3 exports as evaluated (search_mixed_precision's docstring). The cost of a configuration is
-its estimated exported size (core.remedies.cost), with the number of ops computed in a wider dtype
-reported beside it. Every configuration is evaluated on the same images against float references
+activations uint8 < int16, float as the last resort (leaf units only). By default the activation
+dtype is one choice for the whole model (the search runs once with uint8 and once with int16
+activations): that is what TICO 0.3 exports as evaluated (search_mixed_precision's docstring). The
+cost of a configuration is its estimated exported size (core.remedies.cost), with the number of ops
+computed in a wider dtype reported beside it. Every configuration is evaluated on the same images against float references
 computed once; the model is retargeted (core.ptq.retarget), never recalibrated.
 
 Two searches run on the same evaluations:
 
 - greedy (the reference): units ordered by sensitivity (the noise a unit adds when it alone is at its
-  cheapest option and every other unit at int16); from the all-cheapest configuration, passes over the
-  units, most sensitive first, move each unit one step up its chain of ever wider options until the
-  target is reached; float only once every unit is at int16.
+  cheapest option and every other unit at its widest integer option); from the all-cheapest
+  configuration, passes over the units, most sensitive first, move each unit one step up its chain of
+  ever wider options until the target is reached; float only once every unit is at its widest integer.
 - search: the single-unit measurements give each option's noise change; with the noise of the units
   taken as additive, options are bought in order of noise removed per byte (each unit along the lower
   convex hull of its options) until the predicted noise meets the target; that point is verified by
@@ -277,7 +277,8 @@ def search_mixed_precision(
     activations="uniform" (the default) gives every module the same activation dtype and chooses the
     weights (and float) per unit, once with uint8 and once with int16 activations: TICO 0.3 converts
     only some activation dtype changes inside the graph (a linear from int16 into uint8 is refused,
-    one from uint8 into int16 is computed in uint8), so only uniform activations export as evaluated.
+    "Unsupported dtype: From int16 to uint8"; one from uint8 into int16 is computed in uint8), so only
+    uniform activations export as evaluated.
     "per-unit" chooses activations per unit too (cheaper points that may not export).
     The model must be calibrated; it comes back with `config`'s dtypes, qparams and mode (also when
     cancelled: CancelledError). `progress(done, total, message)` is called per evaluated configuration.

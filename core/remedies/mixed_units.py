@@ -19,9 +19,6 @@ from core.errors import ConfigError
 
 ACTIVATION_DTYPES = ("uint8", "int16")  # cheapest first
 WEIGHT_DTYPES = ("uint4", "uint8", "int16")
-# Weight dtypes that export beside each activation dtype: TICO 0.3 refuses a uint4 weight feeding an
-# int16 linear (the conversion stops with "-1"), so int16 activations take uint8 or int16 weights.
-WEIGHTS_BESIDE = {"uint8": WEIGHT_DTYPES, "int16": ("uint8", "int16")}
 UNITS = ("kind", "layer", "module")
 ROOT_GLOB = "*"  # the root's own observers (module name "") can only be named by "*"
 _LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers)\.(?P<idx>\d+)(?:\.(?P<rest>.+))?$")
@@ -106,7 +103,7 @@ def mixed_units(qmodel, config: PTQConfig, unit: str = "kind", activation: str |
         leaf = glob != ROOT_GLOB and all(o.name in names for o in covered)
         has_weight = any(o.spec_request.spec_kind == "weight" for o in own)
         acts = ACTIVATION_DTYPES if activation is None else (activation,)
-        options = [option_text(a, w) for a in acts for w in (WEIGHTS_BESIDE[a] if has_weight else (None,))]
+        options = [option_text(a, w) for a in acts for w in (WEIGHT_DTYPES if has_weight else (None,))]
         if leaf:
             options.append(FLOAT)
         units.append((len(covered), MixedUnit(glob, tuple(o.name for o in own), has_weight, leaf, tuple(options))))

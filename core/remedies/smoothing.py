@@ -23,8 +23,6 @@ def apply_smoothquant(
     raise NotImplementedError("SmoothQuant is being written (issue 14)")
 
 
-def apply_cle(
-    qmodel, globs: Sequence[str], *, progress: Callable[..., None] | None = None, cancel=None
-) -> RemedyReport:
+def apply_cle(qmodel, globs: Sequence[str], *, progress: Callable[..., None] | None = None, cancel=None) -> RemedyReport:
     """Equalise weight ranges across consecutive linear pairs matched by the globs (function-preserving)."""
     raise NotImplementedError("cross-layer equalisation is being written (issue 14)")
