@@ -480,34 +480,69 @@ def _knapsack_walk(ev, units, delta, costs, bottom, n_top, n_goal, goal) -> Pare
 
 
 def _demote(ev, units, delta, costs, assignment, n_goal, goal) -> ParetoPoint:
-    """From a point that meets the goal, move units to cheaper options one at a time while it holds;
-    then narrow the options that cost no byte (fewer ops in a wide dtype at the same size).
+    """From a point that meets the goal, make it cheaper while the goal holds: move one unit to a
+    cheaper option; failing that, exchange (one unit cheaper, another wider, cheaper in all); at last
+    narrow the options that cost no byte (fewer ops in a wide dtype at the same size).
 
-    Moves are tried by least predicted noise per byte saved, and only those whose predicted noise
-    (the measured noise of the current point plus the move's single-unit change) meets the goal.
+    Moves are tried by predicted noise per byte saved, and only those whose predicted noise (the
+    measured noise of the current point plus the moves' single-unit changes) meets the goal; at most
+    one exchange per unit is evaluated per round.
     """
     current = tuple(assignment)
     point = ev.evaluate(current, "search")
-    for saving in (True, False):
-        improved = True
-        while improved:
-            improved = False
-            measured = ev.noise[current]
-            moves = []
-            for i, u in enumerate(units):
-                for o in u.options:
-                    saved = costs[i][current[i]] - costs[i][o]
-                    narrower = o != current[i] and dominates(current[i], o)
-                    if (saving and saved > 0) or (not saving and saved == 0 and narrower):
-                        added = delta[i][o] - delta[i][current[i]]
-                        if measured + added <= n_goal:
-                            moves.append((added / max(saved, 1), i, o))
-            for _, i, o in sorted(moves):
-                trial = _with(current, i, o)
-                if ev.met(trial, goal) is False:
-                    continue
-                candidate = ev.evaluate(trial, "search")
-                if candidate.sqnr_db >= goal:
-                    current, point, improved = trial, candidate, True
-                    break
+    for phase in ("saving", "narrowing"):
+        while True:
+            accepted = _try_moves(
+                ev, current, _moves(units, delta, costs, current, ev.noise[current], n_goal, phase), goal
+            )
+            if accepted is None and phase == "saving":
+                pairs = _exchanges(units, delta, costs, current, ev.noise[current], n_goal)
+                accepted = _try_moves(ev, current, pairs[: len(units)], goal)
+            if accepted is None:
+                break
+            current, point = accepted
     return point
+
+
+def _try_moves(ev, current, moves, goal) -> tuple[tuple[str, ...], ParetoPoint] | None:
+    """Evaluate the moves in order; the first that keeps the goal (its assignment and point), or None."""
+    for _, changes in moves:
+        trial = tuple(current)
+        for i, o in changes:
+            trial = _with(trial, i, o)
+        if ev.met(trial, goal) is False:
+            continue
+        candidate = ev.evaluate(trial, "search")
+        if candidate.sqnr_db >= goal:
+            return trial, candidate
+    return None
+
+
+def _moves(units, delta, costs, current, measured, n_goal, phase) -> list[tuple[float, tuple]]:
+    """Single-unit moves: cheaper options ("saving") or narrower ones of the same cost ("narrowing")."""
+    moves = []
+    for i, u in enumerate(units):
+        for o in u.options:
+            saved = costs[i][current[i]] - costs[i][o]
+            narrower = o != current[i] and dominates(current[i], o)
+            if (phase == "saving" and saved > 0) or (phase == "narrowing" and saved == 0 and narrower):
+                added = delta[i][o] - delta[i][current[i]]
+                if measured + added <= n_goal:
+                    moves.append((added / max(saved, 1), ((i, o),)))
+    return sorted(moves)
+
+
+def _exchanges(units, delta, costs, current, measured, n_goal) -> list[tuple[float, tuple]]:
+    """Pairs of moves, one unit cheaper and another wider, that save bytes together: most saved first."""
+    down = [(i, o) for i, u in enumerate(units) for o in u.options if costs[i][o] < costs[i][current[i]]]
+    up = [(j, p) for j, u in enumerate(units) for p in u.options if delta[j][p] < delta[j][current[j]]]
+    pairs = []
+    for i, o in down:
+        for j, p in up:
+            if i == j:
+                continue
+            saved = costs[i][current[i]] - costs[i][o] + costs[j][current[j]] - costs[j][p]
+            added = delta[i][o] - delta[i][current[i]] + delta[j][p] - delta[j][current[j]]
+            if saved > 0 and measured + added <= n_goal:
+                pairs.append((-float(saved), ((i, o), (j, p))))
+    return sorted(pairs)
