@@ -115,8 +115,9 @@ def _why_no_cheaper(result) -> str:
     best = below[0]
     return (
         f"{len(below)} of {len(alone)} cheaper single-unit options fall below the target {goal:.2f} dB even with every "
-        f"other unit at its widest integer (closest: {best.label}, {best.sqnr_db:.2f} dB), and every demotion and "
-        "exchange tried from the greedy's point falls below it too: the greedy's point is the cheapest found"
+        f"other unit at its widest integer (closest: {best.label}, {best.sqnr_db:.2f} dB), and every single-unit "
+        "demotion of the greedy's point was evaluated and falls below it too (exchanges the additive noise model "
+        "rules out were not tried): the greedy's point is the cheapest found"
     )
 
 

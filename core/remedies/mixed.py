@@ -484,9 +484,9 @@ def _demote(ev, units, delta, costs, assignment, n_goal, goal) -> ParetoPoint:
     cheaper option; failing that, exchange (one unit cheaper, another wider, cheaper in all); at last
     narrow the options that cost no byte (fewer ops in a wide dtype at the same size).
 
-    Moves are tried by predicted noise per byte saved, and only those whose predicted noise (the
-    measured noise of the current point plus the moves' single-unit changes) meets the goal; at most
-    one exchange per unit is evaluated per round.
+    Moves are tried by predicted noise per byte saved, those whose predicted noise (the measured noise
+    of the current point plus the moves' single-unit changes) meets the goal first; exchanges only when
+    it does, and at most one per unit per round.
     """
     current = tuple(assignment)
     point = ev.evaluate(current, "search")
@@ -527,9 +527,10 @@ def _moves(units, delta, costs, current, measured, n_goal, phase) -> list[tuple[
             narrower = o != current[i] and dominates(current[i], o)
             if (phase == "saving" and saved > 0) or (phase == "narrowing" and saved == 0 and narrower):
                 added = delta[i][o] - delta[i][current[i]]
-                if measured + added <= n_goal:
-                    moves.append((added / max(saved, 1), ((i, o),)))
-    return sorted(moves)
+                # Single moves are few: those the additive model expects to fail are tried too, last
+                # (the model is measured around the widest point and errs on either side far from it).
+                moves.append((measured + added > n_goal, added / max(saved, 1), ((i, o),)))
+    return [(key[1], changes) for *key, changes in sorted(moves)]
 
 
 def _exchanges(units, delta, costs, current, measured, n_goal) -> list[tuple[float, tuple]]:
