@@ -13,6 +13,7 @@ from torch import nn
 from core.cancel import CancelToken
 from core.config import PTQConfig
 from core.errors import CancelledError, ConfigError
+from core.quant.dtypes import get_dtype
 from core.quant.mode import Mode
 from core.wrappers.base import QuantContext
 from core.wrappers.registry import wrap
@@ -101,3 +102,47 @@ def convert(qmodel: QuantVisionModel) -> QuantVisionModel:
     """Freeze qparams (raises NotCalibratedError if an observer saw nothing) and enter QUANT."""
     qmodel.freeze()
     return qmodel
+
+
+def retarget(qmodel: QuantVisionModel, config: PTQConfig) -> list[str]:
+    """Give a prepared model `config`'s per-module dtypes without recalibrating; returns the observers changed.
+
+    Calibration runs the float maths whatever the dtypes (CALIB never fake-quantizes), so the
+    statistics a new preparation would collect on the same images are the ones held already: only
+    the specs, the kept-float flags, the qparams and the cached fake-quantized weights change, and
+    the result equals preparing with `config` and calibrating again. What the statistics themselves
+    depend on (the observer and its settings, per-channel or per-tensor ranges) cannot change here.
+    """
+    if not isinstance(config, PTQConfig):
+        raise ConfigError(f"expected a PTQConfig, got {type(config).__name__}")
+    old = qmodel.ctx.config
+    for key in ("observer", "percentile", "ema_momentum"):
+        if getattr(config, key) != getattr(old, key):
+            raise ConfigError(
+                f"the new config changes {key} ({getattr(old, key)} -> {getattr(config, key)}): prepare and calibrate again"
+            )
+    observers = qmodel.observers()
+    updates = []
+    for obs in observers:
+        spec, enabled = obs.spec_request.resolve(config, obs.module_name)
+        per_channel = bool(spec.per_channel and obs.spec_request.channels is not None)
+        if per_channel != obs.per_channel:
+            raise ConfigError(
+                f"the new config makes {obs.name} per-{'channel' if per_channel else 'tensor'}: prepare and calibrate again"
+            )
+        updates.append((obs, spec, enabled))
+    changed: list[str] = []
+    for obs, spec, enabled in updates:
+        if spec == obs.spec and enabled == obs.enabled:
+            continue
+        obs.spec, obs.qdtype, obs.enabled = spec, get_dtype(spec.dtype), enabled
+        if bool(obs.frozen):
+            obs.compute_qparams()
+        changed.append(obs.name)
+    qmodel.ctx.config = config
+    if changed and qmodel.ctx.mode is Mode.QUANT:
+        # A parent may fold a child's qparams into its constants (the patch embedder's bias), so every
+        # wrapper refreshes: cheap next to one forward.
+        for wrapper in qmodel.quant_modules():
+            wrapper.cache_weights()
+    return changed

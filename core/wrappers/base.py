@@ -7,9 +7,30 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from core.config import PTQConfig
+from core.config import PTQConfig, QuantSpec
 from core.quant.mode import Mode
 from core.quant.observers import Observer, make_observer
+
+
+@dataclass(frozen=True)
+class SpecRequest:
+    """What an observer asked the config for: which spec (activation or weight), whether it must be
+    per tensor, and its channel count. Kept on the observer so new dtypes can be applied without
+    building the tree again (core.ptq.retarget)."""
+
+    spec_kind: str
+    per_tensor: bool = False
+    channels: int | None = None
+
+    def resolve(self, config: PTQConfig, module_name: str) -> tuple[QuantSpec, bool]:
+        """The spec this request gets from `config` and whether the tensor is quantized (False: kept float)."""
+        spec = config.spec_for(module_name, self.spec_kind)
+        enabled = spec is not None
+        if spec is None:
+            spec = config.activation if self.spec_kind == "activation" else config.weight
+        if self.per_tensor and spec.per_channel:
+            spec = replace(spec, per_channel=False)
+        return spec, enabled
 
 
 @dataclass
@@ -58,13 +79,8 @@ class QuantModule(nn.Module):
         elementwise constants such as RMSNorm scales are weights that take the activation dtype.
         """
         config = self._ctx.config
-        spec_kind = spec_from or kind
-        spec = config.spec_for(self.module_name, spec_kind)
-        enabled = spec is not None
-        if spec is None:
-            spec = config.activation if spec_kind == "activation" else config.weight
-        if per_channel is False and spec.per_channel:
-            spec = replace(spec, per_channel=False)
+        request = SpecRequest(spec_from or kind, per_channel is False, channels)
+        spec, enabled = request.resolve(config, self.module_name)
         observer_kind = config.observer if kind == "activation" else "minmax"
         name = f"{self.module_name}.{role}" if self.module_name else role
         obs = make_observer(
@@ -79,6 +95,7 @@ class QuantModule(nn.Module):
             enabled=enabled,
             channels=channels,
         )
+        obs.spec_request = request
         self.add_module(f"obs_{role}", obs)
         self._ctx.observers.append(obs)
         return obs
