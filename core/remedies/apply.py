@@ -23,7 +23,7 @@ from core.analysis.compare import compare
 from core.analysis.observer_table import observer_table
 from core.analysis.records import CompareResult, ObserverRecord
 from core.config import PTQConfig, check_globs
-from core.errors import CancelledError, ConfigError
+from core.errors import CancelledError, ConfigError, one_line
 from core.io import finite_or_none
 from core.ptq import calibrate, convert
 from core.remedies import mixed, rounding, smoothing
@@ -203,7 +203,8 @@ def _apply_mixed(qmodel, config, step: RemedyStep, batches, progress, cancel):
         )
         point = search.chosen
         if point is None:
-            raise ConfigError(f"mixed precision: no configuration tried reaches the target {search.target}; lower the target")
+            why = one_line(search.reason) if search.reason else f"no configuration tried reaches the target {search.target}"
+            raise ConfigError(f"mixed precision: {why}; lower the target")
     new_config = mixed.apply_mixed_point(qmodel, config, point)
     modules = [name for name, _ in qmodel.wrappers() if any(PTQConfig.matches(g, name) for g in point.overrides)]
     summary = {"parameters": [], "point": asdict(point), "search": _mixed_json(search)}
