@@ -193,6 +193,22 @@ def test_save_and_load_keep_the_remedies_without_recalibrating(session, tmp_path
     assert loaded.evaluate().end_to_end.sqnr_db == pytest.approx(res.sqnr_after_db, abs=1e-9)
 
 
+def test_a_remedies_file_without_rounded_weights_still_loads(session, tmp_path):
+    """Sessions saved before rounded copies existed have only float parameters in the weights file."""
+    from safetensors.torch import load_file, save_file
+
+    session.apply_remedies([RemedyStep("gptq", (GLOB,))])
+    folder = session.save(tmp_path / "s")
+    tensors = load_file(str(folder / REMEDIED_WEIGHTS))
+    assert ROUNDED_PREFIX + LINEAR in tensors
+    save_file({k: v for k, v in tensors.items() if not k.startswith(ROUNDED_PREFIX)}, str(folder / REMEDIED_WEIGHTS))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["remedies"]["weights_sha256"] = file_sha256(folder / REMEDIED_WEIGHTS)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    loaded = Session.load(folder)
+    assert [r.step.kind for r in loaded.remedies] == ["gptq"] and loaded.qmodel.rounded_weights() == {}
+
+
 def test_a_session_without_remedies_writes_no_remedy_files(session, tmp_path):
     folder = session.save(tmp_path / "plain")
     assert not (folder / REMEDIES).exists() and "remedies" not in json.loads((folder / "manifest.json").read_text())

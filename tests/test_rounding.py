@@ -308,8 +308,9 @@ def test_cancel_restores_weights_and_qparams_exactly(minmax, images):
 
 def test_cancel_puts_back_an_earlier_rounding(gptq, images):
     """A second rounding cancelled part way leaves the first one's copies and pins, not none."""
-    q = copy.deepcopy(gptq[0])
+    q = copy.deepcopy(gptq[0])  # as fix_model copies the session's model: the rounded copies come along
     before = q.rounded_weights()
+    assert before.keys() == gptq[0].rounded_weights().keys() and before
     state = {k: v.clone() for k, v in q.state_dict().items()}
     token = CancelToken()
 
