@@ -13,7 +13,7 @@ Weights uint4 per channel, activations uint8. Each side runs in its own process
 - tico   TICO's Gemma4GPTQQuantizer (tico.quantization.prepare / convert) on the float HF vision
          model, its vision stages only, behind a stand-in for the Gemma4 multimodal model it
          expects; its rounded weights are then calibrated and evaluated through our QUANT path with
-         its own qparams pinned (Observer.pin_qparams), so both sides differ only in the rounding
+         its own qparams pinned (QuantLinear.pin_weight), so both sides differ only in the rounding
 
 SQNR is end to end (soft tokens vs the float model) over the evaluation photos. Targets: ours >=
 3 dB over min-max, and within 0.5 dB of TICO's or better. Time and peak RSS are those of the
@@ -165,9 +165,8 @@ def _tico(model, calib, evaluation) -> dict:
         factor = 2.0 if target.folded else 1.0
         scale = quantizer.scale.reshape(-1) * factor
         zero_point = quantizer.zero.reshape(-1).round().to(torch.int32) + qmin
-        wrapper = target.wrapper
-        wrapper.obs_weight.pin_qparams(scale, zero_point)
-        wrapper.pin_weight(wrapper.obs_weight.fake_quant(wrapper.linear.weight.detach()), scale, zero_point)
+        # TICO rounded the float weights themselves: pinning its grid keeps them as the rounded copy.
+        target.wrapper.pin_weight(target.wrapper.linear.weight, scale, zero_point)
         pinned += 1
     q.freeze()
     return {"tico_db": end_to_end_sqnr_db(model, q, evaluation), "seconds": seconds, "cpu_s": cpu, "peak_rss": rss.peak, "linears": pinned}

@@ -549,8 +549,8 @@ class Session:
         saved = read_session(folder)
         session = cls(saved.model_spec, saved.config, saved.max_soft_tokens, device=device)
         session._checkpoint_hash = saved.checkpoint_sha256
-        # The remedied float weights go in before the statistics freeze the fake-quantized weights.
-        session.remedies = read_remedies(folder, saved.manifest, session.model)
+        # The remedied float and rounded weights go in before the statistics (and pins) freeze the fake-quantized weights.
+        session.remedies = read_remedies(folder, saved.manifest, session.qmodel)
         try:
             load_observer_state(session.qmodel, saved.tensors, saved.provenance)
         except (KeyError, ValueError, RuntimeError) as e:

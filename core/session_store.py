@@ -18,7 +18,9 @@ Session folder format (``FORMAT_VERSION`` 1)::
       remedies.json          only when remedies were applied (manifest "remedies" names it and
                              its sha256): the plan, each step's report, the changed parameters
       remedied_weights.safetensors  the float parameters the remedies changed (their qualified
-                             names in the HF vision model), loaded over the model's own weights
+                             names in the HF vision model), loaded over the model's own weights,
+                             and the rounded weights of GPTQ / AdaRound under "rounded:<wrapper
+                             name>" (absent in older sessions, which still load)
 
 A save is atomic (core.io.staged_folder): the new folder is written next to the target under a
 temporary name and swapped in with one rename; an existing session is kept until the new one is
@@ -57,6 +59,7 @@ MANIFEST = "manifest.json"
 OBSERVERS = "observers.safetensors"
 REMEDIES = "remedies.json"
 REMEDIED_WEIGHTS = "remedied_weights.safetensors"
+ROUNDED_PREFIX = "rounded:"  # remedied_weights keys of the rounded weights (wrapper names follow)
 # Sessions saved before the built-in models got their trained-like scales name "tiny" / "e2b"
 # without an "init" entry: their statistics belong to today's "-chaotic" models.
 BUILTIN_INIT = "calm-1"
@@ -210,6 +213,8 @@ def write_remedies(session, folder: Path) -> dict[str, Any] | None:
     names = changed_parameters(reports)
     params = dict(session.model.named_parameters())
     tensors = {name: params[name].detach().cpu().contiguous().clone() for name in names}
+    for name, weight in session.qmodel.rounded_weights().items():
+        tensors[ROUNDED_PREFIX + name] = weight.detach().cpu().contiguous().clone()
     safetensors.torch.save_file(tensors, str(folder / REMEDIED_WEIGHTS), metadata={"format": FORMAT})
     doc = {"plan": plan_to_json([r.step for r in reports]), "reports": [r.to_json() for r in reports], "parameters": names}
     atomic_write_text(folder / REMEDIES, json.dumps(json_safe(doc), indent=2) + "\n")
@@ -222,8 +227,9 @@ def write_remedies(session, folder: Path) -> dict[str, Any] | None:
     }
 
 
-def read_remedies(folder: str | os.PathLike, manifest: dict[str, Any], model) -> list[RemedyReport]:
-    """The saved remedies' reports, their float weights loaded into `model` (nothing for older sessions)."""
+def read_remedies(folder: str | os.PathLike, manifest: dict[str, Any], qmodel) -> list[RemedyReport]:
+    """The saved remedies' reports, their float and rounded weights loaded into the wrapped model
+    `qmodel` (nothing for older sessions); load the observer state after it, which brings the pins."""
     meta = manifest.get("remedies")
     if meta is None:
         return []
@@ -242,7 +248,8 @@ def read_remedies(folder: str | os.PathLike, manifest: dict[str, Any], model) ->
         tensors = safetensors.torch.load_file(str(wpath))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise session_error(wpath, f"corrupt ({one_line(e)})", fix) from None
-    params = dict(model.named_parameters())
+    rounded = {k.removeprefix(ROUNDED_PREFIX): tensors.pop(k) for k in [k for k in tensors if k.startswith(ROUNDED_PREFIX)]}
+    params = dict(qmodel.source.named_parameters())
     for name, t in tensors.items():
         own = params.get(name)
         if own is None or own.shape != t.shape or own.dtype != t.dtype:
@@ -251,6 +258,10 @@ def read_remedies(folder: str | os.PathLike, manifest: dict[str, Any], model) ->
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t.to(params[name].device))
+    try:
+        qmodel.load_rounded_weights(rounded)
+    except PTQStudioError as e:
+        raise session_error(wpath, f"does not fit this model ({one_line(e)})", fix) from None
     return reports
 
 

@@ -1,5 +1,5 @@
 """Stand-ins for the remedy algorithms (being written beside the session work) that really change
-the model: rounding snaps matched linear weights onto their frozen grid, smoothing scales them,
+the model: rounding gives matched linears rounded copies on their pinned grid, smoothing scales them,
 mixed precision widens matched modules' activations without recalibrating. The session, CLI and
 GUI tests install them with `install(monkeypatch)`; the real remedies get end-to-end tests."""
 
@@ -33,20 +33,22 @@ def _refresh(qmodel) -> None:
 
 
 def fake_rounding(qmodel, batches, globs, method="gptq", *, progress=None, cancel=None, **options) -> RemedyReport:
-    """Snap the matched linears' float weights onto their frozen weight grid (what GPTQ ends with)."""
-    params = dict(qmodel.source.named_parameters())
-    weight_obs = {o.module_name: o for o in qmodel.observers() if o.kind == "weight"}
+    """Round the matched linears' weights DOWN onto their frozen grid and pin it, as GPTQ does through
+    QuantLinear.pin_weight: other codes than nearest rounding, float weights untouched."""
+    wrappers = dict(qmodel.wrappers())
     hits = matched_linears(qmodel, globs)
-    with torch.no_grad():
-        for i, (module, name) in enumerate(hits):
-            if cancel is not None:
-                cancel.raise_if_cancelled(method)
-            params[name].copy_(weight_obs[module].fake_quant(params[name]))
-            if progress is not None:
-                progress(i + 1, len(hits), module)
+    for i, (module, _) in enumerate(hits):
+        if cancel is not None:
+            cancel.raise_if_cancelled(method)
+        wrapper = wrappers[module]
+        obs = wrapper.obs_weight
+        step = obs.scale.reshape(-1, *([1] * (wrapper.linear.weight.dim() - 1)))
+        wrapper.pin_weight(torch.floor(wrapper.linear.weight.detach() / step) * step, obs.scale.clone(), obs.zero_point.clone())
+        if progress is not None:
+            progress(i + 1, len(hits), module)
     _refresh(qmodel)
     step = RemedyStep(method, tuple(globs), options)
-    return RemedyReport(step, [m for m, _ in hits], {"parameters": [n for _, n in hits]})
+    return RemedyReport(step, [m for m, _ in hits], {"parameters": [], "rounded": [m for m, _ in hits]})
 
 
 def fake_smoothquant(qmodel, batches, alpha_by_glob, *, progress=None, cancel=None) -> RemedyReport:

@@ -1,4 +1,4 @@
-"""Weight rounding: GPTQ and AdaRound; weights snapped to their grid, their qparams pinned.
+"""Weight rounding: GPTQ and AdaRound; a rounded copy of each weight on its grid, the grid pinned.
 
 Which code rounds:
 - GPTQ calls TICO's per-layer core, ``tico.quantization.algorithm.gptq.gptq.GPTQ``, on the
@@ -23,9 +23,17 @@ encoder layer the layer's input is cached once per image, and so is the input of
 MLP a linear sits in; only that part is replayed. Per image, an encoder layer costs about three
 runs of its attention (o_proj's inputs, the MLP's inputs, the layer's output for the next layer).
 
-The weights stay float, exactly on the grid (each is passed through its observer's fake-quant
-once more), and the grid is pinned (``Observer.pin_qparams``): recalibration, a saved session
-and the Circle export all keep it.
+The float weights are never changed. Each rounded weight is kept beside its float weight as the
+wrapper's rounded copy (``QuantLinear.pin_weight``), exactly on the grid (passed through the
+observer's fake-quant once more), and that grid is pinned (``Observer.pin_qparams``). Only the
+quantized path and the Circle export use the copy; NO_QUANT stays the original model, so every
+float reference (compare, the analysis pass, divergence, a fix's after-measurement) measures the
+rounding error too. Recalibration, a saved session (``rounded:<name>`` in the remedied weights)
+and the export keep copy and pin; a new dtype for the weight drops both, and so does a
+rescaled float weight (a later SmoothQuant or CLE) at its recalibration. Each layer's GPTQ starts
+from the original float weight (TICO's GPTQ rounds ``linear.weight`` and we put it back), so the
+report names no changed float parameter (``summary["parameters"]`` is empty) and lists the
+rounded wrappers in ``summary["rounded"]``.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ class RoundingTarget:
     wrapper: QuantLinear
     parameter: str
     layer: int | None
-    folded: bool = False  # the patch embedder's folded projection: HF's weight is half of it
+    folded: bool = False  # the patch embedder's folded projection (2W): `parameter` is HF's W
 
 
 @dataclass
@@ -168,10 +176,11 @@ def _energy(delta: torch.Tensor, h: torch.Tensor) -> float:
 
 
 def end_to_end_sqnr_db(float_model: nn.Module, qmodel, batches: Sequence[Mapping[str, Any]]) -> float:
-    """SQNR (dB) of the wrapped model's output against the ORIGINAL float model over the batches.
+    """SQNR (dB) of the wrapped model's output against a separate float model over the batches.
 
-    core.analysis.compare takes its float reference from the wrapped model itself, whose float
-    weights a rounding has changed; a before/after of a rounding needs the untouched model.
+    A check from outside the wrapped tree: core.analysis.compare takes its float reference from
+    the wrapped model itself, which a rounding leaves the original (only rounded copies are added),
+    so both measure against the same float function.
     """
     signal = noise = 0.0
     with torch.no_grad():
@@ -255,7 +264,8 @@ class _Rounder:
         self.opts = opts
         self.progress = progress
         self.cancel = cancel
-        self.saved: list[tuple[RoundingTarget, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]] = []
+        # (target, its rounded copy before this run or None, its weight observer's state before it)
+        self.saved: list[tuple[RoundingTarget, torch.Tensor | None, dict[str, torch.Tensor]]] = []
         self.figures: dict[str, LayerFigures] = {}
 
     def _check(self) -> None:
@@ -295,14 +305,8 @@ class _Rounder:
             rounded_db=sqnr_from_sums(signal, _energy(weight - rounded, hessian.h)),
             changed=float((rounded != nearest).float().mean()),
         )
-        source = self.qmodel.patch_embedder.source.input_proj.weight if target.folded else None
-        self.saved.append(
-            (target, weight.clone(), source.detach().clone() if source is not None else None, {k: v.clone() for k, v in obs.state_dict().items()})
-        )
+        self.saved.append((target, wrapper.rounded_weight, {k: v.clone() for k, v in obs.state_dict().items()}))
         wrapper.pin_weight(rounded, obs.scale.clone(), obs.zero_point.clone())
-        if source is not None:
-            with torch.no_grad():
-                source.copy_(rounded / 2)  # HF computes input_proj(2x - 1): the folded weight is 2W, exactly
         # Wrappers above it may fold its qparams into their constants (the patch embedder's bias grid).
         for wrapper_above in self.qmodel.quant_modules():
             name = wrapper_above.module_name
@@ -310,13 +314,13 @@ class _Rounder:
                 wrapper_above.cache_weights()
 
     def undo(self) -> None:
-        """Put back every weight, observer state and HF weight changed so far (newest first)."""
-        for target, weight, source, state in reversed(self.saved):
-            with torch.no_grad():
-                target.wrapper.linear.weight.copy_(weight)
-                if source is not None:
-                    self.qmodel.patch_embedder.source.input_proj.weight.copy_(source)
+        """Put back every rounded copy (an earlier fix's, or none) and observer state changed so far (newest first)."""
+        for target, previous, state in reversed(self.saved):
             target.wrapper.obs_weight.load_state_dict(state)
+            if previous is None:
+                target.wrapper.clear_rounding()
+            else:
+                target.wrapper.restore_rounding(previous)
         self.saved.clear()
         if self.qmodel.ctx.mode is Mode.QUANT:
             for wrapper in self.qmodel.quant_modules():
@@ -398,7 +402,8 @@ def apply_weight_rounding(
         raise
     figures = rounder.figures
     summary: dict[str, Any] = {
-        "parameters": [t.parameter for t in targets],
+        "parameters": [],  # the float weights stay the original ones: only rounded copies are added
+        "rounded": [t.name for t in targets],
         "method": method,
         "options": dict(opts),
         "images": len(images),

@@ -1,4 +1,9 @@
-"""Leaf wrappers: linear (plain and clippable), RMSNorm, vision MLP."""
+"""Leaf wrappers: linear (plain and clippable), RMSNorm, vision MLP.
+
+A linear may hold a second copy of its weight, rounded by GPTQ or AdaRound onto a pinned grid
+(``pin_weight``). Only the quantized path (QUANT, weight quantized, pin holding) and the export use
+it; the float weight stays the original, so every float reference is the untouched model.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.gemma4 import modeling_gemma4 as hf
 
+from core.quant.mode import Mode
 from core.wrappers.base import QuantContext, QuantModule
 from core.wrappers.registry import register, wrap
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of the weight's bit patterns as integers: exact and independent of summation
+    order and thread count (integer addition), and changed by any rescaling of the weight."""
+    bits = weight.detach().contiguous().view(_BITS[weight.element_size()])
+    return bits.sum(dim=-1, dtype=torch.int64)
 
 
 @register(nn.Linear)
@@ -24,25 +40,67 @@ class QuantLinear(QuantModule):
         self.obs_weight = self._observer("weight", "weight", channels=linear.out_features)
         self.obs_output = self._observer("output")
         self.register_buffer("weight_fq", None, persistent=False)
+        self.register_buffer("weight_rounded", None, persistent=False)
+        self.register_buffer("rounded_from", None, persistent=False)  # fingerprint of the float weight it was rounded from
 
     def collect_weights(self) -> None:
+        if self.weight_rounded is not None and not torch.equal(self.rounded_from, weight_fingerprint(self.linear.weight)):
+            # The float weight changed since it was rounded (a later SmoothQuant or CLE rescaled it,
+            # and the session recalibrates after those): copy and grid belong to the old weight.
+            self.obs_weight.unpin()
+            self.clear_rounding()
         # A pinned weight still records its range (the Ranges tab shows it); its qparams stay pinned.
         self.obs_weight.collect(self.linear.weight, "weights")
 
     def cache_weights(self) -> None:
+        if self.weight_rounded is not None and not self.obs_weight.is_pinned:
+            # The pin was dropped (a new dtype gives the weight another grid): the rounded codes
+            # mean nothing there, so the plain fake-quant of the float weight takes over.
+            self.weight_rounded = self.rounded_from = None
         with torch.no_grad():
-            self.weight_fq = self.obs_weight.fake_quant(self.linear.weight) if self.obs_weight.enabled else None
+            self.weight_fq = self.obs_weight.fake_quant(self._quantized_source()) if self.obs_weight.enabled else None
+
+    @property
+    def rounded_weight(self) -> torch.Tensor | None:
+        """The weight rounded onto its pinned grid (GPTQ, AdaRound) that QUANT and export use; None
+        when the weight is not rounded or its pin no longer holds."""
+        if self.weight_rounded is None or not self.obs_weight.is_pinned:
+            return None
+        return self.weight_rounded
 
     @torch.no_grad()
     def pin_weight(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        """Write a weight rounded onto the grid (scale, zero_point) and pin that grid for QUANT and export."""
+        """Pin the grid (scale, zero_point) and keep `weight` rounded onto it for QUANT and export.
+
+        The float weight (``linear.weight``) is never written: NO_QUANT, CALIB and every float
+        reference keep computing the original model."""
         self.obs_weight.pin_qparams(scale, zero_point)
-        self.linear.weight.copy_(weight)
+        self.restore_rounding(self.obs_weight.fake_quant(weight.detach().to(self.linear.weight)))
         if self.weight_fq is not None or bool(self.obs_weight.frozen):
             self.cache_weights()
 
+    def restore_rounding(self, weight: torch.Tensor) -> None:
+        """Put back a rounded copy (a saved session's, an undo's); its pin comes with the observer state."""
+        own = self.linear.weight
+        if weight.shape != own.shape:
+            raise ValueError(f"{self.module_name}: a rounded weight of shape {tuple(weight.shape)} does not fit {tuple(own.shape)}")
+        self.weight_rounded = weight.detach().to(device=own.device, dtype=own.dtype).clone()
+        self.rounded_from = weight_fingerprint(own)
+
+    def clear_rounding(self) -> None:
+        """Forget the rounded copy: QUANT fake-quantizes the float weight again (the pin is the observer's)."""
+        self.weight_rounded = self.rounded_from = None
+        if self.weight_fq is not None:
+            self.cache_weights()
+
+    def _quantized_source(self) -> torch.Tensor:
+        # Read on every quantized forward, so no buffer value is read here (torch.export traces it):
+        # cache_weights, which every entry into QUANT runs, drops a copy whose pin no longer holds.
+        return self.linear.weight if self.weight_rounded is None else self.weight_rounded
+
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.fq_weight(self.linear.weight, self.obs_weight, self.weight_fq)
+        quantized = self.ctx.mode is Mode.QUANT and self.obs_weight.enabled
+        weight = self.fq_weight(self._quantized_source() if quantized else self.linear.weight, self.obs_weight, self.weight_fq)
         if self.ctx.exporting and x.dim() > 2:
             # ONE's runtime (onert) gives FULLY_CONNECTED a 2-D output whatever keep_num_dims says, so
             # rank-checking ops after it (RMS_NORM, TRANSPOSE) refuse the file. Explicit 2-D in and
@@ -75,6 +133,8 @@ class QuantClippableLinear(QuantLinear):
             self.obs_linear = self._observer("linear")
         self.obs_output = self._observer("output")
         self.register_buffer("weight_fq", None, persistent=False)
+        self.register_buffer("weight_rounded", None, persistent=False)
+        self.register_buffer("rounded_from", None, persistent=False)  # fingerprint of the float weight it was rounded from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         src = self.source

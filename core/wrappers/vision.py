@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,12 +12,13 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.gemma4 import modeling_gemma4 as hf
 
-from core.errors import ExportError, NotCalibratedError
+from core.errors import ConfigError, ExportError, NotCalibratedError
 from core.quant import meta_kernels
 from core.quant.mode import Mode
 from core.quant.observers import Observer
 from core.wrappers.attention import rope_tables
 from core.wrappers.base import QuantContext, QuantModule
+from core.wrappers.layers import QuantLinear
 from core.wrappers.registry import register, wrap
 
 
@@ -226,6 +227,25 @@ class QuantVisionModel(QuantModule):
     def wrappers(self) -> list[tuple[str, QuantModule]]:
         """(dotted module name, wrapper) for every wrapper below the root, in forward order."""
         return [(m.module_name, m) for m in self.modules() if isinstance(m, QuantModule) and m is not self]
+
+    def rounded_weights(self) -> dict[str, torch.Tensor]:
+        """Wrapper name -> the weight GPTQ/AdaRound rounded onto its pinned grid (what QUANT and export use)."""
+        return {name: w.rounded_weight for name, w in self.wrappers() if isinstance(w, QuantLinear) and w.rounded_weight is not None}
+
+    def load_rounded_weights(self, mapping: Mapping[str, torch.Tensor]) -> None:
+        """Put back rounded weights saved by rounded_weights(); their pins come with the observer state.
+        ConfigError (one line) for a name that is no quantized linear of this model or a shape that does not fit."""
+        linears = {name: w for name, w in self.wrappers() if isinstance(w, QuantLinear)}
+        for name, weight in mapping.items():
+            wrapper = linears.get(name)
+            if wrapper is None:
+                raise ConfigError(f"rounded weight for {name!r}, which is no linear of this model")
+            if tuple(weight.shape) != tuple(wrapper.linear.weight.shape):
+                raise ConfigError(
+                    f"rounded weight for {name} has shape {tuple(weight.shape)}, the model's is {tuple(wrapper.linear.weight.shape)}"
+                )
+        for name, weight in mapping.items():
+            linears[name].restore_rounding(weight)
 
     def set_keep_float(self, globs: Sequence[str]) -> None:
         """Keep modules matching `globs` (and those the config keeps) in float; no recalibration needed."""

@@ -54,7 +54,8 @@ def test_fix_the_first_divergence_see_the_change_and_export(make_window, sample_
     changed = {k for k, v in session.model.named_parameters() if not torch.equal(v, weights_before[k])}
     assert changed and all(k.startswith(located + ".") for k in changed)
     assert [r.step.kind for r in result.reports] == ["smoothquant", "gptq"]
-    assert set(result.reports[1].summary["parameters"]) == changed
+    assert set(result.reports[0].summary["parameters"]) == changed  # smoothing's; rounding changes no float weight
+    assert result.reports[1].summary["rounded"] and all(n.startswith(located + ".") for n in result.reports[1].summary["rounded"])
     # the end-to-end SQNR before -> after, as the session measured it
     assert result.sqnr_after_db != result.sqnr_before_db
     text = tab.summary_label.text()
