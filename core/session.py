@@ -42,7 +42,7 @@ from core.export.pipeline import ExportResult, export_circle
 from core.export.process import export_in_process
 from core.models import SPECS, describe_model, load_model
 from core.quant.mode import Mode
-from core.remedies.apply import FixResult, fix_model, validate_plan
+from core.remedies.apply import PHASES, FixResult, fix_model, validate_plan
 from core.remedies.plan import RemedyReport, RemedyStep
 from core.session_store import (
     FORMAT_VERSION,
@@ -161,6 +161,9 @@ class Session:
         """Switch to a new PTQ config: re-prepares and drops the calibration."""
         self.config = config
         self._prepare()
+        # Smoothing lives in the float weights and survives a new config; a rounding's copies and a
+        # mixed point's dtypes belong to the old wrappers and config, so their reports go with them.
+        self.remedies = [r for r in self.remedies if PHASES[r.step.kind] == 0]
         image_set.mark_used(self.images, [])
         self._status_before_exclude.clear()  # no statistics contain any image any more
         self.events.config_changed.emit(config)

@@ -341,3 +341,13 @@ def test_real_smoothquant_raises_the_sqnr_on_outliers(sample_images):
     res = s.apply_remedies([RemedyStep("smoothquant", ("*",), {"alpha": 0.5})])
     assert res.recalibrated and res.reports[0].summary["parameters"]
     assert res.sqnr_after_db > res.sqnr_before_db + 1.0, (res.sqnr_before_db, res.sqnr_after_db)
+
+
+def test_new_config_keeps_only_the_smoothing_reports(session):
+    """A new config re-wraps the model: the rounded copies are gone, so their report must go too;
+    smoothing lives in the float weights, which the new wrappers keep, so its report stays."""
+    session.apply_remedies([RemedyStep("smoothquant", (GLOB,), {"alpha": 0.5}), RemedyStep("gptq", (GLOB,))])
+    assert [r.step.kind for r in session.remedies] == ["smoothquant", "gptq"]
+    session.set_config(ptq.PTQConfig())
+    assert [r.step.kind for r in session.remedies] == ["smoothquant"]
+    assert session.qmodel.rounded_weights() == {}

@@ -97,13 +97,13 @@ def cmd_fix(args, progress) -> tuple[dict, str]:
     saved = session.save(out)
     doc = {"command": "fix", "session": str(saved), **result.to_dict(), "applied": [r.to_json() for r in session.remedies]}
     rows = [
-        [r.step.kind, ", ".join(r.step.globs), len(r.modules), len(r.summary.get("parameters", [])), r.seconds, step_figures(r)]
+        [r.step.kind, ", ".join(r.step.globs), len(r.modules), len(r.summary.get("parameters", [])) + len(r.summary.get("rounded", [])), r.seconds, step_figures(r)]
         for r in result.reports
     ]
     delta = result.comparison.end_to_end_delta_db
     text = "\n".join(
         [
-            common.table(rows, ["step", "globs", "modules", "parameters", "seconds", "figures"]),
+            common.table(rows, ["step", "globs", "modules", "weights changed", "seconds", "figures"]),
             f"End to end on {len(result.after.images)} image(s): SQNR {common.fmt(result.sqnr_before_db)} dB -> "
             f"{common.fmt(result.sqnr_after_db)} dB ({delta:+.2f} dB)",
             remedies_line(session.remedies),
