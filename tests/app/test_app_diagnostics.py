@@ -118,10 +118,16 @@ def test_heatmap_shows_the_cores_maps(calibrated, qtbot):
     shown = expected.heatmap(target)
     px, py = shown.peak_xy
     p = shown.layout.patch_size
-    scene_point = hm.vb.mapViewToScene(QPointF((px + 0.5) * p, (py + 0.5) * p))
-    view_point = hm.view.mapFromScene(scene_point)
-    qtbot.mouseMove(hm.view.viewport(), QPoint(int(view_point.x()), int(view_point.y())))
-    qtbot.waitUntil(lambda: f"patch x {px}, y {py}" in hm.hover_label.text(), timeout=5000)
+
+    def hover_peak() -> bool:
+        # Mapped again on every try: the layout may still be settling (the view re-fits its range
+        # when it is resized), and a point mapped before that lands on a neighbouring patch.
+        scene_point = hm.vb.mapViewToScene(QPointF((px + 0.5) * p, (py + 0.5) * p))
+        view_point = hm.view.mapFromScene(scene_point)
+        qtbot.mouseMove(hm.view.viewport(), QPoint(int(view_point.x()), int(view_point.y())))
+        return f"patch x {px}, y {py}" in hm.hover_label.text()
+
+    qtbot.waitUntil(hover_peak, timeout=5000)
     assert hm.hover_label.text() == f"patch x {px}, y {py} · relative error {fmt_float(shown.grid[py, px])}"
 
     # another image: computed once in the worker, then served from the cache
