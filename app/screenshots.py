@@ -103,6 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     _spin(lambda: False, 0.5)
     window.grab().save(str(out / "ab.png"))
 
+    # the fix the diagnosis points at: GPTQ on the first-divergence unit (its globs are pre-filled)
+    fix = window.fix_tab
+    window.tabs.setCurrentWidget(fix)
+    fix.checks["gptq"].setChecked(True)
+    if not fix.globs["gptq"].text().strip():
+        fix.globs["gptq"].setText("encoder.layers.*")
+    fix.run_fix()
+    _spin(lambda: fix.view.result is not None and idle(), 1800)
+    _spin(lambda: False, 0.5)
+    window.grab().save(str(out / "fix.png"))
+
     export = window.export_tab
     window.tabs.setCurrentWidget(export)
     export.path_edit.setText(str(work / "gemma4_vision_tiny.circle"))
