@@ -9,6 +9,7 @@ never touched from the worker, and there is no ``processEvents()`` loop anywhere
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 import traceback
 import weakref
@@ -21,6 +22,19 @@ from core.cancel import CancelToken
 
 # Every QThread the app starts, so tests (and shutdown) can check that none is left running.
 _LIVE_THREADS: "weakref.WeakSet[QThread]" = weakref.WeakSet()
+
+# The worker and the UI thread share one GIL. A waiting thread gets it back only after the switch
+# interval (CPython's default: 5 ms), and a paint gives it up and waits again hundreds of times, so
+# while the worker ran a pure-Python stretch (resetting 1,192 observers, collecting weight statistics)
+# one pyqtgraph paint of 35 ms CPU kept the window still for 370 ms (bench/bench_gui.py, e2b). At 1 ms
+# the same calibration stalled it at most 71 ms; the worker loses nothing measurable.
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
+def share_gil_with_ui() -> None:
+    """Shorten the interpreter's GIL switch interval to GIL_SWITCH_INTERVAL_S (never lengthen it)."""
+    if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 def live_threads() -> list[QThread]:
@@ -84,6 +98,7 @@ class SessionRunner(QObject):
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
+        share_gil_with_ui()  # a second Python thread from now on: the UI thread must get the GIL back quickly
         self._ids = itertools.count(1)
         self._tasks: dict[int, Task] = {}
         self._running: int | None = None
