@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import os
 import re
 import sys
@@ -74,6 +75,7 @@ class Heartbeat:
         self.timer.setTimerType(Qt.PreciseTimer)
         self.timer.setInterval(PERIOD_MS)
         self.timer.timeout.connect(self._beat)
+        self.collections: list[tuple[float, float, int]] = []  # UI-thread garbage collections: (start, ms, generation)
         self.beats: list[float] = []  # perf_counter of every beat
         self.cpu: list[float] = []  # the UI thread's CPU time at every beat
         self.dumps: list[StackDump] = []
@@ -81,10 +83,23 @@ class Heartbeat:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._file = tempfile.TemporaryFile(mode="w+b")
+        self._gc_start = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        # The cyclic collector runs in whichever thread allocates past its threshold; on the UI thread
+        # its whole pass is a stall.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.collections.append((self._gc_start, (time.perf_counter() - self._gc_start) * 1000.0, info["generation"]))
 
     def start(self) -> None:
         """Start beating (and watching) from now."""
         self.beats = [time.perf_counter()]
+        self.collections = []
         self.cpu = [time.thread_time()]
         self.dumps = []
         self._last = self.beats[0]
@@ -178,6 +193,15 @@ class Phase:
     seconds: float
     load: float = field(default_factory=lambda: os.getloadavg()[0])
     note: str = ""
+    collections: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def gc_text(self) -> str:
+        """The UI thread's garbage collections in the phase: count, total and longest."""
+        if not self.collections:
+            return "no UI-thread garbage collection"
+        worst = max(self.collections, key=lambda c: c[1])
+        return (f"{len(self.collections)} UI-thread garbage collections, {sum(c[1] for c in self.collections):.0f} ms in all, "
+                f"longest {worst[1]:.0f} ms (generation {worst[2]})")
 
     def stalls(self) -> list[float]:
         """How much longer than the period each gap was (ms)."""
@@ -217,7 +241,8 @@ def slice_phase(beat: Heartbeat, name: str, t0: float, t1: float, note: str = ""
         if t0 < b <= t1
     ]
     starts = {a for a, _, _ in gaps}
-    return Phase(name, gaps, [d for d in beat.dumps if d.beat_before in starts], t1 - t0, note=note)
+    collections = [c for c in beat.collections if t0 < c[0] <= t1]
+    return Phase(name, gaps, [d for d in beat.dumps if d.beat_before in starts], t1 - t0, note=note, collections=collections)
 
 
 FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)')
@@ -406,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     print("control: the machine's noise floor in the same phases (a plain process beating beside the app):")
     for phase in phases:
         print(control_row(phase, control_gaps))
+    for phase in phases:
+        print(f"{phase.name}: {phase.gc_text()}")
     for phase in phases:
         found = causes(phase, args.causes_over_ms)
         if found and args.causes:
