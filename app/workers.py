@@ -8,6 +8,7 @@ never touched from the worker, and there is no ``processEvents()`` loop anywhere
 
 from __future__ import annotations
 
+import gc
 import itertools
 import sys
 import time
@@ -58,6 +59,15 @@ class Task:
     started_at: float = 0.0
 
 
+def freeze_long_lived_objects() -> None:
+    """Take every object alive now out of the cyclic garbage collector's scans (gc.freeze)."""
+    # The first task loads the model: it imports torch, transformers and TICO, millions of objects that
+    # live as long as the app. Each full collection walked all of them again, on whichever thread
+    # allocated last: 425 ms on the UI thread in one analysis (bench/bench_gui.py, tiny). Frozen objects
+    # are still freed by reference counting; only cycles among them are never collected.
+    gc.freeze()
+
+
 class _SessionWorker(QObject):
     """Lives in the worker thread; runs one task per queued ``run_task`` call."""
 
@@ -102,6 +112,7 @@ class SessionRunner(QObject):
         self._ids = itertools.count(1)
         self._tasks: dict[int, Task] = {}
         self._running: int | None = None
+        self._froze = False
         self._thread = QThread()
         self._thread.setObjectName("ptq-session-worker")
         self._worker = _SessionWorker()
@@ -205,6 +216,9 @@ class SessionRunner(QObject):
 
     @Slot(int, object)
     def _on_finished(self, task_id: int, result: Any) -> None:
+        if not self._froze:  # once, after the model load (the first task): see freeze_long_lived_objects
+            self._froze = True
+            freeze_long_lived_objects()
         task = self._finish(task_id)
         if task is not None and task.on_done is not None:
             task.on_done(result)

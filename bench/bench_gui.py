@@ -301,6 +301,31 @@ def causes(phase: Phase, over_ms: float = TARGET_MS) -> list[tuple[str, int, flo
     return [(key, n, *peak[key]) for key, n in counts.most_common()]
 
 
+def timed_application(threshold_ms: float):
+    """A QApplication whose notify() records every event delivery that costs the UI thread more than
+    threshold_ms of CPU, by receiver class and event type (Qt-side timing of paints, layouts and slots)."""
+    from PySide6.QtWidgets import QApplication
+
+    class TimedApplication(QApplication):
+        def __init__(self, argv: list[str]) -> None:
+            super().__init__(argv)
+            self.slow: list[tuple[float, float, str]] = []  # (perf_counter, CPU ms, what)
+
+        def notify(self, receiver, event) -> bool:  # noqa: N802 - Qt override
+            if threading.current_thread() is not threading.main_thread():
+                return super().notify(receiver, event)  # the worker's own events (its whole tasks)
+            start = time.thread_time()
+            handled = super().notify(receiver, event)
+            cpu = (time.thread_time() - start) * 1000.0
+            if cpu > threshold_ms:
+                name = receiver.objectName() if hasattr(receiver, "objectName") else ""
+                what = f"{type(receiver).__name__}{f' {name!r}' if name else ''} {event.type().name}"
+                self.slow.append((time.perf_counter(), cpu, what))
+            return handled
+
+    return TimedApplication([])
+
+
 def run_loop_until(app, predicate, timeout_s: float) -> bool:
     """Spin the real event loop (no processEvents polling) until predicate() or timeout."""
     from PySide6.QtCore import QEventLoop, QTimer
@@ -375,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causes", type=int, default=6, help="print where the threads were for this many kinds of stall per phase")
     parser.add_argument("--causes-over-ms", type=float, default=TARGET_MS, help="where the threads were in stalls longer than this")
     parser.add_argument("--dump-file", type=Path, help="write every stack dump of those stalls here")
+    parser.add_argument("--time-events-ms", type=float, help="list the event deliveries that cost the UI thread more CPU than this")
     parser.add_argument("--switch-interval-ms", type=float, help="override the GIL switch interval the app sets (experiments)")
     args = parser.parse_args(argv)
 
@@ -385,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.qt_main_window import QtMainWindow
     from core.data.resources import sample_images
 
-    app = QApplication.instance() or QApplication([])
+    app = QApplication.instance() or (timed_application(args.time_events_ms) if args.time_events_ms else QApplication([]))
     settings = QSettings(str(Path(os.environ.get("TMPDIR", "/tmp")) / "ptq-bench-gui.ini"), QSettings.IniFormat)
     images = sample_images()[: args.images]
     t0 = time.perf_counter()
@@ -433,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         print(control_row(phase, control_gaps))
     for phase in phases:
         print(f"{phase.name}: {phase.gc_text()}")
+    for phase in phases:
+        t0 = min((a for a, _, _ in phase.gaps), default=0.0)
+        t1 = max((a + g / 1000.0 for a, g, _ in phase.gaps), default=0.0)
+        slow = sorted((e for e in getattr(app, "slow", []) if t0 < e[0] <= t1), key=lambda e: -e[1])
+        for _, cpu, what in slow[:8]:
+            print(f"  {phase.name}: event {what}: {cpu:.0f} ms of UI-thread CPU")
     for phase in phases:
         found = causes(phase, args.causes_over_ms)
         if found and args.causes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import pytest
@@ -33,5 +34,28 @@ def test_runner_never_lengthens_a_shorter_interval(qtbot, switch_interval):
     runner = SessionRunner()
     try:
         assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S / 2)
+    finally:
+        assert runner.shutdown()
+
+
+@pytest.fixture
+def unfrozen():
+    """Start and end with no object frozen out of the garbage collector's scans."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def test_runner_freezes_the_objects_alive_after_its_first_task_only(qtbot, unfrozen):
+    """What the first task (the model load) left alive is frozen once; later tasks' objects stay collectable."""
+    runner = SessionRunner()
+    try:
+        with qtbot.waitSignal(runner.sigBusyChanged, check_params_cb=lambda busy: not busy):
+            runner.submit("load", lambda: [object() for _ in range(100)], takes_progress=False)
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        with qtbot.waitSignal(runner.sigBusyChanged, check_params_cb=lambda busy: not busy):
+            runner.submit("analyse", lambda: [[] for _ in range(100)], takes_progress=False)
+        assert gc.get_freeze_count() == 0
     finally:
         assert runner.shutdown()
