@@ -26,6 +26,7 @@ Target: max stall <= 100 ms in every phase.
 
     QT_QPA_PLATFORM=offscreen .venv/bin/python bench/bench_gui.py [--images 2] [--max-soft-tokens 70]
         [--model tiny] [--export] [--export-in-process] [--causes 8] [--causes-over-ms 100] [--dump-file stalls.txt]
+        [--time-events-ms 20] [--switch-interval-ms 5]
 """
 
 from __future__ import annotations
