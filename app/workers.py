@@ -8,7 +8,9 @@ never touched from the worker, and there is no ``processEvents()`` loop anywhere
 
 from __future__ import annotations
 
+import gc
 import itertools
+import sys
 import time
 import traceback
 import weakref
@@ -21,6 +23,19 @@ from core.cancel import CancelToken
 
 # Every QThread the app starts, so tests (and shutdown) can check that none is left running.
 _LIVE_THREADS: "weakref.WeakSet[QThread]" = weakref.WeakSet()
+
+# The worker and the UI thread share one GIL. A waiting thread gets it back only after the switch
+# interval (CPython's default: 5 ms), and a paint gives it up and waits again hundreds of times, so
+# while the worker ran a pure-Python stretch (resetting 1,192 observers, collecting weight statistics)
+# one pyqtgraph paint of 35 ms CPU kept the window still for 370 ms (bench/bench_gui.py, e2b). At 1 ms
+# the same calibration stalled it at most 71 ms; the worker loses nothing measurable.
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
+def share_gil_with_ui() -> None:
+    """Shorten the interpreter's GIL switch interval to GIL_SWITCH_INTERVAL_S (never lengthen it)."""
+    if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 def live_threads() -> list[QThread]:
@@ -42,6 +57,15 @@ class Task:
     on_progress: Callable[[int, int, str], None] | None = None
     on_started: Callable[[], None] | None = None
     started_at: float = 0.0
+
+
+def freeze_long_lived_objects() -> None:
+    """Take every object alive now out of the cyclic garbage collector's scans (gc.freeze)."""
+    # The first task loads the model: it imports torch, transformers and TICO, millions of objects that
+    # live as long as the app. Each full collection walked all of them again, on whichever thread
+    # allocated last: 425 ms on the UI thread in one analysis (bench/bench_gui.py, tiny). Frozen objects
+    # are still freed by reference counting; only cycles among them are never collected.
+    gc.freeze()
 
 
 class _SessionWorker(QObject):
@@ -84,9 +108,11 @@ class SessionRunner(QObject):
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
+        share_gil_with_ui()  # a second Python thread from now on: the UI thread must get the GIL back quickly
         self._ids = itertools.count(1)
         self._tasks: dict[int, Task] = {}
         self._running: int | None = None
+        self._froze = False
         self._thread = QThread()
         self._thread.setObjectName("ptq-session-worker")
         self._worker = _SessionWorker()
@@ -190,6 +216,9 @@ class SessionRunner(QObject):
 
     @Slot(int, object)
     def _on_finished(self, task_id: int, result: Any) -> None:
+        if not self._froze:  # once, after the model load (the first task): see freeze_long_lived_objects
+            self._froze = True
+            freeze_long_lived_objects()
         task = self._finish(task_id)
         if task is not None and task.on_done is not None:
             task.on_done(result)
