@@ -157,9 +157,9 @@ class DivergenceResult:
         out = round(e.output_sqnr_db, 1)
         if e.input_sqnr_db > self.reference_db:  # a clean input: the jump starts at the reference
             start = round(self.reference_db, 1)
-            inp = "carries no error" if math.isinf(e.input_sqnr_db) else f"at {_db(e.input_sqnr_db)} dB, is cleaner"
-            src = (f"the {start:.1f} dB reference (its input {inp} than the reference, the median SQNR a unit keeps "
-                   f"when it alone is quantized, so it counts as {start:.1f} dB)")
+            inp = "carries no error" if math.isinf(e.input_sqnr_db) else f"at {_db(e.input_sqnr_db)} dB, is cleaner than that"
+            src = (f"the {start:.1f} dB reference (the median SQNR a unit keeps when it alone is quantized; its input "
+                   f"{inp}, so it counts as {start:.1f} dB)")
         else:
             start = round(e.input_sqnr_db, 1)
             src = f"{start:.1f} dB at its input"
