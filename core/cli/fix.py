@@ -8,6 +8,7 @@ Like core.cli.commands, it returns (json document, human text); core.cli.main re
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from core.cli import common
@@ -70,10 +71,23 @@ def plan_from_args(args) -> list:
 
 
 def step_figures(report) -> str:
-    """A report's scalar summary figures as 'name value' pairs (lists and mappings stay in --json)."""
-    return ", ".join(
-        f"{k} {common.fmt(v)}" for k, v in report.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-    )
+    """A report's scalar summary figures as 'name value' pairs, plus each kind's headline (the rest stays in --json)."""
+    summary = report.summary
+    parts = [f"{k} {common.fmt(v)}" for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    layers = summary.get("layers")
+    if isinstance(layers, dict) and layers:
+        # Rounding: how much closer each layer's output came, against rounding to nearest on the same grid.
+        gains = sorted(v["rounded_db"] - v["nearest_db"] for v in layers.values()
+                       if all(isinstance(v.get(k), (int, float)) and math.isfinite(v[k]) for k in ("rounded_db", "nearest_db")))
+        if gains:
+            parts.append(f"layer output SQNR {gains[len(gains) // 2]:+.2f} dB median vs nearest ({len(gains)} layers)")
+    absmax = summary.get("input_absmax")
+    if isinstance(absmax, dict) and absmax:
+        # Smoothing: the largest input a smoothed linear sees, before and after.
+        before = max(v["before"] for v in absmax.values())
+        after = max(v["after"] for v in absmax.values())
+        parts.append(f"largest linear input {common.fmt(before)} -> {common.fmt(after)}")
+    return ", ".join(parts)
 
 
 def remedies_line(reports) -> str:
