@@ -174,10 +174,11 @@ class Session:
         """Add image files or folders; bad, missing or duplicate files come back as rejected, never raised."""
         known = {e.sha256 for e in self.images if e.status != "rejected"}
         result = image_set.probe_paths(self.preprocessor, paths, known)
+        evaluation_before = [e.path for e in self.evaluation_images]
         self.images.extend(result.accepted)
         self.images.extend(result.rejected)
         if result.accepted or result.rejected:
-            self.events.images_changed.emit()
+            self._images_changed(evaluation_before)
         return result
 
     def probe_images(self, paths) -> AddImagesResult:
@@ -189,14 +190,16 @@ class Session:
         drop = {str(Path(p)) for p in paths}
         kept = [e for e in self.images if e.path not in drop]
         if len(kept) != len(self.images):
+            evaluation_before = [e.path for e in self.evaluation_images]
             self.images = kept
-            self.events.images_changed.emit()
+            self._images_changed(evaluation_before)
 
     def clear_images(self) -> None:
         """Empty the image set."""
         if self.images:
+            evaluation_before = [e.path for e in self.evaluation_images]
             self.images = []
-            self.events.images_changed.emit()
+            self._images_changed(evaluation_before)
 
     def usable_images(self) -> list[ImageEntry]:
         """The images that can be fed to the model (neither rejected nor excluded)."""
@@ -206,9 +209,10 @@ class Session:
         """Mark images (by path or image id) "excluded": listed, but left out of calibration and
         evaluation until include_images. The statistics are unchanged until the next calibrate
         (recalibrate_without does both). Excluding every usable image raises NoImagesError."""
+        evaluation_before = [e.path for e in self.evaluation_images]
         chosen = self._exclude(paths_or_ids)
         if chosen:
-            self.events.images_changed.emit()
+            self._images_changed(evaluation_before)
         return chosen
 
     def _exclude(self, paths_or_ids) -> list[ImageEntry]:
@@ -218,9 +222,10 @@ class Session:
     def include_images(self, paths_or_ids) -> list[ImageEntry]:
         """Undo exclude_images: the images become usable again ("used" if the current statistics
         still contain them, else "ok")."""
+        evaluation_before = [e.path for e in self.evaluation_images]
         chosen = image_set.include(self.images, paths_or_ids, self._status_before_exclude)
         if chosen:
-            self.events.images_changed.emit()
+            self._images_changed(evaluation_before)
         return chosen
 
     def batches(self, entries: Sequence[ImageEntry], batch_size: int = 1):
@@ -247,6 +252,14 @@ class Session:
         if now != before:
             self.events.evaluation_changed.emit(now)
         return self.evaluation_images
+
+    def _images_changed(self, evaluation_before: list[str]) -> None:
+        """Announce a change of the image list, and of the evaluation photos when it moved them
+        (removing or excluding one of them, or adding a photo while the default set is not full)."""
+        self.events.images_changed.emit()
+        now = [e.path for e in self.evaluation_images]
+        if now != evaluation_before:
+            self.events.evaluation_changed.emit(now)
 
     def entries_for(self, images) -> list[ImageEntry]:
         """The evaluation images when `images` is None, else the given paths probed; NoImagesError if none."""

@@ -142,3 +142,20 @@ def test_cli_help_says_the_default(capfd):
         pass  # argparse's way of ending after --help
     out = " ".join(capfd.readouterr().out.split())
     assert f"first {DEFAULT_EVAL_COUNT} usable photos" in out
+
+
+def test_excluding_an_evaluation_photo_announces_the_new_set(fresh):
+    """The evaluation photos move when one of them is excluded (and back when it is included):
+    the views that measure on them must hear it, as they hear set_evaluation_images."""
+    usable = fresh.usable_images()
+    seen = []
+    fresh.events.evaluation_changed.connect(seen.append)
+    try:
+        fresh.exclude_images([usable[0].path])
+        assert seen == [[e.path for e in usable[1 : DEFAULT_EVAL_COUNT + 1]]]
+        fresh.exclude_images([usable[-1].path])  # not an evaluation photo: the set is unchanged
+        assert len(seen) == 1
+        fresh.include_images([usable[0].path, usable[-1].path])
+        assert seen[-1] == [e.path for e in usable[:DEFAULT_EVAL_COUNT]]
+    finally:
+        fresh.events.evaluation_changed.disconnect(seen.append)
