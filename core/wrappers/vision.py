@@ -338,7 +338,8 @@ class QuantVisionModel(QuantModule):
         """forward_static cut into its steps, in order (patch embedder, RoPE tables, each encoder layer,
         pooler, standardize), so the analysis can run float and quantized in lockstep, one layer at a
         time. Chained from ``StaticCarry(pixel_values)`` inside ``static_path()`` they compute exactly
-        what forward_static computes (same calls, same order; tests/test_analysis_pass.py)."""
+        what forward_static computes (same calls, same order; tests/test_analysis_pass.py). forward_static
+        keeps calling encoder.run_layers: export records the encoder's scope there (core.export.tensor_map)."""
         pe, enc, pool = self.patch_embedder, self.encoder, self.pooler
 
         def rope(c: StaticCarry) -> StaticCarry:
