@@ -12,10 +12,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from core.analysis.analysis_pass import AnalysisResult, analyse
+from core.analysis.compare import compare
+from core.analysis.divergence import locate_divergence_batches
+from core.analysis.tap import ALL_FLOAT
 from core.cancel import CancelToken
 from core.errors import CancelledError
+from core.wrappers.vision import StaticCarry
 from tests.conftest import calibrated_tiny
 
 
@@ -102,7 +107,7 @@ def test_cancel_raises_and_restores_the_model(session, images):
     token = CancelToken()
     with pytest.raises(CancelledError):
         analyse(session.qmodel, session.batches(session.entries_for(images)), progress=progress, cancel=token)
-    assert len(calls) == 1 and calls[0].endswith(": float pass")
+    assert len(calls) == 1 and "steps" in calls[0]
     assert "forward" not in session.qmodel.encoder.layers[0].__dict__
     assert session.analyse(images=images[:1]).compare.modules
 
@@ -118,3 +123,61 @@ def test_batches_of_several_images_give_the_same_numbers(session, images, one_pa
     assert two.compare.images == res.compare.images
     assert [m.sqnr_db for m in two.compare.modules] == [m.sqnr_db for m in res.compare.modules]
     assert [m.path for m in two.maps.values()] == [m.path for m in res.maps.values()]
+
+
+@pytest.mark.parametrize("keep", [[], ALL_FLOAT])
+def test_static_steps_chained_are_forward_static(session, images, keep):
+    """The steps the pass runs in lockstep compute exactly what forward_static computes."""
+    qmodel = session.qmodel
+    batch = next(iter(session.batches(session.entries_for(images[:1]))))
+    profile = qmodel.build_profile(batch["pixel_position_ids"])
+    pixels = batch["pixel_values"][:, : profile.num_patches]
+    try:
+        qmodel.set_keep_float(keep)
+        with torch.no_grad(), qmodel.static_path():
+            carry = StaticCarry(pixels)
+            for step in qmodel.static_steps(profile):
+                carry = step.run(carry)
+            assert torch.equal(carry.hidden, qmodel.forward_static(pixels, profile))
+    finally:
+        qmodel.set_keep_float([])
+
+
+def test_keep_float_what_if_equals_the_separate_calls(session, images):
+    """Modules kept float for this run only: the step-by-step flags give the separate calls' numbers."""
+    keep = ["encoder.layers.0.mlp*", "pooler"]
+    batches = lambda: session.batches(session.entries_for(images))  # noqa: E731 -- fresh stream per call
+    res = analyse(session.qmodel, batches(), keep_float=keep)
+    ref = compare(session.qmodel, batches(), keep_float=keep)
+    div = locate_divergence_batches(session.qmodel, batches(), keep_float=keep)
+    assert res.compare.keep_float == keep and [m.name for m in res.compare.modules] == [m.name for m in ref.modules]
+    for a, b in [*zip(res.compare.modules, ref.modules), (res.compare.end_to_end, ref.end_to_end)]:
+        assert same(a.sqnr_db, b.sqnr_db) and same(a.clipped_fraction, b.clipped_fraction), a.name
+    assert res.divergence.to_dict() | {"seconds": 0} == div.to_dict() | {"seconds": 0}
+    assert session.qmodel.kept_float_modules() == []  # the what-if is undone
+
+
+def test_fake_quantized_weights_are_held_for_one_step_at_a_time(session, images):
+    """While the pass runs, only the wrappers of the step being run hold fake-quantized weight copies
+    (the model's weights are not doubled); afterwards every quantized wrapper holds its copy again."""
+    qmodel = session.qmodel
+    linears = [(n, w) for n, w in qmodel.wrappers() if hasattr(w, "weight_fq") and hasattr(w, "linear")]
+    cached_before = {n for n, w in linears if w.weight_fq is not None}
+    assert cached_before  # a calibrated model caches them (QUANT's speed elsewhere)
+    holders: list[set[str]] = []
+
+    def step_of(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:3]) if parts[0] == "encoder" else parts[0]
+
+    def record(module, args, out) -> None:
+        holders.append({step_of(n) for n, w in linears if w.weight_fq is not None} | {step_of(module.module_name)})
+
+    handles = [w.register_forward_hook(record) for _, w in linears]
+    try:
+        analyse(qmodel, session.batches(session.entries_for(images[:1])))
+    finally:
+        for h in handles:
+            h.remove()
+    assert holders and all(len(h) == 1 for h in holders), holders
+    assert {n for n, w in linears if w.weight_fq is not None} == cached_before

@@ -292,6 +292,12 @@ class _UnitTap(MethodTap):
         return out
 
 
+def _check_ran_once(units: list[_Unit]) -> None:
+    for u in units:
+        if u.calls > 1:
+            raise RuntimeError(f"{u.name} ran {u.calls} times for one image; the locator expects one")
+
+
 def _run_alone(qmodel, units: list[_Unit], model_u: _Unit, cancel: CancelToken, what: str) -> None:
     """Run each unit quantized on its FP input; compare with its FP output ("local" error)."""
     # On the static path, as in forward_static: RMSNorm switches to its quantized static maths.
@@ -362,9 +368,7 @@ class DivergenceSearch:
     def float_done(self, fp_final: torch.Tensor) -> None:
         """After the float pass: every unit ran once; the "model" unit's float input and output."""
         self.tap.phase = "off"
-        for u in self.tap.units:
-            if u.calls > 1:
-                raise RuntimeError(f"{u.name} ran {u.calls} times for one image; the locator expects one")
+        _check_ran_once(self.tap.units)
         self.model_u.fp_in, self.model_u.fp_out = self.pooler_u.fp_out, fp_final
 
     def quant_done(self, fp_final: torch.Tensor, q_final: torch.Tensor) -> None:
@@ -375,6 +379,21 @@ class DivergenceSearch:
     def run_alone(self) -> None:
         """Every unit alone, quantized, on its float input (its local error)."""
         _run_alone(self.qmodel, self.units, self.model_u, self.cancel, self.what)
+
+    def step_done(self) -> None:
+        """Lockstep (the analysis pass): after one step of the model ran float ("fp") then quantized ("q"),
+        each unit that ran in it alone on its float input; their tensors are freed."""
+        self.tap.phase = "off"
+        ran = [u for u in self.tap.units if u.calls]
+        _check_ran_once(ran)
+        _run_alone(self.qmodel, ran, self.model_u, self.cancel, self.what)
+
+    def final_done(self, fp_pooled: torch.Tensor, fp_final: torch.Tensor, q_final: torch.Tensor) -> None:
+        """Lockstep: after the last step, the "model" unit (input: the pooler's float output)."""
+        self.quant_done(fp_final, q_final)
+        self.model_u.fp_in, self.model_u.fp_out = fp_pooled, fp_final
+        _run_alone(self.qmodel, [self.model_u], self.model_u, self.cancel, self.what)
+        self.model_u.fp_in = self.model_u.fp_out = None
 
     def end_image(self, image_id: str) -> None:
         """The image is done: free its tensors and count it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,26 @@ class StaticProfile:
     def soft_tokens(self) -> int:
         """Number of output rows (soft tokens) this profile produces."""
         return self.pool.shape[1] if self.pool is not None else self.num_patches
+
+
+class StaticCarry(NamedTuple):
+    """What flows from one static step to the next: the hidden state and, inside the encoder, its RoPE tables."""
+
+    hidden: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class StaticStep:
+    """One step of the static path: the wrapper named `name` (with its children when `nested`) maps a carry."""
+
+    name: str  # module name of the wrapper whose observers the step uses
+    nested: bool  # the step runs the wrapper's children too (their observers are the step's)
+    run: Callable[[StaticCarry], StaticCarry]
+
+    def owns(self, module_name: str) -> bool:
+        """Whether an observer of `module_name` is used by this step."""
+        return module_name == self.name or (self.nested and module_name.startswith(self.name + "."))
 
 
 @torch.no_grad()
@@ -333,6 +353,29 @@ class QuantVisionModel(QuantModule):
             hidden = self.encoder.run_layers(hidden, profile.cos, profile.sin_signed)
             hidden = self.pooler.forward_static(hidden, profile.pool)
             return self.standardize_pooled(hidden)
+
+    def static_steps(self, profile: StaticProfile) -> list[StaticStep]:
+        """forward_static cut into its steps, in order (patch embedder, RoPE tables, each encoder layer,
+        pooler, standardize), so the analysis can run float and quantized in lockstep, one layer at a
+        time. Chained from ``StaticCarry(pixel_values)`` inside ``static_path()`` they compute exactly
+        what forward_static computes (same calls, same order; tests/test_analysis_pass.py). forward_static
+        keeps calling encoder.run_layers: export records the encoder's scope there (core.export.tensor_map)."""
+        pe, enc, pool = self.patch_embedder, self.encoder, self.pooler
+
+        def rope(c: StaticCarry) -> StaticCarry:
+            # What encoder.run_layers does first: the tables, observed once and shared by every layer.
+            return StaticCarry(c.hidden, (enc.fq(profile.cos, enc.obs_rope_cos), enc.fq(profile.sin_signed, enc.obs_rope_sin)))
+
+        def layer_step(layer: QuantModule) -> StaticStep:
+            return StaticStep(layer.module_name, True, lambda c: StaticCarry(layer(c.hidden, c.rope, None), c.rope))
+
+        return [
+            StaticStep(pe.module_name, True, lambda c: StaticCarry(pe.forward_static(c.hidden, profile.pos_rows))),
+            StaticStep(enc.module_name, False, rope),
+            *(layer_step(layer) for layer in enc.layers),
+            StaticStep(pool.module_name, True, lambda c: StaticCarry(pool.forward_static(c.hidden, profile.pool))),
+            StaticStep(self.module_name, False, lambda c: StaticCarry(self.standardize_pooled(c.hidden))),
+        ]
 
     def standardize_pooled(self, hidden: torch.Tensor) -> torch.Tensor:
         """The static path's last step on a pooler output: (soft_tokens, hidden), then (x - bias) * scale
