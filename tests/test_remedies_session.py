@@ -351,3 +351,13 @@ def test_new_config_keeps_only_the_smoothing_reports(session):
     session.set_config(ptq.PTQConfig())
     assert [r.step.kind for r in session.remedies] == ["smoothquant"]
     assert session.qmodel.rounded_weights() == {}
+
+
+def test_real_gptq_one_analysis_pass_sees_the_rounded_weights(real_gptq):
+    """The lockstep analysis pass switches one step at a time to QUANT and re-caches weights: the
+    rounded copies must be what it measures, exactly as the fix's own after-comparison did."""
+    s, _, res = real_gptq
+    result = s.analyse()
+    assert list(result.images) == list(res.after.images)
+    assert result.compare.end_to_end.sqnr_db == res.after.end_to_end.sqnr_db
+    assert s.qmodel.rounded_weights()  # the pass left the copies in place
