@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import QItemSelectionModel, QSortFilterProxyModel, Qt, Signal
+from PySide6.QtCore import QItemSelectionModel, Qt, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QHBoxLayout,
@@ -34,7 +34,7 @@ from app.qt_error_diagnostics import ErrorDiagnostics
 from app.qt_error_scatter import QtErrorScatterPanel
 from app.qt_errors_stream import ErrorsStream
 from app.qt_heatmap import QtPatchHeatmap
-from app.qt_module_errors_table import SORT_ROLE, ModuleErrorModel
+from app.qt_module_errors_table import ModuleErrorModel, ModuleErrorProxy
 from app.qt_sensitivity_table import QtSensitivityTable
 from app.tab_state import ErrorsState, ImageSnapshot, PartialAnalysis
 
@@ -63,11 +63,7 @@ class QtErrorsTab(QWidget):
 
         self.model = ModuleErrorModel(self)
         self.model.sigKeepFloatChanged.connect(self._on_keep_changed)
-        self.proxy = QSortFilterProxyModel(self)
-        self.proxy.setSourceModel(self.model)
-        self.proxy.setSortRole(SORT_ROLE)
-        self.proxy.setFilterKeyColumn(1)
-        self.proxy.setFilterCaseSensitivity(Qt.CaseInsensitive)
+        self.proxy = ModuleErrorProxy(self.model, self)
         self._build_toolbar()
         self._build_table()
         self.depth_chart = QtDepthChart()
@@ -396,7 +392,7 @@ class QtErrorsTab(QWidget):
         self.model.set_modules(result.modules, keep, prepared)
         self.to_settings_button.setEnabled(bool(self.model.keep_float))
         self._apply_widths()
-        self.depth_chart.set_modules(self.model.modules)
+        self.depth_chart.set_modules(self.model.forward)
         e2e = result.end_to_end
         text = f"End-to-end: SQNR {e2e.sqnr_db:.2f} dB · PEIR {fmt_float(e2e.peir)} (good: tens of dB on a trained model)"
         if self.state.previous_end_to_end is not None:
@@ -489,7 +485,7 @@ class QtErrorsTab(QWidget):
         if mod is None:
             self.scatter_panel.clear()
             return
-        self.depth_chart.set_cursor(self.model.modules.index(mod))
+        self.depth_chart.set_cursor(self.model.forward.index(mod))
         image_id = self.scatter_panel.chosen_image()
         source = mod
         if image_id is not None:
