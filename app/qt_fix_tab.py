@@ -30,7 +30,7 @@ from PySide6.QtWidgets import (
 from app.events import SessionSubscriptions
 from app.fix_state import FixViewState
 from app.qt_ab_charts import A_COLOR, B_COLOR, QtABCharts
-from app.qt_common import QtMessageLine, QtTaskProgress, end_task_with_error, error_text
+from app.qt_common import QtMessageLine, QtTaskProgress, end_task_with_error, error_text, plural
 from app.qt_pareto_chart import QtParetoChart
 from core.errors import ConfigError, PTQStudioError
 from core.remedies.plan import RemedyStep
@@ -68,7 +68,8 @@ class QtFixTab(QWidget):
         self.view = FixViewState()
         self._prefilled = ""  # the glob last pre-filled: replaced by the next search, never the user's own
 
-        box = QGroupBox("Remedies (run in this order; smoothing is followed by a recalibration)")
+        box = QGroupBox("Remedies, applied in this order")
+        box.setToolTip("Smoothing (SmoothQuant, CLE) is followed by a recalibration, then rounding (GPTQ, AdaRound), then mixed precision")
         grid = QGridLayout(box)
         self.checks: dict[str, QCheckBox] = {}
         self.globs: dict[str, QLineEdit] = {}
@@ -194,7 +195,7 @@ class QtFixTab(QWidget):
             if not edit.text().strip() or edit.text() == self._prefilled:
                 edit.setText(unit)
         self._prefilled = unit
-        self.message.show_message(f"The first divergence is at {unit}: its globs are filled in below.")
+        self.message.show_message(f"The first divergence is at {unit}: its globs are filled in above.")
 
     # -- running remedies ----------------------------------------------------------------------
     def steps(self) -> list[RemedyStep]:
@@ -269,6 +270,7 @@ class QtFixTab(QWidget):
         if result is None:
             self.charts.clear()
             self.pareto.clear_points()
+            self.pareto.setVisible(False)  # empty axes say nothing: the curve appears with a mixed-precision search
             first = "The session changed since the last fix, so it was cleared. " if self.view.stale else ""
             self.summary_label.setText(
                 f"{first}Tick remedies, name their modules (the first divergence fills them in) and press "
@@ -277,10 +279,12 @@ class QtFixTab(QWidget):
             return
         self.charts.show_modules(result.comparison.modules)
         search = result.mixed
-        self.pareto.show_points(self.view.pareto_points(), getattr(search, "chosen", None))
-        steps = ", ".join(f"{r.step.kind} ({len(r.modules)} module(s))" for r in result.reports)
+        points = self.view.pareto_points()
+        self.pareto.setVisible(bool(points))
+        self.pareto.show_points(points, getattr(search, "chosen", None))
+        steps = ", ".join(f"{r.step.kind} ({plural(len(r.modules), 'module')})" for r in result.reports)
         self.summary_label.setText(
-            f"<b>End-to-end SQNR</b> on {len(result.after.images)} image(s): "
+            f"<b>End-to-end SQNR</b> on {plural(len(result.after.images), 'evaluation photo')}: "
             f"<span style='color:{A_COLOR}'><b>{result.sqnr_before_db:.2f} dB</b></span> → "
             f"<span style='color:{B_COLOR}'><b>{result.sqnr_after_db:.2f} dB</b></span> "
             f"(Δ {result.comparison.end_to_end_delta_db:+.2f} dB) after {steps}."

@@ -103,17 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     _spin(lambda: False, 0.5)
     window.grab().save(str(out / "ab.png"))
 
-    # the fix the diagnosis points at: GPTQ on the first-divergence unit (its globs are pre-filled)
-    fix = window.fix_tab
-    window.tabs.setCurrentWidget(fix)
-    fix.checks["gptq"].setChecked(True)
-    if not fix.globs["gptq"].text().strip():
-        fix.globs["gptq"].setText("encoder.layers.*")
-    fix.run_fix()
-    _spin(lambda: fix.view.result is not None and idle(), 1800)
-    _spin(lambda: False, 0.5)
-    window.grab().save(str(out / "fix.png"))
-
     export = window.export_tab
     window.tabs.setCurrentWidget(export)
     export.path_edit.setText(str(work / "gemma4_vision_tiny.circle"))
@@ -131,6 +120,22 @@ def main(argv: list[str] | None = None) -> int:
         window.open_in_netron(str(export.result.path))
         _spin(lambda: False, 8.0)
         window.grab().save(str(out / "netron.png"))
+    # the fix the diagnosis points at, where it matters: 4-bit weights, GPTQ on the first-divergence unit
+    panel = window.model_panel
+    panel.weight_combo.setCurrentText("uint4")
+    panel.apply_button.click()
+    _spin(lambda: idle() and window.session.state != "calibrated", 600)
+    window.calibration_tab.calibrate()
+    _spin(lambda: idle() and window.session.state == "calibrated" and window.errors_tab.result is not None, 1800)
+    fix = window.fix_tab
+    window.tabs.setCurrentWidget(fix)
+    fix.checks["gptq"].setChecked(True)
+    if not fix.globs["gptq"].text().strip():
+        fix.globs["gptq"].setText("encoder.layers.*")
+    fix.run_fix()
+    _spin(lambda: fix.view.result is not None and idle(), 1800)
+    _spin(lambda: False, 0.5)
+    window.grab().save(str(out / "fix.png"))
     window.close()
     print("\n".join(str(p) for p in sorted(out.glob("*.png"))))
     return 0
