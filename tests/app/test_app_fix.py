@@ -23,6 +23,19 @@ def fakes(monkeypatch):
     remedy_fakes.install(monkeypatch)
 
 
+def _export_and_verify(qtbot, window, path) -> None:
+    """Export from the Export tab (the child rebuilds the remedied model from a saved copy): verified, all quantized."""
+    export = window.export_tab
+    window.tabs.setCurrentWidget(export)
+    export.path_edit.setText(str(path))
+    with qtbot.waitSignal(export.sigExported, timeout=600_000) as blocker:
+        qtbot.mouseClick(window.findChild(QPushButton, "exportButton"), Qt.LeftButton)
+    exported = blocker.args[0]
+    _wait_idle(qtbot, window)
+    assert exported.tensors_without_qparams == []
+    assert exported.verify.verdict.level == "verified", exported.verify.verdict
+
+
 def test_view_state_keeps_a_fix_until_the_statistics_change():
     view = FixViewState()
     assert view.located(SimpleNamespace(located=SimpleNamespace(name="encoder.layers.1"))) == "encoder.layers.1"
@@ -77,15 +90,7 @@ def test_fix_the_first_divergence_see_the_change_and_export(make_window, sample_
     assert "gptq" in tab.applied_label.text() and "smoothquant" in tab.applied_label.text()
 
     # the export carries the remedied model (the child rebuilds it from a saved copy)
-    export = window.export_tab
-    window.tabs.setCurrentWidget(export)
-    export.path_edit.setText(str(tmp_path / "fixed.circle"))
-    with qtbot.waitSignal(export.sigExported, timeout=600_000) as blocker:
-        qtbot.mouseClick(window.findChild(QPushButton, "exportButton"), Qt.LeftButton)
-    exported = blocker.args[0]
-    _wait_idle(qtbot, window)
-    assert exported.tensors_without_qparams == []
-    assert exported.verify.verdict.level == "verified", exported.verify.verdict
+    _export_and_verify(qtbot, window, tmp_path / "fixed.circle")
 
 
 def test_a_cancelled_fix_leaves_the_session_and_the_tab_as_they_were(make_window, sample_images, qtbot, fakes, monkeypatch):
@@ -187,12 +192,4 @@ def test_real_gptq_on_the_first_divergence_improves_it_and_exports(make_window, 
     for k, v in session.model.named_parameters():  # the reference every error is measured against
         assert torch.equal(v, weights_before[k]), k
 
-    export = window.export_tab
-    window.tabs.setCurrentWidget(export)
-    export.path_edit.setText(str(tmp_path / "gptq.circle"))
-    with qtbot.waitSignal(export.sigExported, timeout=600_000) as blocker:
-        qtbot.mouseClick(window.findChild(QPushButton, "exportButton"), Qt.LeftButton)
-    exported = blocker.args[0]
-    _wait_idle(qtbot, window)
-    assert exported.tensors_without_qparams == []
-    assert exported.verify.verdict.level == "verified", exported.verify.verdict
+    _export_and_verify(qtbot, window, tmp_path / "gptq.circle")
