@@ -25,9 +25,16 @@ from PySide6.QtWidgets import (
 )
 
 from app.ab_state import ABViewState
-from app.events import SessionSubscriptions
 from app.qt_ab_charts import A_COLOR, B_COLOR, QtABCharts
-from app.qt_common import QtMessageLine, QtTaskProgress, end_task_with_error, error_text, fmt_float, results_table
+from app.qt_common import (
+    QtMessageLine,
+    QtSessionTab,
+    QtTaskProgress,
+    end_task_with_error,
+    error_text,
+    fmt_float,
+    results_table,
+)
 from core.analysis.ab_overrides import describe_config, override_text
 from core.config import OBSERVERS, PTQConfig, build_config, override_line, parse_override_lines
 from core.errors import PTQStudioError
@@ -41,7 +48,7 @@ WIN_COLORS = {"A": QColor(31, 119, 180, 60), "B": QColor(255, 127, 14, 70)}
 SORT_ROLE = Qt.UserRole + 30
 
 
-class QtABTab(QWidget):
+class QtABTab(QtSessionTab):
     """Is B better than A, module by module, and by how much end to end."""
 
     sigCompared = Signal(object)  # ABResult
@@ -50,11 +57,7 @@ class QtABTab(QWidget):
                "Own config A → B")
 
     def __init__(self, host: "QtMainWindow") -> None:
-        super().__init__()
-        self._host = host
-        self._session = None
-        self._subscriptions = SessionSubscriptions()
-        self._task = None
+        super().__init__(host)
         self.view = ABViewState()
         self.names: list[str] = []
 

@@ -41,8 +41,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.events import SessionSubscriptions
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text, plural
+from app.qt_common import QtMessageLine, QtSessionTab, QtTaskProgress, error_text, plural
 from app.qt_drop_zone import QtDropZone
 from app.qt_evaluation_marks import EvaluationMarks
 
@@ -109,17 +108,13 @@ class CalibrationRun:
         return bool(r is not None and r.cancelled and self.calibrated and self.in_force is not None and self.in_force is not r)
 
 
-class QtCalibrationTab(QWidget):
+class QtCalibrationTab(QtSessionTab):
     """Images in, statistics out: the first thing a user does."""
 
     sigCalibrated = Signal(object)  # CalibrationResult
 
     def __init__(self, host: "QtMainWindow") -> None:
-        super().__init__()
-        self._host = host
-        self._session = None
-        self._subscriptions = SessionSubscriptions()
-        self._task = None
+        super().__init__(host)
         self.last_run = CalibrationRun()
         self._thumbs: dict[str, QImage] = {}
         self._pool = QThreadPool(self)

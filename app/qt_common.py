@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.events import SessionSubscriptions
 from core.errors import CancelledError, PTQStudioError
 
 
@@ -220,3 +221,15 @@ class SortKeyItem(QTableWidgetItem):
             b = float("inf") if b is None or b != b else float(b)
             return a < b
         return str(a) < str(b)
+
+
+class QtSessionTab(QWidget):
+    """A tab of the main window that follows its session: the host it asks to run work, the session
+    it shows, its event subscriptions and its one running task (each tab adds its own view state)."""
+
+    def __init__(self, host) -> None:
+        super().__init__()
+        self._host = host
+        self._session = None
+        self._subscriptions = SessionSubscriptions()
+        self._task = None

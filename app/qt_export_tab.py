@@ -31,10 +31,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.events import SessionSubscriptions
 from app.qt_common import (
     SORT_KEY_ROLE,
     QtMessageLine,
+    QtSessionTab,
     QtTaskProgress,
     SortKeyItem,
     calibration_text,
@@ -66,19 +66,15 @@ class ExportViewState:
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-class QtExportTab(QWidget):
+class QtExportTab(QtSessionTab):
     """Static fully-integer Circle export with verification; failures keep the old file."""
 
     sigExported = Signal(object)
     sigOpenInNetron = Signal(str)
 
     def __init__(self, host: "QtMainWindow") -> None:
-        super().__init__()
-        self._host = host
-        self._session = None
-        self._subscriptions = SessionSubscriptions()
+        super().__init__(host)
         self.state = ExportViewState()
-        self._task = None
         self.result = None
 
         self.path_edit = QLineEdit()

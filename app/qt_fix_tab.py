@@ -27,10 +27,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.events import SessionSubscriptions
 from app.fix_state import FixViewState
 from app.qt_ab_charts import A_COLOR, B_COLOR, QtABCharts
-from app.qt_common import QtMessageLine, QtTaskProgress, end_task_with_error, error_text, plural
+from app.qt_common import QtMessageLine, QtSessionTab, QtTaskProgress, end_task_with_error, error_text, plural
 from app.qt_pareto_chart import QtParetoChart
 from core.errors import ConfigError, PTQStudioError
 from core.remedies.plan import RemedyStep
@@ -54,17 +53,13 @@ def split_globs(text: str) -> tuple[str, ...]:
     return tuple(g for g in _SPLIT.split(text.strip()) if g)
 
 
-class QtFixTab(QWidget):
+class QtFixTab(QtSessionTab):
     """Choose remedies and their modules, run them, and see what they changed."""
 
     sigFixed = Signal(object)  # FixResult
 
     def __init__(self, host: "QtMainWindow") -> None:
-        super().__init__()
-        self._host = host
-        self._session = None
-        self._subscriptions = SessionSubscriptions()
-        self._task = None
+        super().__init__(host)
         self.view = FixViewState()
         self._prefilled = ""  # the glob last pre-filled: replaced by the next search, never the user's own
 
