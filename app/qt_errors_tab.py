@@ -341,14 +341,20 @@ class QtErrorsTab(QWidget):
         self._eval_task = None
         self.evaluate_button.setEnabled(True)
         self.evaluate_button.setText("Re-evaluate")
-        self.progress.end(f"evaluated on {plural(len(getattr(result, 'images', []) or []), 'image')}")
-        self.state.complete = True
-        self.state.evaluation_total = len(getattr(result, "images", []) or [])
+        self.state.complete, self.state.evaluation_total = True, len(getattr(result, "images", []) or [])
+        self.progress.end(f"evaluated on {plural(self.state.evaluation_total, 'image')}")
         self.set_result(result, stats_version)
         self.stream.show_line(self.state, self.images, running=False)
-        # Queued before the signal, so whoever waits for the runner to go idle sees them too.
+        stale = self.stream.ended()
+        # The table now; the divergence, charts and heatmap on a later pass the runner counts as busy, so
+        # the window paints in between (together they stalled it 140 ms on e2b, bench/bench_gui.py).
+        self._host.later("drawing the analysis", lambda: self._finish_evaluated(result, analysis, stale))
+
+    def _finish_evaluated(self, result, analysis, stale: bool) -> None:
+        if self.state.result is not result:
+            return  # a newer evaluation (or a reset) came first: this one's diagnostics are not wanted
         self.diagnostics.start(self.session, self.images, analysis)
-        if self.stream.ended():
+        if stale:
             self.evaluate()  # the evaluation set changed while this ran
         self.sigEvaluated.emit(result)
 

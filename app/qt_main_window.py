@@ -243,6 +243,10 @@ class QtMainWindow(QMainWindow):
         """Run a Session call on the worker thread (see SessionRunner.submit)."""
         return self.runner.submit(name, fn, **kwargs)
 
+    def later(self, name: str, fn: Callable[[], None]) -> None:
+        """Run fn on the GUI thread on a later event-loop pass, the runner busy until then (SessionRunner.later)."""
+        self.runner.later(name, fn)
+
     def defer(self, fn: Callable[[], None]) -> None:
         """Run fn once a session exists."""
         self._deferred.append(fn)

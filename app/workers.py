@@ -17,7 +17,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
 from core.cancel import CancelToken
 
@@ -112,6 +112,8 @@ class SessionRunner(QObject):
         self._ids = itertools.count(1)
         self._tasks: dict[int, Task] = {}
         self._running: int | None = None
+        self._later: list[str] = []  # names of GUI-thread steps scheduled by later(), not yet run
+        self._announced = False  # the busy state sigBusyChanged last announced
         self._froze = False
         self._thread = QThread()
         self._thread.setObjectName("ptq-session-worker")
@@ -128,12 +130,30 @@ class SessionRunner(QObject):
 
     @property
     def busy(self) -> bool:
-        """Whether a task is queued or running."""
-        return bool(self._tasks)
+        """Whether a task is queued or running, or a step scheduled by later() has not run yet."""
+        return bool(self._tasks) or bool(self._later)
 
     def pending(self) -> list[str]:
-        """Names of the queued and running tasks, oldest first."""
-        return [t.name for t in self._tasks.values()]
+        """Names of the queued and running tasks, oldest first (then the GUI steps still to run)."""
+        return [t.name for t in self._tasks.values()] + self._later
+
+    def later(self, name: str, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the GUI thread on a later pass of the event loop, counted as busy until it ran.
+
+        A result that takes several pieces of drawing gets the window's paint and input in between
+        (each piece alone stays under the 100 ms a stall may last), while whoever waits for the runner to
+        go idle still sees the whole result drawn and whatever its last piece submits."""
+        self._later.append(name)
+        self._settle()
+
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                self._later.remove(name)
+                self._settle()
+
+        QTimer.singleShot(0, run)
 
     def running(self) -> str:
         """Name of the task the worker is running now ("" when none has started)."""
@@ -167,10 +187,8 @@ class SessionRunner(QObject):
             on_started=on_started,
             started_at=time.monotonic(),
         )
-        was_busy = self.busy
         self._tasks[task.task_id] = task
-        if not was_busy:
-            self.sigBusyChanged.emit(True)
+        self._announce()
         self._sigSubmit.emit(task)
         self.sigQueueChanged.emit()
         return task
@@ -191,10 +209,19 @@ class SessionRunner(QObject):
         task = self._tasks.pop(task_id, None)
         if task_id == self._running:
             self._running = None
-        if not self._tasks:
-            self.sigBusyChanged.emit(False)
-        self.sigQueueChanged.emit()
         return task
+
+    def _announce(self) -> None:
+        """Emit sigBusyChanged when busy differs from what it said last (a task's callback that queues more
+        work between a task's end and the announcement keeps one busy stretch)."""
+        if self.busy != self._announced:
+            self._announced = self.busy
+            self.sigBusyChanged.emit(self._announced)
+
+    def _settle(self) -> None:
+        """Announce the queue after a task or a later() step was added or ended."""
+        self._announce()
+        self.sigQueueChanged.emit()
 
     @Slot(int)
     def _on_started(self, task_id: int) -> None:
@@ -220,14 +247,20 @@ class SessionRunner(QObject):
             self._froze = True
             freeze_long_lived_objects()
         task = self._finish(task_id)
-        if task is not None and task.on_done is not None:
-            task.on_done(result)
+        try:
+            # The callback runs before idle is announced: what it submits or defers keeps the runner busy.
+            if task is not None and task.on_done is not None:
+                task.on_done(result)
+        finally:
+            self._settle()
 
     @Slot(int, object, str)
     def _on_failed(self, task_id: int, exc: BaseException, text: str) -> None:
         task = self._finish(task_id)
-        if task is None:
-            return
-        exc.__dict__.setdefault("_ptq_traceback", text)
-        if task.on_error is not None:
-            task.on_error(exc)
+        try:
+            if task is not None:
+                exc.__dict__.setdefault("_ptq_traceback", text)
+                if task.on_error is not None:
+                    task.on_error(exc)
+        finally:
+            self._settle()

@@ -59,3 +59,55 @@ def test_runner_freezes_the_objects_alive_after_its_first_task_only(qtbot, unfro
         assert gc.get_freeze_count() == 0
     finally:
         assert runner.shutdown()
+
+
+def test_a_later_step_keeps_the_runner_busy_until_it_ran(qtbot):
+    """A result drawn in two passes (SessionRunner.later) is one busy stretch: idle is announced once, after
+    the last pass, and only after a later pass of the event loop (the window paints in between)."""
+    runner = SessionRunner()
+    busy_changes: list[bool] = []
+    runner.sigBusyChanged.connect(busy_changes.append)
+    seen: list[tuple[str, bool]] = []
+
+    def second_pass() -> None:
+        seen.append(("second", runner.busy))
+
+    def first_pass(_result) -> None:
+        runner.later("drawing", second_pass)
+        seen.append(("first", runner.busy))
+        assert runner.pending() == ["drawing"] and runner.queued() == []  # drawing is not a queued task
+
+    try:
+        with qtbot.waitSignal(runner.sigBusyChanged, check_params_cb=lambda busy: not busy, timeout=10_000):
+            runner.submit("evaluate", lambda: 1, takes_progress=False, on_done=first_pass)
+        assert seen == [("first", True), ("second", True)]
+        assert busy_changes == [True, False] and not runner.busy
+    finally:
+        assert runner.shutdown()
+
+
+def test_the_errors_tab_draws_the_final_result_in_two_passes(qtbot):
+    """The table is on screen when the evaluation's callback returns; the diagnostics start on a later pass."""
+    from types import SimpleNamespace
+
+    from app.qt_errors_tab import QtErrorsTab
+
+    later: list = []
+    host = SimpleNamespace(submit=lambda *a, **k: None, later=lambda name, fn: later.append((name, fn)))
+    tab = QtErrorsTab(host)
+    qtbot.addWidget(tab)
+    started: list = []
+    tab.diagnostics.start = lambda *args: started.append(args)
+    modules = [
+        SimpleNamespace(name=f"encoder.layers.{i}", kind="layer", sqnr_db=20.0 - i, peir=0.1, mse=0.1, max_abs=1.0,
+                        cosine=0.9, clipped_fraction=0.0, samples_fp=[0.0, 1.0], samples_q=[0.0, 1.0])
+        for i in range(3)
+    ]
+    result = SimpleNamespace(modules=modules, images=["a"], keep_float=[], end_to_end=SimpleNamespace(sqnr_db=9.0, peir=0.2))
+    tab.stream.running = True
+    tab._on_evaluated(result, 1, SimpleNamespace(compare=result))  # noqa: SLF001 -- the worker's callback
+    assert tab.result is result and tab.model.rowCount() == len(result.modules) and started == []
+    with qtbot.waitSignal(tab.sigEvaluated, timeout=1000):
+        [(name, fn)] = later
+        fn()
+    assert len(started) == 1 and name == "drawing the analysis"
