@@ -36,7 +36,7 @@ from app.qt_errors_stream import ErrorsStream
 from app.qt_heatmap import QtPatchHeatmap
 from app.qt_module_errors_table import ModuleErrorModel, ModuleErrorProxy
 from app.qt_sensitivity_table import QtSensitivityTable
-from app.tab_state import ErrorsState, ImageSnapshot, PartialAnalysis
+from app.tab_state import SQNR_YARDSTICK, ErrorsState, ImageSnapshot, PartialAnalysis
 
 if TYPE_CHECKING:
     from app.qt_main_window import QtMainWindow
@@ -331,11 +331,15 @@ class QtErrorsTab(QWidget):
         """One more evaluation photo is done: draw the numbers of the photos so far (later ones refine them)."""
         if first:
             self.diagnostics.begin_stream()
-        self.state.evaluation_total = part.total
-        self.state.complete = False
+        self.state.evaluation_total, self.state.complete = part.total, False
         self.set_result(part.analysis.compare, prepared=part.table)
-        self.diagnostics.show_partial(part)
         self.stream.show_line(self.state, self.images, running=True)
+        self._host.later("drawing the photo's maps", lambda: self._show_partial_maps(part))
+
+    def _show_partial_maps(self, part: PartialAnalysis) -> None:
+        # Its divergence and heatmap on a later pass than its table, as the final result's (_on_evaluated).
+        if self.state.result is part.analysis.compare:  # not when a newer photo or the final result came first
+            self.diagnostics.show_partial(part)
 
     def _on_evaluated(self, result, stats_version: int | None = None, analysis=None) -> None:
         self._eval_task = None
@@ -409,13 +413,7 @@ class QtErrorsTab(QWidget):
                 f"PEIR {fmt_float(old.peir)} → {fmt_float(e2e.peir)}"
             )
         self.end_to_end_label.setText(text)
-        # A number needs a yardstick: say what good looks like, and that random weights are no test of it.
-        self.end_to_end_label.setToolTip(
-            "SQNR: signal-to-quantization-noise ratio of the final output, higher is better. "
-            "uint8 activations on a trained model typically give tens of dB (20–40 dB); under ~10 dB the "
-            "quantized output is mostly noise. The built-in models have random (seeded) weights, which "
-            "amplify noise far more than trained ones: judge the quantizer on a real checkpoint."
-        )
+        self.end_to_end_label.setToolTip(SQNR_YARDSTICK)
         self.scatter_panel.set_images(self.state.images)
         worst = sorted(result.modules, key=lambda m: m.sqnr_db)[:3]
         kept = list(getattr(result, "keep_float", []) or [])
@@ -425,8 +423,7 @@ class QtErrorsTab(QWidget):
             "info",
         )
         names = [m.name for m in result.modules]
-        # Numbers that stream in (and their final total) re-select the row without moving the heatmap off
-        # what it shows: only the user's choice of a module does.
+        # Streamed numbers (and their final total) re-select the row without moving the heatmap: only the user does.
         self._heatmap_follows = not self.stream.streamed
         try:
             self.select_module(selected if selected in names else (worst[0].name if worst else None))
@@ -463,19 +460,19 @@ class QtErrorsTab(QWidget):
 
     def select_module(self, name: str | None) -> None:
         """Select a module by name in the table (the scatter follows)."""
-        if name is None:
-            return
-        for row, mod in enumerate(self.model.modules):
+        for row, mod in enumerate(self.model.modules if name is not None else []):
             if mod.name == name:
                 proxy_index = self.proxy.mapFromSource(self.model.index(row, 0))
+                moved = proxy_index.isValid() and proxy_index.row() != self.table.selectionModel().currentIndex().row()
                 if proxy_index.isValid():
                     self.table.selectionModel().setCurrentIndex(
                         proxy_index, QItemSelectionModel.ClearAndSelect | QItemSelectionModel.Rows
                     )
                     self.table.scrollTo(proxy_index)
                 self.state.selected_module = name
-                self._update_scatter()
-                self._follow_in_heatmap(name)
+                if not moved:  # a moved row drew the scatter in _on_current_row already: once is enough
+                    self._update_scatter()
+                    self._follow_in_heatmap(name)
                 return
 
     def _on_current_row(self, current, _previous) -> None:

@@ -32,7 +32,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.events import SessionSubscriptions
-from app.qt_common import QtMessageLine, error_text, fmt_float, scalar
+from app.qt_common import QtMessageLine, error_text, fmt_float
 from app.qt_extreme_source_panel import QtExtremeSourcePanel
 from app.qt_image_ranking_panel import QtImageRankingPanel
 from app.qt_observer_table import SORT_ROLE, ObserverFilterProxy, ObserverTableModel, grid_limits
@@ -344,11 +344,10 @@ class QtRangesTab(QWidget):
     def _widest_text(self) -> str:
         if not self.records:
             return ""
-        mags = [max(abs(scalar(r.min, "min")), abs(scalar(r.max, "max"))) for r in self.records]
-        mags = [m if m == m else -1.0 for m in mags]  # NaN (an empty observer) never wins
+        mins, maxs = self.model.extremes()
+        mags = np.nan_to_num(np.maximum(np.abs(mins), np.abs(maxs)), nan=-1.0)  # NaN (an empty observer) never wins
         i = int(np.argmax(mags))
-        rec = self.records[i]
-        return f" · widest: #{i} {rec.name} [{fmt_float(scalar(rec.min, 'min'))}, {fmt_float(scalar(rec.max, 'max'))}]"
+        return f" · widest: #{i} {self.records[i].name} [{fmt_float(mins[i])}, {fmt_float(maxs[i])}]"
 
     def _apply_widths(self) -> None:
         char = self.table.fontMetrics().horizontalAdvance("0")
@@ -369,8 +368,7 @@ class QtRangesTab(QWidget):
     def _update_chart(self) -> None:
         n = len(self.records)
         x = np.arange(n, dtype=float)
-        mins = np.array([scalar(r.min, "min") for r in self.records], dtype=float)
-        maxs = np.array([scalar(r.max, "max") for r in self.records], dtype=float)
+        mins, maxs = self.model.extremes()
         log = self.log_radio.isChecked()
         self.plot.setLogMode(x=False, y=log)
         if log:
