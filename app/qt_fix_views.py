@@ -12,7 +12,7 @@ import math
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QComboBox, QGridLayout, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
 
-from app.qt_ab_charts import A_COLOR, B_COLOR, QtABCharts
+from app.qt_ab_charts import A_COLOR, B_COLOR, QtABCharts, module_group
 from app.qt_common import fmt_float
 from app.qt_heatmap import DEFAULT_OPACITY, QtPatchHeatmap, colour_top, module_title
 
@@ -184,6 +184,10 @@ class QtLocalSQNRChart(QWidget):
         self.charts.clear()
         self.charts.show_modules(changes)
         names = [c.name for c in changes]
+        # A few units, not hundreds of modules: every one gets its label (the module axis thins them out).
+        ticks = [[(float(i), module_group(n)) for i, n in enumerate(names)], []]
+        self.charts.axis.setTicks(ticks)
+        self.charts.delta_axis.setTicks(ticks)
         if located in names:
             self.charts.mark(names.index(located))
 
