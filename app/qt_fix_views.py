@@ -23,6 +23,14 @@ def _sqnr_text(db: float) -> str:
     return "exact (no error)" if math.isinf(db) and db > 0 else f"SQNR {db:.2f} dB"
 
 
+def _chooser(name: str, tip: str, chars: int) -> QComboBox:
+    """A combo box that keeps `chars` characters visible and never widens the window for a long name."""
+    combo = QComboBox(objectName=name, toolTip=tip)
+    combo.setMinimumContentsLength(chars)
+    combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+    return combo
+
+
 class QtFixHeatmapPair(QWidget):
     """Photo and module choosers over two patch heatmaps, before and after the fix, on one colour scale."""
 
@@ -32,22 +40,14 @@ class QtFixHeatmapPair(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setObjectName("fixHeatmapPair")
-        self.photo_combo = QComboBox()
-        self.photo_combo.setObjectName("fixHeatmapPhoto")
-        self.photo_combo.setToolTip("Evaluation photo whose patch errors are shown before and after the fix")
-        self.photo_combo.setMinimumContentsLength(10)
-        self.photo_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.module_combo = QComboBox()
-        self.module_combo.setObjectName("fixHeatmapModule")
-        self.module_combo.setToolTip("Module whose output error is mapped; a click on the per-module chart chooses it too")
-        self.module_combo.setMinimumContentsLength(16)
-        self.module_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.opacity_slider = QSlider(Qt.Horizontal)
-        self.opacity_slider.setObjectName("fixHeatmapOpacity")
-        self.opacity_slider.setRange(0, 100)
+        self.photo_combo = _chooser("fixHeatmapPhoto", "Evaluation photo whose patch errors are shown before and after the fix", 10)
+        self.module_combo = _chooser(
+            "fixHeatmapModule", "Module whose output error is mapped; a click on the per-module chart chooses it too", 16
+        )
+        # One opacity for both maps: it drives each heatmap's own (hidden) slider.
+        self.opacity_slider = QSlider(Qt.Horizontal, objectName="fixHeatmapOpacity", minimum=0, maximum=100)
         self.opacity_slider.setValue(DEFAULT_OPACITY)
         self.opacity_slider.setFixedWidth(90)
-        self.opacity_slider.setToolTip("Opacity of the error maps over the photo")
         self.before = QtPatchHeatmap()
         self.after = QtPatchHeatmap()
         self.headers: list[QLabel] = []
@@ -76,6 +76,7 @@ class QtFixHeatmapPair(QWidget):
         self.note = QLabel("one colour scale · opacity:")
         self.note.setObjectName("fixHeatmapNote")
         self.note.setToolTip("Both maps share one colour scale: where the after map is darker, the fix removed error")
+        self.opacity_slider.setToolTip("Opacity of the error maps over the photo")
         top.addWidget(self.note)
         top.addWidget(self.opacity_slider)
         layout = QVBoxLayout(self)
