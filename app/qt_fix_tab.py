@@ -1,6 +1,8 @@
 """Fix tab: apply remedies (SmoothQuant, CLE, GPTQ, AdaRound, mixed precision) to the session's model
-in the worker, then compare before and after with the A/B charts and, for mixed precision, the
-Pareto curve of the configurations tried (a click applies a point).
+in the worker, then compare before and after with the A/B charts per module and, below them, one
+module's patch-error map before and after (a click on the chart chooses it), the first divergence
+before -> after, and for mixed precision the Pareto curve of the configurations tried (a click
+applies a point). The maps and the divergence come with the fix (its one analysis pass each side).
 
 The tab follows the session's events: ``remedied`` shows a fix, new statistics or a new config
 drop it, and a first-divergence search pre-fills the globs with the unit it located. The remedies
@@ -23,6 +25,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QPushButton,
     QSplitter,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -30,6 +33,7 @@ from PySide6.QtWidgets import (
 from app.fix_state import FixViewState
 from app.qt_ab_charts import A_COLOR, B_COLOR, QtABCharts
 from app.qt_common import QtMessageLine, QtSessionTab, QtTaskProgress, end_task_with_error, error_text, plural
+from app.qt_fix_views import QtFixDivergenceLine, QtFixHeatmapPair, QtLocalSQNRChart
 from app.qt_pareto_chart import QtParetoChart
 from core.errors import ConfigError, PTQStudioError
 from core.remedies.plan import RemedyStep
@@ -124,23 +128,38 @@ class QtFixTab(QtSessionTab):
         self.summary_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.summary_label.setStyleSheet("font-size: 13px;")
         self.charts = QtABCharts(labels=("before", "after"), name="fix")
+        self.charts.setToolTip("SQNR of every module before and after the fix; click a point to map that module below")
+        self.charts.sigModuleClicked.connect(self._on_module_clicked)
         self.pareto = QtParetoChart()
-        self.pareto.setMinimumHeight(160)
         self.pareto.setToolTip("Each configuration the mixed-precision search tried; click one to apply it")
         self.pareto.sigPointClicked.connect(self.apply_point)
-        right = QSplitter(Qt.Vertical)
-        right.addWidget(self.charts)
-        right.addWidget(self.pareto)
-        right.setSizes([420, 220])
-        results = QWidget()
-        rl = QVBoxLayout(results)
+        self.heatmaps = QtFixHeatmapPair()
+        self.heatmaps.sigPhotoChosen.connect(lambda photo: self._choose(photo=photo))
+        self.heatmaps.sigModuleChosen.connect(lambda module: self._choose(module=module))
+        self.divergence_line = QtFixDivergenceLine()
+        self.local_chart = QtLocalSQNRChart()
+        self.views = QTabWidget()
+        self.views.setObjectName("fixViews")
+        self.views.addTab(self.heatmaps, "Heatmap: before | after")
+        self.views.addTab(self.local_chart, "First divergence: local SQNR")
+        self.views.addTab(self.pareto, "Mixed precision")
+        top_right = QWidget()
+        rl = QVBoxLayout(top_right)
         rl.setContentsMargins(0, 0, 0, 0)
         rl.addWidget(self.summary_label)
-        rl.addWidget(right, 1)
-
-        body = QSplitter(Qt.Horizontal)
-        body.addWidget(left)
-        body.addWidget(results)
+        rl.addWidget(self.divergence_line)
+        rl.addWidget(self.charts, 1)
+        top = QSplitter(Qt.Horizontal)
+        top.addWidget(left)
+        top.addWidget(top_right)
+        top.setStretchFactor(1, 1)
+        # The views span the tab's width below the form and the chart: two maps side by side need it,
+        # and a click on the chart shows its module there without hiding the chart.
+        body = QSplitter(Qt.Vertical)
+        body.setObjectName("fixBody")
+        body.addWidget(top)
+        body.addWidget(self.views)
+        body.setStretchFactor(0, 1)
         body.setStretchFactor(1, 1)
         self.message = QtMessageLine()
         layout = QVBoxLayout(self)
@@ -191,6 +210,33 @@ class QtFixTab(QtSessionTab):
                 edit.setText(unit)
         self._prefilled = unit
         self.message.show_message(f"The first divergence is at {unit}: its globs are filled in above.")
+
+    # -- the before/after views -------------------------------------------------------------
+    def _on_module_clicked(self, index: int) -> None:
+        """A click on the per-module chart: that module's maps before and after, if it has any."""
+        result = self.view.result
+        if result is None or not 0 <= index < len(result.comparison.modules):
+            return
+        name = result.comparison.modules[index].name
+        if self._choose(module=name):
+            self.views.setCurrentWidget(self.heatmaps)
+        else:
+            self.message.show_message(f"{name} has no patch- or token-level output to map; choose another module.")
+
+    def _choose(self, photo: str | None = None, module: str | None = None) -> bool:
+        """Show another photo or module in the heatmap pair (False when it has no map there)."""
+        if not self.view.choose(photo=photo, module=module):
+            return False
+        self._show_heatmaps()
+        return True
+
+    def _show_heatmaps(self) -> None:
+        view = self.view
+        self.heatmaps.set_choices(view.photos(), view.photo, view.modules(), view.module)
+        self.heatmaps.show_pair(view.heatmap_pair())
+        names = [m.name for m in view.result.comparison.modules] if view.result is not None else []
+        if view.module in names:
+            self.charts.mark(names.index(view.module))  # the chart's cursor on the mapped module
 
     # -- running remedies ----------------------------------------------------------------------
     def steps(self) -> list[RemedyStep]:
@@ -262,10 +308,15 @@ class QtFixTab(QtSessionTab):
             "Applied: " + ("; ".join(f"{r.step.kind} ({', '.join(r.step.globs)})" for r in remedies) or "none")
         )
         result = self.view.result
+        # Empty charts and maps say nothing: the results appear with a fix, the curve with a mixed-precision search.
+        self.charts.setVisible(result is not None)
+        self.views.setVisible(result is not None)
+        self.divergence_line.show_lines(self.view.divergence_lines())
         if result is None:
             self.charts.clear()
             self.pareto.clear_points()
-            self.pareto.setVisible(False)  # empty axes say nothing: the curve appears with a mixed-precision search
+            self.heatmaps.clear()
+            self.local_chart.clear()
             first = "The session changed since the last fix, so it was cleared. " if self.view.stale else ""
             self.summary_label.setText(
                 f"{first}Tick remedies, name their modules (the first divergence fills them in) and press "
@@ -273,10 +324,13 @@ class QtFixTab(QtSessionTab):
             )
             return
         self.charts.show_modules(result.comparison.modules)
+        self._show_heatmaps()
+        self.local_chart.show_changes(self.view.unit_changes(), getattr(result.divergence, "before", None))
         search = result.mixed
         points = self.view.pareto_points()
-        self.pareto.setVisible(bool(points))
+        self.views.setTabVisible(self.views.indexOf(self.pareto), bool(points))
         self.pareto.show_points(points, getattr(search, "chosen", None))
+        self.views.setCurrentWidget(self.pareto if points else self.heatmaps)
         steps = ", ".join(f"{r.step.kind} ({plural(len(r.modules), 'module')})" for r in result.reports)
         self.summary_label.setText(
             f"<b>End-to-end SQNR</b> on {plural(len(result.after.images), 'evaluation photo')}: "

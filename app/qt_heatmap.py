@@ -34,6 +34,13 @@ def module_title(name: str) -> str:
     return FINAL_OUTPUT_TITLE if name == FINAL_OUTPUT else name
 
 
+def colour_top(*grids: np.ndarray) -> float:
+    """The top of a colour scale that fits every grid's finite errors (1.0 when none is above 0)."""
+    peaks = [float(v[np.isfinite(v)].max()) for v in (np.asarray(g, dtype=float) for g in grids) if np.isfinite(v).any()]
+    top = max(peaks, default=0.0)
+    return top if top > 0 else 1.0
+
+
 def upsample(grid: np.ndarray, patch_size: int) -> np.ndarray:
     """A (rows, cols) patch grid as a (rows*p, cols*p) pixel map, one block per patch."""
     return np.repeat(np.repeat(np.asarray(grid, dtype=np.float32), patch_size, axis=0), patch_size, axis=1)
@@ -51,6 +58,7 @@ class QtPatchHeatmap(QWidget):
         self.heatmaps: dict[str, object] = {}  # module name -> core Heatmap of the shown image
         self.heatmap = None  # the one on screen
         self.image_id: str | None = None
+        self.scale_max: float | None = None  # a fixed top of the colour scale (a before/after pair shares one)
 
         self.image_combo = QComboBox()
         self.image_combo.setObjectName("heatmapImageCombo")
@@ -124,7 +132,10 @@ class QtPatchHeatmap(QWidget):
         self.peak_marker.setZValue(11)
         self.plot.addItem(self.peak_marker)
 
-        top = QHBoxLayout()
+        # The choosers in one widget, so a view that chooses for several maps can hide them.
+        self.toolbar = QWidget()
+        top = QHBoxLayout(self.toolbar)
+        top.setContentsMargins(0, 0, 0, 0)
         top.addWidget(QLabel("Image:"))
         top.addWidget(self.image_combo, 1)
         top.addWidget(QLabel("Module:"))
@@ -135,7 +146,7 @@ class QtPatchHeatmap(QWidget):
         top.addWidget(self.fit_button)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addLayout(top)
+        layout.addWidget(self.toolbar)
         layout.addWidget(self.title)
         layout.addWidget(self.view, 1)
         layout.addWidget(self.hover_label)
@@ -194,6 +205,10 @@ class QtPatchHeatmap(QWidget):
         self.module_combo.blockSignals(False)
         self._show(self.current_module())
 
+    def set_scale_max(self, top: float | None) -> None:
+        """Fix the top of the colour scale (None: each map's own peak), before the maps are shown."""
+        self.scale_max = top
+
     def has_heatmap(self, module: str) -> bool:
         """Whether the shown image has a map for this module."""
         return module in self.heatmaps
@@ -248,10 +263,7 @@ class QtPatchHeatmap(QWidget):
         error = error[:h, :w]
         self.photo_item.setImage(photo, autoLevels=False, levels=(0, 255))
         self.photo_item.setRect(QRectF(0, 0, w, h))
-        finite = np.asarray(hm.grid, dtype=float)
-        finite = finite[np.isfinite(finite)]
-        hi = float(finite.max()) if finite.size else 1.0
-        hi = hi if hi > 0 else 1.0
+        hi = self.scale_max if self.scale_max is not None else colour_top(hm.grid)
         self.error_item.setImage(error, autoLevels=False)
         self.error_item.setRect(QRectF(0, 0, error.shape[1], error.shape[0]))
         self.color_bar.setLevels((0.0, hi))

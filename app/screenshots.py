@@ -31,6 +31,30 @@ def _spin(predicate, timeout_s: float) -> bool:
     return bool(predicate())
 
 
+def fix_shot(window, out: Path) -> Path:
+    """The fix the diagnosis points at, where it matters: 4-bit weights, GPTQ on the first-divergence unit,
+    shown with the per-module chart over the located unit's patch errors before and after."""
+    idle = lambda: window.session is not None and not window.runner.busy  # noqa: E731
+    panel = window.model_panel
+    panel.weight_combo.setCurrentText("uint4")
+    panel.apply_button.click()
+    _spin(lambda: idle() and window.session.state != "calibrated", 600)
+    window.calibration_tab.calibrate()
+    _spin(lambda: idle() and window.session.state == "calibrated" and window.errors_tab.result is not None, 1800)
+    fix = window.fix_tab
+    window.tabs.setCurrentWidget(fix)
+    fix.checks["gptq"].setChecked(True)
+    if not fix.globs["gptq"].text().strip():
+        fix.globs["gptq"].setText("encoder.layers.*")
+    fix.run_fix()
+    _spin(lambda: fix.view.result is not None and idle(), 1800)
+    fix.views.setCurrentWidget(fix.heatmaps)
+    _spin(lambda: False, 0.5)
+    path = out / "fix.png"
+    window.grab().save(str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Calibrate the tiny model on the bundled samples, export, and save one PNG per tab."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -120,22 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         window.open_in_netron(str(export.result.path))
         _spin(lambda: False, 8.0)
         window.grab().save(str(out / "netron.png"))
-    # the fix the diagnosis points at, where it matters: 4-bit weights, GPTQ on the first-divergence unit
-    panel = window.model_panel
-    panel.weight_combo.setCurrentText("uint4")
-    panel.apply_button.click()
-    _spin(lambda: idle() and window.session.state != "calibrated", 600)
-    window.calibration_tab.calibrate()
-    _spin(lambda: idle() and window.session.state == "calibrated" and window.errors_tab.result is not None, 1800)
-    fix = window.fix_tab
-    window.tabs.setCurrentWidget(fix)
-    fix.checks["gptq"].setChecked(True)
-    if not fix.globs["gptq"].text().strip():
-        fix.globs["gptq"].setText("encoder.layers.*")
-    fix.run_fix()
-    _spin(lambda: fix.view.result is not None and idle(), 1800)
-    _spin(lambda: False, 0.5)
-    window.grab().save(str(out / "fix.png"))
+    fix_shot(window, out)
     window.close()
     print("\n".join(str(p) for p in sorted(out.glob("*.png"))))
     return 0

@@ -45,6 +45,10 @@ def test_fix_applies_saves_and_prints_before_and_after(capfd, folder):
     e2e = doc["end_to_end"]
     assert e2e["delta_db"] == pytest.approx(e2e["after_sqnr_db"] - e2e["before_sqnr_db"])
     assert doc["recalibrated"] is True
+    # the first divergence before -> after: the unit located before, its local SQNR then and now, the unit located now
+    div = doc["divergence"]
+    assert div["unit"] == "layer" and div["before"]["located"] and div["after"]["located"]
+    assert isinstance(div["before"]["local_sqnr_db"], float) and isinstance(div["after"]["same_unit_local_sqnr_db"], float)
     loaded = Session.load(folder)
     assert [r.step.kind for r in loaded.remedies] == ["smoothquant", "gptq"]
     assert LINEAR in loaded.qmodel.rounded_weights()  # the saved fix holds the rounded weights
@@ -56,6 +60,7 @@ def test_fix_text_and_report_name_the_applied_remedies(capfd, folder):
     rc, out, err = run(capfd, "fix", folder, "--adaround", GLOB, "--target-sqnr", "20")
     assert rc == 0, err
     assert "adaround" in out and "mixed" in out and "End to end on" in out and " dB -> " in out
+    assert "Before the fix: first divergence at " in out and "After: " in out and "the first divergence is " in out
     rc, out, err = run(capfd, "report", folder, "--divergence", "off")
     assert rc == 0, err
     assert f"Remedies: adaround ({GLOB}:" in out and "mixed (*:" in out

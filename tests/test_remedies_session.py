@@ -9,17 +9,21 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import core.session as session_mod
 from core import ptq
+from core.analysis.compare import compare
+from core.analysis.divergence import DivergenceEntry, DivergenceResult
 from core.analysis.tap import fp_forward, model_inputs
 from core.cancel import CancelToken
 from core.errors import CancelledError, ConfigError, NotCalibratedError, SessionFileError
 from core.io import file_sha256
 from core.remedies import apply as remedy_apply
 from core.remedies import rounding
+from core.remedies.apply import DivergenceShift
 from core.remedies.plan import RemedyStep
 from core.remedies.rounding import end_to_end_sqnr_db
 from core.session import Session
@@ -91,6 +95,55 @@ def test_gptq_step_rounds_copies_reports_and_announces(session):
     assert res.comparison.end_to_end_delta_db == pytest.approx(res.sqnr_after_db - res.sqnr_before_db)
     assert session.last_compare is res.after
     assert json.dumps(res.to_dict())  # JSON-safe for the CLI
+
+
+def test_the_fix_keeps_both_analyses_maps_and_divergence_and_the_same_before(session):
+    """One analysis pass before and after (the views' heatmaps and first divergence come with it),
+    while `before` is exactly what compare measured on the same images and model."""
+    batches = list(session.batches(session.evaluation_images))
+    expected = compare(session.qmodel, batches, total=len(batches))
+    res = session.apply_remedies([RemedyStep("gptq", (GLOB,))])
+    assert res.before.end_to_end.sqnr_db == expected.end_to_end.sqnr_db
+    assert [(m.name, m.sqnr_db) for m in res.before.modules] == [(m.name, m.sqnr_db) for m in expected.modules]
+    for analysis, measured in ((res.before_analysis, res.before), (res.after_analysis, res.after)):
+        assert analysis.compare is measured
+        assert list(analysis.maps) == list(measured.images) and len(measured.images) == len(batches)
+        maps = analysis.maps[measured.images[0]]
+        assert "encoder.layers.0" in maps.modules() and maps.heatmap("encoder.layers.0").grid.size
+        assert analysis.divergence.unit == "layer" and analysis.divergence.located is not None
+    # the rounded layer's maps moved, the float model did not: the same grid, other errors
+    before_map = res.before_analysis.maps[res.before.images[0]].rows["encoder.layers.0.mlp.up_proj"]
+    after_map = res.after_analysis.maps[res.after.images[0]].rows["encoder.layers.0.mlp.up_proj"]
+    assert before_map.shape == after_map.shape and not np.array_equal(before_map, after_map)
+    shift = res.divergence
+    first = res.before_analysis.divergence.located
+    assert (shift.before, shift.before_local_db) == (first.name, first.local_sqnr_db)
+    same = {e.name: e for e in res.after_analysis.divergence.entries}[first.name]
+    assert shift.after_local_db == same.local_sqnr_db and shift.after == res.after_analysis.divergence.located.name
+    doc = json.loads(json.dumps(res.to_dict()))
+    assert doc["divergence"]["before"] == {"located": first.name, "local_sqnr_db": pytest.approx(first.local_sqnr_db)}
+    assert doc["divergence"]["after"]["located"] == shift.after
+    assert "maps" not in json.dumps(doc)  # the maps stay in memory, never in the JSON or the session
+
+
+def _divergence(located: str | None, local: dict[str, float]) -> DivergenceResult:
+    entries = [DivergenceEntry(n, "layer", 40.0, 30.0, v, 1.0, 0.0, 0.0) for n, v in local.items()]
+    hit = next((e for e in entries if e.name == located), None)
+    return DivergenceResult("layer", entries, hit, ["a.jpg"])
+
+
+def test_the_divergence_shift_says_where_it_was_and_where_it_is_now():
+    before = _divergence("encoder.layers.1", {"encoder.layers.0": 30.0, "encoder.layers.1": 18.25})
+    moved = DivergenceShift.of(before, _divergence("encoder.layers.0", {"encoder.layers.0": 29.5, "encoder.layers.1": 27.0}))
+    assert moved.lines() == (
+        "Before the fix: first divergence at encoder.layers.1 (local SQNR 18.25 dB).",
+        "After: encoder.layers.1 now 27.00 dB, +8.75 dB; the first divergence is now at encoder.layers.0 (local SQNR 29.50 dB).",
+    )
+    stayed = DivergenceShift.of(before, _divergence("encoder.layers.1", {"encoder.layers.1": 20.0}))
+    assert stayed.lines()[1] == "After: encoder.layers.1 now 20.00 dB, +1.75 dB; the first divergence is still at encoder.layers.1."
+    gone = DivergenceShift.of(before, _divergence(None, {"encoder.layers.1": math.inf}))
+    assert gone.lines()[1] == "After: encoder.layers.1 now exact (no error); the first divergence is none (no unit loses SQNR)."
+    assert gone.to_dict()["after"] == {"same_unit_local_sqnr_db": None, "located": None, "local_sqnr_db": None}
 
 
 def test_steps_run_smoothing_then_recalibration_then_rounding_then_mixed(session, monkeypatch):

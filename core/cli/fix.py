@@ -1,5 +1,5 @@
 """`ptq-studio fix`: apply remedies (GPTQ, AdaRound, SmoothQuant, CLE, mixed precision) to a saved
-session, print the end-to-end SQNR before and after and each step's figures, and save the session
+session, print the end-to-end SQNR and the first divergence before and after and each step's figures, and save the session
 back (atomically: the earlier session stays until the new one is complete, and stays on any error).
 
 Like core.cli.commands, it returns (json document, human text); core.cli.main registers it.
@@ -115,11 +115,13 @@ def cmd_fix(args, progress) -> tuple[dict, str]:
         for r in result.reports
     ]
     delta = result.comparison.end_to_end_delta_db
+    shift = result.divergence
     text = "\n".join(
         [
             common.table(rows, ["step", "globs", "modules", "weights changed", "seconds", "figures"]),
             f"End to end on {len(result.after.images)} image(s): SQNR {common.fmt(result.sqnr_before_db)} dB -> "
             f"{common.fmt(result.sqnr_after_db)} dB ({delta:+.2f} dB)",
+            *(() if shift is None else shift.lines()),
             remedies_line(session.remedies),
             f"session saved to {saved}",
         ]

@@ -1,5 +1,7 @@
 """Applying a remedy plan: validate it, run its steps in their fixed order on a copy of the model,
-and measure the end-to-end and per-module error before and after on the same images.
+and measure the error before and after on the same images with the one analysis pass
+(``core.analysis.analysis_pass``: per-module errors, the first divergence and the patch-error maps
+at once, per layer as the Errors tab's default), so the before/after views need no second run.
 
 Order: outlier smoothing (SmoothQuant, CLE) changes activation ranges, so the statistics are
 recalibrated right after it; weight rounding (GPTQ, AdaRound) then snaps the weights to the grid
@@ -13,13 +15,15 @@ is swapped in by the caller. The copy costs a second set of weights while the fi
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.analysis.abtest import ABResult, owner_modules, pair_results
-from core.analysis.compare import compare
+from core.analysis.analysis_pass import AnalysisResult, analyse
+from core.analysis.divergence import DivergenceResult
 from core.analysis.observer_table import observer_table
 from core.analysis.records import CompareResult, ObserverRecord
 from core.config import PTQConfig, check_globs
@@ -35,6 +39,7 @@ Progress = Callable[[int, int, str], None]
 PHASES = {"smoothquant": 0, "cle": 0, "gptq": 1, "adaround": 1, "mixed": 2}
 DEFAULT_ALPHA = 0.5  # SmoothQuant's migration strength when a step gives none (the paper's default)
 MIXED_TARGETS = ("target_sqnr_db", "within_db_of_int16")
+DIVERGENCE_UNIT = "layer"  # the unit the before/after divergence is located at (the Errors tab's default)
 
 
 @dataclass
@@ -48,14 +53,84 @@ class FixOutcome:
 
 
 @dataclass
+class DivergenceShift:
+    """The first divergence before a fix, and what became of it after: the unit located before and its
+    local SQNR (the error it adds alone, on float input) before and after, and the unit located after."""
+
+    unit: str  # "layer" or "module"
+    before: str | None  # the unit located before the fix (None: the locator found none)
+    before_local_db: float
+    after_local_db: float  # the same unit's local SQNR after the fix
+    after: str | None  # the unit located after the fix
+    after_after_local_db: float  # that unit's local SQNR after the fix
+
+    @classmethod
+    def of(cls, before: DivergenceResult, after: DivergenceResult) -> DivergenceShift:
+        """The shift between two locator results on the same images."""
+        first = before.located.name if before.located is not None else None
+        now = after.located.name if after.located is not None else None
+        locals_after = {e.name: e.local_sqnr_db for e in after.entries}
+        nan = float("nan")
+        return cls(
+            unit=before.unit,
+            before=first,
+            before_local_db=before.located.local_sqnr_db if before.located is not None else nan,
+            after_local_db=locals_after.get(first, nan) if first is not None else nan,
+            after=now,
+            after_after_local_db=after.located.local_sqnr_db if after.located is not None else nan,
+        )
+
+    def lines(self) -> tuple[str, str]:
+        """(before, after) in words: the located unit and its local SQNR, then what the locator says now."""
+        if self.before is None:
+            first = "Before the fix: first divergence none (no unit loses SQNR)."
+            same = ""
+        else:
+            first = f"Before the fix: first divergence at {self.before} (local SQNR {_db_text(self.before_local_db)})."
+            gain = self.after_local_db - self.before_local_db
+            change = f", {gain:+.2f} dB" if math.isfinite(gain) else ""
+            same = f"{self.before} now {_db_text(self.after_local_db)}{change}; "
+        if self.after is None:
+            where = "none (no unit loses SQNR)"
+        elif self.after == self.before:
+            where = f"still at {self.after}"
+        else:
+            where = f"now at {self.after} (local SQNR {_db_text(self.after_after_local_db)})"
+        return first, f"After: {same}the first divergence is {where}."
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the located units and local SQNRs (inf/nan as null)."""
+        return {
+            "unit": self.unit,
+            "before": {"located": self.before, "local_sqnr_db": finite_or_none(self.before_local_db)},
+            "after": {
+                "same_unit_local_sqnr_db": finite_or_none(self.after_local_db),
+                "located": self.after,
+                "local_sqnr_db": finite_or_none(self.after_after_local_db),
+            },
+        }
+
+
+def _db_text(x: float) -> str:
+    """An SQNR for a sentence: inf as "exact", nan as "not measured"."""
+    if math.isnan(x):
+        return "not measured"
+    return "exact (no error)" if math.isinf(x) and x > 0 else f"{x:.2f} dB"
+
+
+@dataclass
 class FixResult:
     """A finished fix: its reports and the error before and after it on the same images."""
 
     steps: tuple[RemedyStep, ...]
     reports: list[RemedyReport]
-    before: CompareResult
-    after: CompareResult
+    before: CompareResult  # = before_analysis.compare
+    after: CompareResult  # = after_analysis.compare
     comparison: ABResult  # A = before the fix, B = after it (the A/B views draw it)
+    # The whole analyses (first divergence, per-image patch-error maps): held in memory for the
+    # views, never saved with the session (its remedies file keeps only the reports).
+    before_analysis: AnalysisResult | None = field(default=None, repr=False)
+    after_analysis: AnalysisResult | None = field(default=None, repr=False)
     observers_before: list[ObserverRecord] = field(default_factory=list, repr=False)
     mixed: Any = None
     recalibrated: bool = False
@@ -71,8 +146,16 @@ class FixResult:
         """End-to-end SQNR after the fix."""
         return float(self.after.end_to_end.sqnr_db)
 
+    @property
+    def divergence(self) -> DivergenceShift | None:
+        """The first divergence before -> after (None without the analyses)."""
+        if self.before_analysis is None or self.after_analysis is None:
+            return None
+        return DivergenceShift.of(self.before_analysis.divergence, self.after_analysis.divergence)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary: the steps' reports and the end-to-end and per-module SQNR before/after."""
+        """JSON-ready summary: the steps' reports, the end-to-end and per-module SQNR and the first divergence before/after."""
+        shift = self.divergence
         return {
             "steps": [s.to_json() for s in self.steps],
             "reports": [r.to_json() for r in self.reports],
@@ -87,6 +170,7 @@ class FixResult:
                  "delta_db": finite_or_none(m.delta_sqnr_db)}
                 for m in self.comparison.modules
             ],
+            "divergence": None if shift is None else shift.to_dict(),
             "mixed": _mixed_json(self.mixed),
             "recalibrated": self.recalibrated,
             "seconds": self.seconds,
@@ -245,28 +329,34 @@ def fix_model(
     t0 = time.perf_counter()
     steps = tuple(steps)
     validate_plan(qmodel, steps)
-    n = len(eval_batches)
-    before = compare(qmodel, eval_batches, progress=_phase(progress, "before"), cancel=cancel, total=n)
+    before = _analyse(qmodel, eval_batches, _phase(progress, "before"), cancel)
     records_before = observer_table(qmodel)
     fixed = copy.deepcopy(qmodel)
     outcome = apply_plan(
         fixed, config, steps, calib_batches, eval_batches,
         recalibrate=recalibrator(calib_batches, cancel), progress=progress, cancel=cancel,
     )
-    after = compare(fixed, eval_batches, progress=_phase(progress, "after"), cancel=cancel, total=n)
+    after = _analyse(fixed, eval_batches, _phase(progress, "after"), cancel)
     names = owner_modules(qmodel)
     result = FixResult(
         steps=steps,
         reports=outcome.reports,
-        before=before,
-        after=after,
-        comparison=pair_results(config, outcome.config, before, after, names),
+        before=before.compare,
+        after=after.compare,
+        comparison=pair_results(config, outcome.config, before.compare, after.compare, names),
+        before_analysis=before,
+        after_analysis=after,
         observers_before=records_before,
         mixed=outcome.mixed,
         recalibrated=outcome.recalibrated,
         seconds=time.perf_counter() - t0,
     )
     return fixed, result, outcome.config
+
+
+def _analyse(qmodel, batches: Sequence[Mapping[str, Any]], progress: Progress | None, cancel) -> AnalysisResult:
+    """One analysis pass (errors, divergence, maps) over the evaluation batches, per layer."""
+    return analyse(qmodel, batches, unit=DIVERGENCE_UNIT, progress=progress, cancel=cancel, total=len(batches))
 
 
 def changed_parameters(reports: Sequence[RemedyReport]) -> list[str]:

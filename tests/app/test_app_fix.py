@@ -14,6 +14,7 @@ from PySide6.QtWidgets import QPushButton
 from test_app_truth import LONG, _calibrate, _wait_idle
 
 from app.fix_state import FixViewState
+from app.qt_heatmap import upsample
 from core.remedies import rounding
 from tests import remedy_fakes
 
@@ -36,6 +37,46 @@ def _export_and_verify(qtbot, window, path) -> None:
     assert exported.verify.verdict.level == "verified", exported.verify.verdict
 
 
+def _check_the_before_after_views(qtbot, tab, result, located: str) -> None:
+    """The heatmap pair shows the located unit on the first evaluation photo, before and after on one colour
+    scale; another module (combo or a click on the chart) or photo redraws both; the divergence is in words."""
+    pair = tab.heatmaps
+    photos = list(result.after.images)
+
+    def shown(module: str, photo: str) -> None:
+        maps_b, maps_a = result.before_analysis.maps[photo], result.after_analysis.maps[photo]
+        grids = [maps_b.heatmap(module).grid, maps_a.heatmap(module).grid]
+        top = max(float(np.nanmax(g)) for g in grids)
+        for side, grid in zip((pair.before, pair.after), grids):
+            assert (side.heatmap.module, side.image_id) == (module, photo)
+            assert side.color_bar.levels() == pytest.approx((0.0, top))  # one scale: the error shrinks visibly
+            p = int(side.heatmap.layout.patch_size)
+            assert np.array_equal(side.error_image(), upsample(grid, p)[: side.error_image().shape[0], : side.error_image().shape[1]], equal_nan=True)
+        assert pair.module_combo.currentData() == module and pair.photo_combo.currentData() == photo
+
+    assert tab.views.isVisible() and tab.views.currentWidget() is pair
+    assert result.divergence.before == located
+    shown(located, photos[0])
+    assert not np.array_equal(pair.before.error_image(), pair.after.error_image(), equal_nan=True)  # the fix moved it
+    other = next(m for m in result.before_analysis.maps[photos[0]].modules() if m != located and m.endswith("mlp.up_proj"))
+    pair.module_combo.setCurrentIndex(pair.module_combo.findData(other))
+    shown(other, photos[0])
+    pair.photo_combo.setCurrentIndex(1)
+    shown(other, photos[1])
+    # a click on the per-module chart maps that module
+    names = [m.name for m in result.comparison.modules]
+    spot = next(s for s in tab.charts.points_b.points() if names[int(round(s.pos().x()))] == "pooler")
+    tab.charts.points_b.sigClicked.emit(tab.charts.points_b, [spot], None)
+    shown("pooler", photos[1])
+    # the first divergence, before -> after, in words
+    shift = result.divergence
+    text = tab.divergence_line.text()
+    assert located in text and f"{shift.before_local_db:.2f} dB" in text and f"{shift.after_local_db:.2f} dB" in text
+    assert shift.after in text
+    _, after_local = tab.local_chart.charts.curve_b.getData()
+    np.testing.assert_allclose(after_local, [e.local_sqnr_db for e in result.after_analysis.divergence.entries])
+
+
 def test_view_state_keeps_a_fix_until_the_statistics_change():
     view = FixViewState()
     assert view.located(SimpleNamespace(located=SimpleNamespace(name="encoder.layers.1"))) == "encoder.layers.1"
@@ -44,6 +85,33 @@ def test_view_state_keeps_a_fix_until_the_statistics_change():
     assert not view.statistics_changed(3) and view.result == "result"
     assert view.statistics_changed(4) and view.stale and view.result is None
     assert view.pareto_points() == []
+
+
+def _fake_fix(located: str | None):
+    """A FixResult's shape for the view state: two photos' maps before/after, per-module SQNR before."""
+
+    def maps(modules):
+        return SimpleNamespace(modules=lambda: list(modules), heatmap=lambda m: SimpleNamespace(module=m), sqnr_db={m: 10.0 for m in modules})
+
+    photos = {"a.jpg": ["patch_embedder", "encoder.layers.0", "encoder.layers.0.mlp", "model"], "b.jpg": ["patch_embedder", "model"]}
+    analysis = SimpleNamespace(maps={p: maps(ms) for p, ms in photos.items()})
+    before = SimpleNamespace(modules=[SimpleNamespace(name=n, sqnr_db=v) for n, v in
+                                      (("patch_embedder", 30.0), ("encoder.layers.0.mlp", 12.0), ("model", 20.0))])
+    return SimpleNamespace(before_analysis=analysis, after_analysis=analysis, before=before,
+                           divergence=SimpleNamespace(before=located) if located else None)
+
+
+def test_view_state_maps_the_located_unit_else_the_worst_module_and_keeps_choices_that_have_maps():
+    view = FixViewState()
+    view.fixed(_fake_fix("encoder.layers.0"), 1)
+    assert (view.photo, view.module) == ("a.jpg", "encoder.layers.0") and view.photos() == ["a.jpg", "b.jpg"]
+    assert view.heatmap_pair().before.module == "encoder.layers.0"
+    assert not view.choose(module="pooler") and view.module == "encoder.layers.0"  # no map: nothing changes
+    assert view.choose(photo="b.jpg") and view.module == "model"  # b.jpg has no layer map: the worst module it has
+    assert view.choose(module="patch_embedder") and view.modules() == ["patch_embedder", "model"]
+    view.fixed(_fake_fix(None), 2)  # no divergence located: the module worst before the fix
+    assert view.module == "encoder.layers.0.mlp"
+    assert view.statistics_changed(3) and view.heatmap_pair() is None and view.photos() == []
 
 
 def test_fix_the_first_divergence_see_the_change_and_export(make_window, sample_images, qtbot, fakes, tmp_path):
@@ -56,6 +124,7 @@ def test_fix_the_first_divergence_see_the_change_and_export(make_window, sample_
     assert located in tab.message.text()
 
     window.tabs.setCurrentWidget(tab)
+    assert tab.views.isHidden() and tab.charts.isHidden()  # no empty charts or maps before a fix
     tab.checks["gptq"].setChecked(True)
     tab.checks["smoothquant"].setChecked(True)  # smoothing recalibrates: the ranges move
     weights_before = {k: v.detach().clone() for k, v in session.model.named_parameters()}
@@ -76,6 +145,7 @@ def test_fix_the_first_divergence_see_the_change_and_export(make_window, sample_
     # the A/B charts, reused: before and after per module
     _, after_y = tab.charts.curve_b.getData()
     np.testing.assert_allclose(after_y, [m.b.sqnr_db for m in result.comparison.modules])
+    _check_the_before_after_views(qtbot, tab, result, located)
 
     # the Ranges tab shows the ranges before the fix beside the new ones
     ranges = window.ranges_tab
