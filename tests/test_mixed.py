@@ -366,3 +366,12 @@ def test_additive_model_rules_out_cheaper_points_only_when_every_cheaper_option_
     delta_float = [{"a": 5.0, "b": 0.0}, {"a": 5.0, "b": 0.0, "f": -3.0}]
     costs_float = [{"a": 0, "b": 10}, {"a": 0, "b": 10, "f": 40}]
     assert NoiseModel(costs_float, delta_float, n_top=1.0, n_goal=4.0).rules_out_cheaper(("b", "b"))
+
+
+def test_a_target_the_cheapest_point_meets_ends_the_search_there():
+    ev = _additive_evaluator([])
+    bottom = tuple(OPTIONS[0] for _ in ADDITIVE)
+    greedy, reason = search_units(ev, 10 * math.log10(SIGNAL / 100.0))  # 28.5 noise against 100 allowed
+    assert not reason and tuple(greedy.overrides.values()) == bottom
+    assert ev.checked[bottom]["complete"] and ev.checked[bottom]["additive_rules_out_cheaper"]
+    assert len(ev.noise) == 2  # the widest integer and the cheapest baselines, nothing more

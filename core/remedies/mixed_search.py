@@ -38,6 +38,8 @@ from core.remedies.mixed_units import MixedUnit, assignment_overrides, dominates
 # single-unit measurements, the greedy and the walk): its cost stays a small multiple of theirs.
 LOCAL_BUDGET_FACTOR = 3
 
+NOTHING_CHEAPER = {"singles": 0, "exchanges": 0, "evaluated": 0, "complete": True, "additive_rules_out_cheaper": True}
+
 Assignment = tuple[str, ...]
 Move = tuple[tuple[int, str], ...]  # (unit index, new option) pairs
 
@@ -134,6 +136,8 @@ def search_units(ev: Evaluator, goal: float, activation: str | None = None) -> t
     bottom_point = ev.evaluate(bottom, "baseline", "cheapest" + suffix)
     if bottom_point.sqnr_db >= goal:
         ev.evaluate(bottom, "search")
+        # Every unit on its cheapest option: nothing is cheaper, there is nothing to check.
+        ev.checked[bottom] = {**NOTHING_CHEAPER}
         return ev.evaluate(bottom, "greedy"), ""
     if top_point.sqnr_db < goal:
         ceiling_point = ev.evaluate(ceiling, "baseline", "widest integer, leaves float" + suffix)
