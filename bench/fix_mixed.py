@@ -148,13 +148,15 @@ def _checked(result) -> str:
         alone = [p for p in result.points if p.origin == "search" and " = " in p.label and p.sqnr_db < goal]
         closest = max(alone, key=lambda p: p.sqnr_db, default=None)
         text += (
-            "; and with the units' noise taken as additive (each option measured alone, every other unit at its "
-            "widest integer) every option cheaper than the chosen one, of every unit, adds more noise than the "
-            "target allows even if every other unit took its quietest option, so no cheaper assignment exists "
-            "under that model"
+            "; and every cheaper assignment is either evaluated (below the target) or ruled out by the additive "
+            "noise model (each option's noise change measured alone, every other unit at its widest integer; an "
+            "assignment's noise at least the sum of its changes over the widest point and at least the sum of "
+            "its positive changes; branch and bound through every branch), so none is expected to reach it"
         )
         if closest is not None:
-            text += f" (closest alone: {closest.label}, {closest.sqnr_db:.2f} dB)"
+            text += f" (closest single option alone: {closest.label}, {closest.sqnr_db:.2f} dB)"
+    else:
+        text += "; the additive noise model does not rule out every cheaper assignment"
     return text
 
 

@@ -347,25 +347,39 @@ def test_local_search_takes_an_exchange_when_no_single_demotion_keeps_the_target
         for i, o in move:
             trial = with_option(trial, i, o)
         assert ev.met(trial, goal) is False, move
-    # B, C or D alone on uint4 adds 6 of the 14 the target allows: the additive model rules out nothing.
-    assert checked["additive_rules_out_cheaper"] is False
+    # The fake is additive: every cheaper assignment is ruled out by the model, or was evaluated.
+    assert checked["additive_rules_out_cheaper"] is True
     # With a budget of one evaluation the neighbourhood is not all evaluated, and says so.
     ev2 = _additive_evaluator([])
     stop2 = local_search(ev2, model, start, goal, budget=1)
     assert ev2.checked[stop2]["complete"] is False
 
 
-def test_additive_model_rules_out_cheaper_points_only_when_every_cheaper_option_is_too_noisy():
-    """Each unit's cheaper option adds more than the budget allows, whatever the others do: ruled out."""
-    costs = [{"a": 0, "b": 10}, {"a": 0, "b": 10}]
-    delta = [{"a": 5.0, "b": 0.0}, {"a": 5.0, "b": 0.0}]
-    assert NoiseModel(costs, delta, n_top=1.0, n_goal=4.0).rules_out_cheaper(("b", "b"))
-    assert not NoiseModel(costs, delta, n_top=1.0, n_goal=6.0).rules_out_cheaper(("b", "b"))
-    # A quieter option elsewhere (float, removing noise) is counted, but noise never goes below the
-    # option's own: 5 > 4 stays ruled out even if unit 1 could remove everything else.
-    delta_float = [{"a": 5.0, "b": 0.0}, {"a": 5.0, "b": 0.0, "f": -3.0}]
-    costs_float = [{"a": 0, "b": 10}, {"a": 0, "b": 10, "f": 40}]
-    assert NoiseModel(costs_float, delta_float, n_top=1.0, n_goal=4.0).rules_out_cheaper(("b", "b"))
+def test_additive_model_finds_its_cheapest_point_and_rules_out_the_rest():
+    """Branch and bound under the additive model against brute force over all 81 assignments."""
+    ev = _additive_evaluator([])
+    top = tuple(OPTIONS[-1] for _ in ADDITIVE)
+    bottom = tuple(OPTIONS[0] for _ in ADDITIVE)
+    delta = [{o: ADDITIVE[g][o][0] - ADDITIVE[g][OPTIONS[-1]][0] for o in OPTIONS} for g in ADDITIVE]
+    model = NoiseModel(unit_costs(ev, bottom), delta, ev.measure(top)[0], GOAL_NOISE)
+    feasible = sorted((ev.cost(a), a) for a in itertools.product(OPTIONS, repeat=4) if ev.measure(a)[0] <= GOAL_NOISE)
+    optimum_cost, optimum = feasible[0]
+    assert model.cheapest_not_ruled_out(120) == (optimum, True)
+    # Nothing below the optimum; left out, the next cheapest one comes back.
+    assert model.cheapest_not_ruled_out(optimum_cost) == (None, True)
+    following = min(((c, a) for c, a in feasible if a != optimum))
+    assert model.cheapest_not_ruled_out(1000, frozenset({optimum}))[0] in {a for c, a in feasible if c == following[0]}
+    # A node limit too small to go through every branch says so.
+    assert model.cheapest_not_ruled_out(120, node_limit=3)[1] is False
+
+
+def test_additive_bound_counts_each_units_own_noise_even_when_another_removes_more():
+    """Unit 1's float removes 3 around the widest point, but unit 0's cheap option adds 5 > 4 on its own."""
+    costs = [{"a": 0, "b": 10}, {"a": 0, "b": 10, "f": 40}]
+    delta = [{"a": 5.0, "b": 0.0}, {"a": 5.0, "b": 0.0, "f": -3.0}]
+    assert NoiseModel(costs, delta, n_top=1.0, n_goal=4.0).cheapest_not_ruled_out(20) == (None, True)
+    guess, exhaustive = NoiseModel(costs, delta, n_top=1.0, n_goal=6.0).cheapest_not_ruled_out(20)
+    assert exhaustive and guess in {("a", "b"), ("b", "a")}  # 1 + 5 <= 6 at 10 bytes
 
 
 def test_a_target_the_cheapest_point_meets_ends_the_search_there():

@@ -52,8 +52,8 @@ class MixedPrecisionResult:
     seconds: float = 0.0
     # What the local search checked around the chosen point (mixed_search.local_search): its cost-lowering
     # singles and exchanges, how many were evaluated (all below the target), whether that is all of them,
-    # and whether the additive noise model rules out every cheaper assignment. Empty when the chosen
-    # point is not where a local search stopped.
+    # and whether every cheaper assignment is ruled out by the additive noise model or was evaluated and
+    # falls below the target. Empty when the chosen point is not where a local search stopped.
     neighbourhood: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -13,13 +13,16 @@ One run (search_units), on the same evaluations:
   once every unit is at its widest integer.
 - walk: options bought by noise removed per byte (each unit along the lower convex hull of its options)
   until the predicted noise meets the target, then evaluated until a point verifies.
-- local search from the walk's and the greedy's points (cheapest first): the cost-lowering moves, single
+- the additive model's cheapest assignment below the best verified point (branch and bound, exact under
+  the model, NoiseModel.cheapest_not_ruled_out), evaluated; if it fails, the next one, a few times.
+- local search from the walk's, the greedy's and that point (cheapest first): the cost-lowering moves, single
   (one unit to a cheaper option, or to a narrower one of the same cost) and exchanges (one unit to a
   cheaper option and another to a dearer one, cheaper together), those the additive model expects to
   meet the target first, by bytes saved, then the others by predicted noise; the first that meets the
   target is taken and the search goes on from it. It stops where no move does, with the whole
   neighbourhood evaluated, or when its evaluation budget (LOCAL_BUDGET_FACTOR times the evaluations
-  before it) is spent; `Evaluator.checked` says which for each point it stopped at.
+  before it) is spent; `Evaluator.checked` says which for each point it stopped at, and whether every
+  cheaper assignment is ruled out by the additive model or was evaluated and falls below the target.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from core.remedies.mixed_units import MixedUnit, assignment_overrides, dominates
 LOCAL_BUDGET_FACTOR = 3
 
 NOTHING_CHEAPER = {"singles": 0, "exchanges": 0, "evaluated": 0, "complete": True, "additive_rules_out_cheaper": True}
+
+NODE_LIMIT = 200_000  # branch-and-bound nodes of one additive-model check (well under a second)
 
 Assignment = tuple[str, ...]
 Move = tuple[tuple[int, str], ...]  # (unit index, new option) pairs
@@ -160,12 +165,27 @@ def search_units(ev: Evaluator, goal: float, activation: str | None = None) -> t
     greedy = greedy_search(ev, delta, bottom, goal)
     found = _walk(ev, model, bottom, goal)
     budget = LOCAL_BUDGET_FACTOR * len(ev.noise)
-    starts = sorted({p.cost_bytes: p for p in (found, greedy) if p is not None}.items())
-    for _, point in starts:
+    starts = [p for p in (found, greedy) if p is not None]
+    # The walk buys along each unit's hull, which is not the additive model's optimum in general: try
+    # the model's cheapest assignment below the best verified point, the next one if it fails, a few times.
+    for _ in range(len(units)):
+        below = min((model.cost_of(_assignment(units, p)) for p in starts), default=math.inf)
+        guess, _ = model.cheapest_not_ruled_out(below, _failed(ev, goal))
+        if guess is None:
+            break
+        point = ev.evaluate(guess, "search", "additive model's cheapest")
+        if point.sqnr_db >= goal:
+            starts.append(point)
+            break
+    for point in sorted(starts, key=lambda p: p.cost_bytes):
         before = len(ev.noise)
-        local_search(ev, model, tuple(point.overrides[u.glob] for u in units), goal, max(budget, 0))
+        local_search(ev, model, _assignment(units, point), goal, max(budget, 0))
         budget -= len(ev.noise) - before
     return greedy, ""
+
+
+def _assignment(units: Sequence[MixedUnit], point: ParetoPoint) -> Assignment:
+    return tuple(point.overrides[u.glob] for u in units)
 
 
 def with_option(assignment: Sequence[str], index: int, option: str) -> Assignment:
@@ -230,19 +250,58 @@ class NoiseModel:
         added = sum(self.delta[i][o] - self.delta[i][current[i]] for i, o in move)
         return saved, added
 
-    def rules_out_cheaper(self, current: Sequence[str]) -> bool:
-        """Whether the additive model rules out every assignment cheaper than `current`: the cost is a sum
-        over units, so a cheaper one puts some unit on a cheaper option, and each such option adds more
-        noise than the target allows, even with every other unit on its quietest option (or alone)."""
-        quietest = [min(d.values()) for d in self.delta]
-        floor = self.n_top + sum(quietest)
-        for i, costs in enumerate(self.costs):
-            for o, cost in costs.items():
-                if cost < costs[current[i]]:
-                    least = max(self.delta[i][o], floor - quietest[i] + self.delta[i][o])
-                    if least <= self.n_goal:
-                        return False
-        return True
+    def cost_of(self, assignment: Sequence[str]) -> int:
+        """An assignment's bytes over the all-cheapest one."""
+        return sum(self.costs[i][o] for i, o in enumerate(assignment))
+
+    def cheapest_not_ruled_out(
+        self, below: int, skip: frozenset[Assignment] = frozenset(), node_limit: int = NODE_LIMIT
+    ) -> tuple[Assignment | None, bool]:
+        """The cheapest assignment costing less than `below` (cost_of) that the model does not rule out,
+        leaving out those in `skip`; and whether the branch and bound went through every branch (else
+        the answer is the best found within `node_limit` nodes).
+
+        With the units' noise additive, an assignment's noise is n_top + the sum of its options' changes,
+        and, each unit's own noise being >= 0 and >= its change, at least the sum of the positive changes:
+        it is ruled out when either exceeds n_goal."""
+        n = len(self.costs)
+        # An option whose own change exceeds n_goal is ruled out whatever the others do; the bounds on the
+        # rest use only the options left, and the units with the widest spread of cost branch first.
+        allowed = [
+            [o for o in sorted(c, key=c.__getitem__) if self.delta[i][o] <= self.n_goal]
+            for i, c in enumerate(self.costs)
+        ]
+        if not all(allowed):
+            return None, True
+        perm = sorted(range(n), key=lambda i: self.costs[i][allowed[i][0]] - self.costs[i][allowed[i][-1]])
+        rest_cost, rest_delta, rest_pos = [0] * (n + 1), [0.0] * (n + 1), [0.0] * (n + 1)
+        for k in reversed(range(n)):
+            i = perm[k]
+            rest_cost[k] = rest_cost[k + 1] + self.costs[i][allowed[i][0]]
+            rest_delta[k] = rest_delta[k + 1] + min(self.delta[i][o] for o in allowed[i])
+            rest_pos[k] = rest_pos[k + 1] + max(0.0, min(self.delta[i][o] for o in allowed[i]))
+        best: list[Any] = [below, None]
+        nodes = [0]
+        chosen: list[str] = [""] * n
+
+        def visit(k: int, cost: int, changes: float, positive: float) -> None:
+            nodes[0] += 1
+            if nodes[0] > node_limit or cost + rest_cost[k] >= best[0]:
+                return
+            if self.n_top + changes + rest_delta[k] > self.n_goal or positive + rest_pos[k] > self.n_goal:
+                return
+            if k == n:
+                if tuple(chosen) not in skip:
+                    best[0], best[1] = cost, tuple(chosen)
+                return
+            i = perm[k]
+            for o in allowed[i]:
+                d = self.delta[i][o]
+                chosen[i] = o
+                visit(k + 1, cost + self.costs[i][o], changes + d, positive + max(0.0, d))
+
+        visit(0, 0, 0.0, 0.0)
+        return best[1], nodes[0] <= node_limit
 
 
 def _hull(costs: dict[str, int], delta: dict[str, float]) -> list[str]:
@@ -353,10 +412,21 @@ def local_search(ev: Evaluator, model: NoiseModel, start: Assignment, goal: floa
                 "exchanges": len(exchanges),
                 "evaluated": evaluated,
                 "complete": evaluated == len(singles) + len(exchanges),
-                "additive_rules_out_cheaper": model.rules_out_cheaper(current),
+                "additive_rules_out_cheaper": _rules_out_cheaper(ev, model, current, goal),
             }
             return current
         current = accepted
+
+
+def _failed(ev: Evaluator, goal: float) -> frozenset[Assignment]:
+    return frozenset(a for a in ev.noise if not ev.met(a, goal))
+
+
+def _rules_out_cheaper(ev: Evaluator, model: NoiseModel, current: Assignment, goal: float) -> bool:
+    """Whether every assignment cheaper than `current` is either ruled out by the additive model or was
+    evaluated and falls below the goal (the whole branch and bound gone through)."""
+    guess, exhaustive = model.cheapest_not_ruled_out(model.cost_of(current), _failed(ev, goal))
+    return guess is None and exhaustive
 
 
 def _moved(current: Assignment, move: Move) -> Assignment:
