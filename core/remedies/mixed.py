@@ -8,9 +8,10 @@ cost of a configuration is its estimated exported size (core.remedies.cost), wit
 computed in a wider dtype reported beside it. Every configuration is evaluated on the same images against float references
 computed once; the model is retargeted (core.ptq.retarget), never recalibrated.
 
-The searches (the greedy reference, the walk on the additive noise model and the local search after
-both) are in core.remedies.mixed_search, apart from the model; this module measures the configurations
-they ask for and collects the result.
+The searches (the greedy reference; the walk and the exact optimum of the additive noise model, each
+verified; the local search over cost-lowering moves from the points they verify) are in
+core.remedies.mixed_search, apart from the model; this module measures the configurations they ask
+for and collects the result.
 """
 
 from __future__ import annotations
