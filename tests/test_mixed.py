@@ -3,7 +3,9 @@ exports, and the search against its greedy reference on tiny."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -26,7 +28,16 @@ from core.remedies.mixed import (
     pareto_front,
     search_mixed_precision,
 )
-from core.remedies.mixed_units import option_dtypes
+from core.remedies.mixed_search import (
+    Evaluator,
+    NoiseModel,
+    cheaper_moves,
+    local_search,
+    search_units,
+    unit_costs,
+    with_option,
+)
+from core.remedies.mixed_units import MixedUnit, option_dtypes
 
 CALIB, EVAL = 4, 2
 # Every kind of change a point makes: wider and narrower weights, 16-bit activations, a module kept float.
@@ -164,6 +175,10 @@ def test_search_reaches_the_target_no_dearer_than_greedy(searched):
     # Progress once per evaluated configuration, counting up.
     assert [d for d, _, _ in seen] == list(range(1, len(seen) + 1))
     assert len(seen) == len({tuple(p.overrides.values()) for p in result.points})
+    # The local search says what it checked around the chosen point.
+    checked = result.neighbourhood
+    assert checked and 0 <= checked["evaluated"] <= checked["singles"] + checked["exchanges"]
+    assert checked["complete"] == (checked["evaluated"] == checked["singles"] + checked["exchanges"])
     # The search leaves the model as it found it.
     _assert_same_state(_state(q), before)
     assert q.ctx.config == PTQConfig() and q.mode is Mode.QUANT
@@ -253,3 +268,124 @@ def test_unreachable_target_says_why_and_bad_targets_fail_first(tiny, batches):
     for kwargs in bad:
         with pytest.raises(ConfigError):
             search_mixed_precision(q, PTQConfig(), held_out, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search apart from the model: additive noise, where the greedy is provably not optimal
+# ---------------------------------------------------------------------------------------------
+
+OPTIONS = ("int16 / uint4", "int16 / uint8", "int16 / int16")
+# Per unit: (noise added, bytes) of each option. A is large and sensitive, so the greedy's sensitivity
+# order buys it first; the three small units together remove the same noise for far fewer bytes.
+ADDITIVE = {
+    "A": {"int16 / uint4": (10.0, 0), "int16 / uint8": (2.0, 100), "int16 / int16": (0.0, 300)},
+    "B": {"int16 / uint4": (6.0, 0), "int16 / uint8": (1.0, 10), "int16 / int16": (0.0, 30)},
+    "C": {"int16 / uint4": (6.0, 0), "int16 / uint8": (1.0, 10), "int16 / int16": (0.0, 30)},
+    "D": {"int16 / uint4": (6.0, 0), "int16 / uint8": (1.0, 10), "int16 / int16": (0.0, 30)},
+}
+FLOOR_NOISE, SIGNAL = 0.5, 1000.0
+GOAL_NOISE = 14.0  # the target's noise budget
+
+
+def _additive_evaluator(points):
+    units = [MixedUnit(g, (), True, False, OPTIONS) for g in ADDITIVE]
+
+    def cost(assignment):
+        return sum(ADDITIVE[u.glob][o][1] for u, o in zip(units, assignment))
+
+    def measure(assignment):
+        noise = FLOOR_NOISE + sum(ADDITIVE[u.glob][o][0] for u, o in zip(units, assignment))
+        return noise, cost(assignment), 0
+
+    return Evaluator(units, measure, cost, SIGNAL, points)
+
+
+def _goal_db():
+    return 10 * math.log10(SIGNAL / GOAL_NOISE)
+
+
+def test_search_beats_a_greedy_that_buys_the_expensive_unit_first():
+    """Brute force over all 81 assignments gives the cheapest one that meets the target; the search finds
+    it, the greedy pays for A."""
+    points = []
+    ev = _additive_evaluator(points)
+    greedy, reason = search_units(ev, _goal_db())
+    assert not reason and greedy is not None
+    feasible = [a for a in itertools.product(OPTIONS, repeat=4) if ev.measure(a)[0] <= GOAL_NOISE]
+    optimum = min(ev.cost(a) for a in feasible)
+    met = [p for p in points if p.origin == "search" and p.sqnr_db >= _goal_db()]
+    chosen = min(met, key=lambda p: p.cost_bytes)
+    assert chosen.cost_bytes == optimum == 30
+    assert greedy.cost_bytes == 120 > chosen.cost_bytes
+    assert greedy.overrides["A"] == "int16 / uint8" and chosen.overrides["A"] == "int16 / uint4"
+
+
+def test_local_search_takes_an_exchange_when_no_single_demotion_keeps_the_target():
+    """From the greedy's point (A, B, C on uint8, D on uint4) every single demotion loses the target; only
+    the exchange A down, D up keeps it, and is cheaper."""
+    points = []
+    ev = _additive_evaluator(points)
+    goal = _goal_db()
+    bottom = tuple(OPTIONS[0] for _ in ADDITIVE)
+    top = tuple(OPTIONS[-1] for _ in ADDITIVE)
+    n_top = ev.measure(top)[0]
+    delta = [{o: ADDITIVE[g][o][0] - ADDITIVE[g][OPTIONS[-1]][0] for o in OPTIONS} for g in ADDITIVE]
+    model = NoiseModel(unit_costs(ev, bottom), delta, n_top, GOAL_NOISE)
+    start = ("int16 / uint8", "int16 / uint8", "int16 / uint8", "int16 / uint4")
+    singles, _ = cheaper_moves(ev.units, model.costs, start)
+    for ((i, o),) in singles:
+        assert ev.measure(with_option(start, i, o))[0] > GOAL_NOISE
+    stop = local_search(ev, model, start, goal, budget=100)
+    assert stop == ("int16 / uint4", "int16 / uint8", "int16 / uint8", "int16 / uint8")
+    assert ev.cost(stop) == 30 < ev.cost(start)
+    # Where it stopped, every cost-lowering single and exchange was evaluated and loses the target.
+    checked = ev.checked[stop]
+    singles, exchanges = cheaper_moves(ev.units, model.costs, stop)
+    assert checked["complete"] and checked["evaluated"] == len(singles) + len(exchanges) == checked["singles"]
+    for move in singles + exchanges:
+        trial = stop
+        for i, o in move:
+            trial = with_option(trial, i, o)
+        assert ev.met(trial, goal) is False, move
+    # The fake is additive: every cheaper assignment is ruled out by the model, or was evaluated.
+    assert checked["additive_rules_out_cheaper"] is True
+    # With a budget of one evaluation the neighbourhood is not all evaluated, and says so.
+    ev2 = _additive_evaluator([])
+    stop2 = local_search(ev2, model, start, goal, budget=1)
+    assert ev2.checked[stop2]["complete"] is False
+
+
+def test_additive_model_finds_its_cheapest_point_and_rules_out_the_rest():
+    """Branch and bound under the additive model against brute force over all 81 assignments."""
+    ev = _additive_evaluator([])
+    top = tuple(OPTIONS[-1] for _ in ADDITIVE)
+    bottom = tuple(OPTIONS[0] for _ in ADDITIVE)
+    delta = [{o: ADDITIVE[g][o][0] - ADDITIVE[g][OPTIONS[-1]][0] for o in OPTIONS} for g in ADDITIVE]
+    model = NoiseModel(unit_costs(ev, bottom), delta, ev.measure(top)[0], GOAL_NOISE)
+    feasible = sorted((ev.cost(a), a) for a in itertools.product(OPTIONS, repeat=4) if ev.measure(a)[0] <= GOAL_NOISE)
+    optimum_cost, optimum = feasible[0]
+    assert model.cheapest_not_ruled_out(120) == (optimum, True)
+    # Nothing below the optimum; left out, the next cheapest one comes back.
+    assert model.cheapest_not_ruled_out(optimum_cost) == (None, True)
+    following = min(((c, a) for c, a in feasible if a != optimum))
+    assert model.cheapest_not_ruled_out(1000, frozenset({optimum}))[0] in {a for c, a in feasible if c == following[0]}
+    # A node limit too small to go through every branch says so.
+    assert model.cheapest_not_ruled_out(120, node_limit=3)[1] is False
+
+
+def test_additive_bound_counts_each_units_own_noise_even_when_another_removes_more():
+    """Unit 1's float removes 3 around the widest point, but unit 0's cheap option adds 5 > 4 on its own."""
+    costs = [{"a": 0, "b": 10}, {"a": 0, "b": 10, "f": 40}]
+    delta = [{"a": 5.0, "b": 0.0}, {"a": 5.0, "b": 0.0, "f": -3.0}]
+    assert NoiseModel(costs, delta, n_top=1.0, n_goal=4.0).cheapest_not_ruled_out(20) == (None, True)
+    guess, exhaustive = NoiseModel(costs, delta, n_top=1.0, n_goal=6.0).cheapest_not_ruled_out(20)
+    assert exhaustive and guess in {("a", "b"), ("b", "a")}  # 1 + 5 <= 6 at 10 bytes
+
+
+def test_a_target_the_cheapest_point_meets_ends_the_search_there():
+    ev = _additive_evaluator([])
+    bottom = tuple(OPTIONS[0] for _ in ADDITIVE)
+    greedy, reason = search_units(ev, 10 * math.log10(SIGNAL / 100.0))  # 28.5 noise against 100 allowed
+    assert not reason and tuple(greedy.overrides.values()) == bottom
+    assert ev.checked[bottom]["complete"] and ev.checked[bottom]["additive_rules_out_cheaper"]
+    assert len(ev.noise) == 2  # the widest integer and the cheapest baselines, nothing more

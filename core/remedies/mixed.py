@@ -8,17 +8,10 @@ cost of a configuration is its estimated exported size (core.remedies.cost), wit
 computed in a wider dtype reported beside it. Every configuration is evaluated on the same images against float references
 computed once; the model is retargeted (core.ptq.retarget), never recalibrated.
 
-Two searches run on the same evaluations:
-
-- greedy (the reference): units ordered by sensitivity (the noise a unit adds when it alone is at its
-  cheapest option and every other unit at its widest integer option); from the all-cheapest
-  configuration, passes over the units, most sensitive first, move each unit one step up its chain of
-  ever wider options until the target is reached; float only once every unit is at its widest integer.
-- search: the single-unit measurements give each option's noise change; with the noise of the units
-  taken as additive, options are bought in order of noise removed per byte (each unit along the lower
-  convex hull of its options) until the predicted noise meets the target; that point is verified by
-  evaluation (the walk goes on until one is), then each unit is demoted one option at a time while the
-  target still holds. The greedy's point goes through the same demotion, so the search is never dearer.
+The searches (the greedy reference; the walk and the exact optimum of the additive noise model, each
+verified; the local search over cost-lowering moves from the points they verify) are in
+core.remedies.mixed_search, apart from the model; this module measures the configurations they ask
+for and collects the result.
 """
 
 from __future__ import annotations
@@ -26,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,52 +27,17 @@ import torch
 from core.analysis.metrics import sqnr_from_sums
 from core.analysis.tap import fp_forward, model_device, model_inputs, quant_forward
 from core.cancel import CancelToken
-from core.config import FLOAT, PTQConfig
+from core.config import PTQConfig
 from core.errors import ConfigError
 from core.io import json_safe
 from core.ptq import retarget
 from core.quant.mode import Mode
 from core.remedies.cost import TensorSizes, estimate_bytes, wide_ops
-from core.remedies.mixed_units import (
-    ACTIVATION_DTYPES,
-    MixedUnit,
-    assignment_overrides,
-    config_with,
-    dominates,
-    mixed_units,
-)
+from core.remedies.mixed_search import Evaluator, ParetoPoint, search_units
+from core.remedies.mixed_units import ACTIVATION_DTYPES, MixedUnit, assignment_overrides, config_with, mixed_units
 
 ORIGINS = ("search", "greedy", "baseline")
 ACTIVATION_MODES = ("uniform", "per-unit")
-
-
-@dataclass
-class ParetoPoint:
-    """One configuration tried: its overrides (glob -> override text), exported size, wide ops, SQNR."""
-
-    overrides: dict[str, str]
-    cost_bytes: int
-    wide_ops: int
-    sqnr_db: float
-    origin: str = "search"  # "search", "greedy" (the sensitivity-ordered reference) or "baseline"
-    label: str = ""  # what the point is, e.g. "all int16" for a baseline
-
-    def to_json(self) -> dict[str, Any]:
-        """The point as plain JSON values (an infinite SQNR becomes null)."""
-        return json_safe(asdict(self))
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ParetoPoint:
-        """Inverse of to_json."""
-        sqnr = data.get("sqnr_db")
-        return cls(
-            overrides={str(k): str(v) for k, v in dict(data.get("overrides", {})).items()},
-            cost_bytes=int(data["cost_bytes"]),
-            wide_ops=int(data.get("wide_ops", 0)),
-            sqnr_db=math.inf if sqnr is None else float(sqnr),
-            origin=str(data.get("origin", "search")),
-            label=str(data.get("label", "")),
-        )
 
 
 @dataclass
@@ -93,6 +51,11 @@ class MixedPrecisionResult:
     reason: str = ""  # why nothing was chosen (target out of reach), empty otherwise
     units: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # What the local search checked around the chosen point (mixed_search.local_search): its cost-lowering
+    # singles and exchanges, how many were evaluated (all below the target), whether that is all of them,
+    # and whether every cheaper assignment is ruled out by the additive noise model or was evaluated and
+    # falls below the target. Empty when the chosen point is not where a local search stopped.
+    neighbourhood: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target_sqnr_db(self) -> float:
@@ -113,6 +76,7 @@ class MixedPrecisionResult:
             "reason": self.reason,
             "units": list(self.units),
             "seconds": float(self.seconds),
+            "neighbourhood": json_safe(self.neighbourhood),
         }
 
     @classmethod
@@ -128,6 +92,7 @@ class MixedPrecisionResult:
             reason=str(data.get("reason", "")),
             units=list(data.get("units", [])),
             seconds=float(data.get("seconds", 0.0)),
+            neighbourhood=dict(data.get("neighbourhood", {})),
         )
 
 
@@ -193,51 +158,23 @@ def end_to_end_sqnr(qmodel, config: PTQConfig, batches: Sequence[Mapping[str, An
     return sqnr_from_sums(sum(float(torch.dot(r, r)) for r in refs), noise)
 
 
-class _Evaluator:
-    """Evaluates assignments (one option per unit) on fixed images: float references computed once."""
+def _model_evaluator(qmodel, base: PTQConfig, units: list[MixedUnit], references, sizes: TensorSizes, tick, points):
+    """An Evaluator whose configurations run on the model: the float references computed once."""
+    inputs, refs = references
 
-    def __init__(self, qmodel, base: PTQConfig, units: list[MixedUnit], references, sizes: TensorSizes, tick, points):
-        self.qmodel, self.base, self.units, self.sizes, self.tick = qmodel, base, units, sizes, tick
-        self.points: list[ParetoPoint] = points  # shared by every evaluator of one search
-        self.seen: dict[tuple[tuple[str, ...], str], ParetoPoint] = {}
-        self.noise: dict[tuple[str, ...], float] = {}
-        self.inputs, self.refs = references
-        self.signal = sum(float(torch.dot(r, r)) for r in self.refs)
+    def config(assignment: Sequence[str]) -> PTQConfig:
+        return config_with(base, assignment_overrides(units, assignment))
 
-    def config(self, assignment: Sequence[str]) -> PTQConfig:
-        """The config of an assignment."""
-        return config_with(self.base, assignment_overrides(self.units, assignment))
+    def measure(assignment: Sequence[str]) -> tuple[float, int, int]:
+        new = config(assignment)
+        retarget(qmodel, new)
+        return _noise(qmodel, inputs, refs), estimate_bytes(qmodel, new, sizes), wide_ops(qmodel, new, sizes)
 
-    def cost(self, assignment: Sequence[str]) -> int:
-        """Estimated exported bytes of an assignment."""
-        return estimate_bytes(self.qmodel, self.config(assignment), self.sizes)
+    def cost(assignment: Sequence[str]) -> int:
+        return estimate_bytes(qmodel, config(assignment), sizes)
 
-    def evaluate(self, assignment: Sequence[str], origin: str, label: str = "") -> ParetoPoint:
-        """The point of an assignment for `origin`; each assignment is evaluated once, and another origin
-        reaching it gets its own point with the same figures."""
-        key = tuple(assignment)
-        known = self.seen.get((key, origin))
-        if known is not None:
-            return known
-        twin = next((p for (k, _), p in self.seen.items() if k == key), None)
-        if twin is None:
-            config = self.config(key)
-            self.tick(f"{origin}: evaluating configuration {len(self.noise) + 1}")
-            retarget(self.qmodel, config)
-            noise = self.noise[key] = _noise(self.qmodel, self.inputs, self.refs)
-            figures = (estimate_bytes(self.qmodel, config, self.sizes), wide_ops(self.qmodel, config, self.sizes))
-            sqnr = sqnr_from_sums(self.signal, noise)
-        else:
-            figures, sqnr = (twin.cost_bytes, twin.wide_ops), twin.sqnr_db
-        point = ParetoPoint(assignment_overrides(self.units, key), figures[0], figures[1], sqnr, origin, label)
-        self.points.append(point)
-        self.seen[(key, origin)] = point
-        return point
-
-    def met(self, assignment: Sequence[str], goal: float) -> bool | None:
-        """Whether an evaluated assignment reaches `goal` (None if it was never evaluated)."""
-        noise = self.noise.get(tuple(assignment))
-        return None if noise is None else sqnr_from_sums(self.signal, noise) >= goal
+    signal = sum(float(torch.dot(r, r)) for r in refs)
+    return Evaluator(units, measure, cost, signal, points, tick)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,12 +251,12 @@ def search_mixed_precision(
         with qmodel.mode_as(Mode.QUANT):
             sizes = TensorSizes.measure(qmodel, batches[0])
             references = _references(qmodel, batches)
-            evs = [_Evaluator(qmodel, config, units, references, sizes, tick, points) for units in runs]
+            evs = [_model_evaluator(qmodel, config, units, references, sizes, tick, points) for units in runs]
             # The last run's widest integer options are int16 everywhere.
             int16 = evs[-1].evaluate(tuple(u.widest_integer for u in runs[-1]), "baseline", "all int16")
             if target["kind"] == "within_int16":
                 target = {**target, "int16_sqnr_db": int16.sqnr_db, "sqnr_db": int16.sqnr_db - target["within_db"]}
-            outcomes = [_run(ev, target["sqnr_db"], mode) for ev, mode in zip(evs, modes)]
+            outcomes = [search_units(ev, target["sqnr_db"], mode) for ev, mode in zip(evs, modes)]
     finally:
         retarget(qmodel, original_config)
         qmodel.set_observer_flags(original_flags)
@@ -329,6 +266,9 @@ def search_mixed_precision(
     result.greedy = min(greedy, key=_cost_key) if greedy else None
     met = [p for p in points if p.origin == "search" and p.sqnr_db >= goal]
     result.chosen = min(met, key=_cost_key) if met else None
+    if result.chosen is not None:
+        key = tuple(result.chosen.overrides.values())
+        result.neighbourhood = next((dict(ev.checked[key]) for ev in evs if key in ev.checked), {})
     if result.chosen is None:
         result.reason = next((r for _, r in reversed(outcomes) if r), "no configuration tried reaches the target")
     result.seconds = time.perf_counter() - start
@@ -337,213 +277,3 @@ def search_mixed_precision(
 
 def _cost_key(p: ParetoPoint) -> tuple[int, int, float]:
     return (p.cost_bytes, p.wide_ops, -p.sqnr_db)
-
-
-def _run(ev: _Evaluator, goal: float, activation: str | None) -> tuple[ParetoPoint | None, str]:
-    """One search over `ev`'s units: the greedy's point and, when the goal is out of reach, why."""
-    units = ev.units
-    suffix = f", {activation} activations" if activation else ""
-    bottom = tuple(u.options[0] for u in units)
-    top = tuple(u.widest_integer for u in units)
-    ceiling = tuple(u.options[-1] for u in units)
-    top_point = ev.evaluate(top, "baseline", "widest integer" + suffix)
-    bottom_point = ev.evaluate(bottom, "baseline", "cheapest" + suffix)
-    if bottom_point.sqnr_db >= goal:
-        ev.evaluate(bottom, "search")
-        return ev.evaluate(bottom, "greedy"), ""
-    if top_point.sqnr_db < goal:
-        ceiling_point = ev.evaluate(ceiling, "baseline", "widest integer, leaves float" + suffix)
-        if ceiling_point.sqnr_db < goal:
-            return None, (
-                f"target {goal:.2f} dB is out of reach: the widest integer dtypes with every leaf module float "
-                f"reach {ceiling_point.sqnr_db:.2f} dB on these images{suffix}"
-            )
-    # Single-unit measurements around the widest integer point: the noise each option adds (float: removes).
-    n_top = ev.noise[top]
-    delta: list[dict[str, float]] = []
-    for i, u in enumerate(units):
-        row = {u.widest_integer: 0.0}
-        for option in u.options:
-            if option != u.widest_integer:
-                ev.evaluate(_with(top, i, option), "search", f"{u.glob} = {option}")
-                row[option] = ev.noise[_with(top, i, option)] - n_top
-        delta.append(row)
-    n_goal = ev.signal / (10 ** (goal / 10))
-    costs = _unit_costs(ev, units, bottom)
-    greedy = _greedy(ev, units, delta, bottom, goal)
-    found = _knapsack_walk(ev, units, delta, costs, bottom, n_top, n_goal, goal)
-    best = None
-    for point in sorted((p for p in (found, greedy) if p is not None), key=lambda p: p.cost_bytes):
-        if best is None or point.cost_bytes < best.cost_bytes:
-            demoted = _demote(ev, units, delta, costs, _assignment_of(units, point), n_goal, goal)
-            best = demoted if best is None or demoted.cost_bytes < best.cost_bytes else best
-    return greedy, ""
-
-
-def _with(assignment: Sequence[str], index: int, option: str) -> tuple[str, ...]:
-    out = list(assignment)
-    out[index] = option
-    return tuple(out)
-
-
-def _assignment_of(units: Sequence[MixedUnit], point: ParetoPoint) -> tuple[str, ...]:
-    return tuple(point.overrides[u.glob] for u in units)
-
-
-def _greedy(ev, units, delta, bottom, goal) -> ParetoPoint | None:
-    """The reference: sensitivity-ordered, one step at a time (module docstring)."""
-    order = sorted(range(len(units)), key=lambda i: -delta[i][units[i].options[0]])
-    current = list(bottom)
-    while True:
-        moved = False
-        allow_float = all(current[i] in (units[i].widest_integer, FLOAT) for i in order)
-        for i in order:
-            step = _next_wider(units[i], current[i], allow_float)
-            if step is None:
-                continue
-            current[i] = step
-            moved = True
-            point = ev.evaluate(current, "greedy")
-            if point.sqnr_db >= goal:
-                return point
-        if not moved:
-            return None
-
-
-def _next_wider(unit: MixedUnit, option: str, allow_float: bool) -> str | None:
-    """The cheapest option of `unit` wider than `option` on both sides (float only if allowed)."""
-    for candidate in unit.options:
-        if candidate == option or not dominates(candidate, option):
-            continue
-        if candidate == FLOAT and not allow_float:
-            return None
-        return candidate
-    return None
-
-
-def _unit_costs(ev: _Evaluator, units: Sequence[MixedUnit], bottom: Sequence[str]) -> list[dict[str, int]]:
-    """Each option's cost over the unit's cheapest, per unit. The estimate is a sum over observers and a
-    unit's line alone decides its observers' dtypes, so the cost of an assignment is the sum of these."""
-    base = ev.cost(bottom)
-    return [{o: ev.cost(_with(bottom, i, o)) - base for o in u.options} for i, u in enumerate(units)]
-
-
-def _hull(costs: dict[str, int], delta: dict[str, float]) -> list[str]:
-    """The options on the lower convex hull of (cost, added noise), cheapest first."""
-    pts = sorted(costs, key=lambda o: (costs[o], delta[o]))
-    useful = []
-    for o in pts:  # drop options that cost more and remove no more noise
-        if useful and delta[o] >= delta[useful[-1]]:
-            continue
-        useful.append(o)
-    hull: list[str] = []
-    for o in useful:
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # b lies above the segment a-o: buying o straight from a removes more noise per byte.
-            cross = (costs[b] - costs[a]) * (delta[o] - delta[a]) - (delta[b] - delta[a]) * (costs[o] - costs[a])
-            if cross <= 0:
-                hull.pop()
-            else:
-                break
-        hull.append(o)
-    return hull
-
-
-def _knapsack_walk(ev, units, delta, costs, bottom, n_top, n_goal, goal) -> ParetoPoint | None:
-    """Buy hull steps by noise removed per byte until the predicted noise meets the goal, then evaluate
-    until a point verifies."""
-    hulls = [_hull(costs[i], delta[i]) for i in range(len(units))]
-    position = [0] * len(units)
-    current = list(bottom)
-    predicted = n_top + sum(delta[i][current[i]] for i in range(len(units)))
-    while True:
-        if predicted <= n_goal:
-            point = ev.evaluate(current, "search")
-            if point.sqnr_db >= goal:
-                return point
-        best, best_rate = None, 0.0
-        for i, hull in enumerate(hulls):
-            if position[i] + 1 >= len(hull):
-                continue
-            a, b = hull[position[i]], hull[position[i] + 1]
-            # A step that costs no byte (a linear's 16-bit output) is bought first, at its noise gain.
-            rate = (delta[i][a] - delta[i][b]) / max(costs[i][b] - costs[i][a], 1)
-            if best is None or rate > best_rate:
-                best, best_rate = i, rate
-        if best is None:
-            return None
-        position[best] += 1
-        old = current[best]
-        current[best] = hulls[best][position[best]]
-        predicted += delta[best][current[best]] - delta[best][old]
-
-
-def _demote(ev, units, delta, costs, assignment, n_goal, goal) -> ParetoPoint:
-    """From a point that meets the goal, make it cheaper while the goal holds: move one unit to a
-    cheaper option; failing that, exchange (one unit cheaper, another wider, cheaper in all); at last
-    narrow the options that cost no byte (fewer ops in a wide dtype at the same size).
-
-    Moves are tried by predicted noise per byte saved, those whose predicted noise (the measured noise
-    of the current point plus the moves' single-unit changes) meets the goal first; exchanges only when
-    it does, and at most one per unit per round.
-    """
-    current = tuple(assignment)
-    point = ev.evaluate(current, "search")
-    for phase in ("saving", "narrowing"):
-        while True:
-            accepted = _try_moves(
-                ev, current, _moves(units, delta, costs, current, ev.noise[current], n_goal, phase), goal
-            )
-            if accepted is None and phase == "saving":
-                pairs = _exchanges(units, delta, costs, current, ev.noise[current], n_goal)
-                accepted = _try_moves(ev, current, pairs[: len(units)], goal)
-            if accepted is None:
-                break
-            current, point = accepted
-    return point
-
-
-def _try_moves(ev, current, moves, goal) -> tuple[tuple[str, ...], ParetoPoint] | None:
-    """Evaluate the moves in order; the first that keeps the goal (its assignment and point), or None."""
-    for _, changes in moves:
-        trial = tuple(current)
-        for i, o in changes:
-            trial = _with(trial, i, o)
-        if ev.met(trial, goal) is False:
-            continue
-        candidate = ev.evaluate(trial, "search")
-        if candidate.sqnr_db >= goal:
-            return trial, candidate
-    return None
-
-
-def _moves(units, delta, costs, current, measured, n_goal, phase) -> list[tuple[float, tuple]]:
-    """Single-unit moves: cheaper options ("saving") or narrower ones of the same cost ("narrowing")."""
-    moves = []
-    for i, u in enumerate(units):
-        for o in u.options:
-            saved = costs[i][current[i]] - costs[i][o]
-            narrower = o != current[i] and dominates(current[i], o)
-            if (phase == "saving" and saved > 0) or (phase == "narrowing" and saved == 0 and narrower):
-                added = delta[i][o] - delta[i][current[i]]
-                # Single moves are few: those the additive model expects to fail are tried too, last
-                # (the model is measured around the widest point and errs on either side far from it).
-                moves.append((measured + added > n_goal, added / max(saved, 1), ((i, o),)))
-    return [(key[1], changes) for *key, changes in sorted(moves)]
-
-
-def _exchanges(units, delta, costs, current, measured, n_goal) -> list[tuple[float, tuple]]:
-    """Pairs of moves, one unit cheaper and another wider, that save bytes together: most saved first."""
-    down = [(i, o) for i, u in enumerate(units) for o in u.options if costs[i][o] < costs[i][current[i]]]
-    up = [(j, p) for j, u in enumerate(units) for p in u.options if delta[j][p] < delta[j][current[j]]]
-    pairs = []
-    for i, o in down:
-        for j, p in up:
-            if i == j:
-                continue
-            saved = costs[i][current[i]] - costs[i][o] + costs[j][current[j]] - costs[j][p]
-            added = delta[i][o] - delta[i][current[i]] + delta[j][p] - delta[j][current[j]]
-            if saved > 0 and measured + added <= n_goal:
-                pairs.append((-float(saved), ((i, o), (j, p))))
-    return sorted(pairs)
