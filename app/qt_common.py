@@ -90,6 +90,31 @@ def calibration_text(calibration) -> str:
     return f"{calibration.images_done}/{calibration.total_images} images in {secs:.1f} s{tail}"
 
 
+class SteadyHeight:
+    """Mixin for a word-wrapped QLabel whose height only grows with its texts, never shrinks back.
+
+    Texts that change while results stream in (the end-to-end line, the divergence banner) would
+    otherwise change the label's height now and then, and every change re-lays out the whole tab:
+    each chart below is resized and the window repainted, 30-40 ms apiece on e2b (bench/bench_gui.py)."""
+
+    def setText(self, text: str) -> None:  # noqa: N802 - Qt override
+        super().setText(text)  # type: ignore[misc]
+        width = self.width()  # type: ignore[attr-defined]
+        if width > 0:
+            need = self.heightForWidth(width)  # type: ignore[attr-defined]
+            if need > self.minimumHeight():  # type: ignore[attr-defined]
+                self.setMinimumHeight(need)  # type: ignore[attr-defined]
+
+
+class QtSteadyLabel(SteadyHeight, QLabel):
+    """A word-wrapped label whose height only grows (SteadyHeight), at least `lines` lines from the start."""
+
+    def __init__(self, text: str = "", lines: int = 1) -> None:
+        super().__init__(text)
+        self.setWordWrap(True)
+        self.setMinimumHeight(lines * self.fontMetrics().lineSpacing())
+
+
 class QtMessageLine(QLabel):
     """One line in a tab that says what happened last (info or error), never modal."""
 

@@ -8,6 +8,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QComboBox, QFrame, QHBoxLayout, QLabel, QPushButton, QWidget
 
+from app.qt_common import SteadyHeight
+
 
 def _short_unit(name: str, unit: str) -> str:
     """A tick label for a unit: a layer without "encoder.", a module by its last part."""
@@ -16,8 +18,8 @@ def _short_unit(name: str, unit: str) -> str:
     return name[len("encoder."):] if name.startswith("encoder.") else name
 
 
-class QtClickableLabel(QLabel):
-    """A label that says when it is clicked (the banner's text is its own button)."""
+class QtClickableLabel(SteadyHeight, QLabel):
+    """A label that says when it is clicked (the banner's text is its own button); its height only grows."""
 
     sigClicked = Signal()
 
@@ -54,6 +56,10 @@ class QtDivergenceBanner(QFrame):
         self.text_label.setObjectName("divergenceText")
         self.text_label.setWordWrap(True)
         self.text_label.setStyleSheet("font-size: 13px; font-weight: 600; background: transparent; border: none;")
+        # Room for a located unit's sentence from the start, so the tab does not shift (and re-lay out
+        # every chart) when the first photo's divergence arrives: four lines of the banner's font.
+        self.text_label.ensurePolished()
+        self.text_label.setMinimumHeight(4 * self.text_label.fontMetrics().lineSpacing())
         self.show_button = QPushButton("Show")
         self.show_button.setObjectName("divergenceShowButton")
         self.show_button.setToolTip("Select this unit in the table and show its patch heatmap")
@@ -74,6 +80,7 @@ class QtDivergenceBanner(QFrame):
         layout.addWidget(self.show_button)
         layout.addWidget(self.unit_combo)
         layout.addWidget(self.locate_button)
+        self._look: str | None = None
         self._set_look("idle")
         self.text_label.sigClicked.connect(self._on_clicked)
         self.show_button.clicked.connect(self._on_clicked)
@@ -84,6 +91,9 @@ class QtDivergenceBanner(QFrame):
         return str(self.unit_combo.currentData())
 
     def _set_look(self, state: str) -> None:
+        if state == self._look:
+            return  # a style sheet set again re-polishes the banner and its children for nothing
+        self._look = state
         self.setStyleSheet(self._STYLE % self._COLORS[state])
         self.text_label.setCursor(Qt.PointingHandCursor if state == "found" else Qt.ArrowCursor)
 

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QLabel
 
 from app.events import on_gui_thread
+from app.qt_common import QtSteadyLabel
 from app.qt_module_errors_table import ModuleErrorModel
 from app.tab_state import ErrorsState, ImageSnapshot, PartialAnalysis, PartialResults
 from core.analysis.analysis_pass import STEPS_PER_IMAGE
@@ -32,7 +32,7 @@ class ErrorsStream:
         self.tables: dict[int, tuple[list, list]] = {}  # id(CompareResult) -> table texts made by the worker
         self._pending: tuple[int, PartialAnalysis] | None = None  # the newest photo not drawn yet
         self._scheduled = False
-        self.label = QLabel("")  # which photos the numbers on screen are from
+        self.label = QtSteadyLabel("")  # which photos the numbers on screen are from
         self.label.setObjectName("evaluationLabel")
         self.label.setStyleSheet("color: palette(dark);")
 
@@ -97,7 +97,7 @@ class ErrorsStream:
         self._pending = (run, part)
         if not self._scheduled:
             self._scheduled = True
-            QTimer.singleShot(0, self._draw_pending)
+            QTimer.singleShot(1, self._draw_pending)  # a timer, not a posted event: see SessionRunner.later
 
     def _draw_pending(self) -> None:
         self._scheduled = False

@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.events import SessionSubscriptions
-from app.qt_common import QtMessageLine, QtTaskProgress, error_text, fmt_float, plural
+from app.qt_common import QtMessageLine, QtSteadyLabel, QtTaskProgress, error_text, fmt_float, plural
 from app.qt_depth_chart import QtDepthChart
 from app.qt_divergence_panel import QtDivergenceBanner, QtDivergenceChart
 from app.qt_error_diagnostics import ErrorDiagnostics
@@ -122,7 +122,7 @@ class QtErrorsTab(QWidget):
         )
         self.to_settings_button.setEnabled(False)
         self.to_settings_button.clicked.connect(self.copy_keep_float_to_settings)
-        self.end_to_end_label = QLabel("End-to-end: not evaluated")
+        self.end_to_end_label = QtSteadyLabel("End-to-end: not evaluated")
         self.end_to_end_label.setObjectName("endToEndLabel")
         self.end_to_end_label.setStyleSheet("font-weight: 600;")
         self.end_to_end_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -157,11 +157,7 @@ class QtErrorsTab(QWidget):
     def _build_layout(self) -> None:
         bar = QHBoxLayout()
         bar.addWidget(self.evaluate_button)
-        numbers = QVBoxLayout()
-        numbers.setSpacing(0)
-        numbers.addWidget(self.end_to_end_label)
-        numbers.addWidget(self.evaluation_label)
-        bar.addLayout(numbers, 1)
+        bar.addStretch(1)
         bar.addWidget(self.to_settings_button)
         bar.addWidget(self.sensitivity_button)
         bar.addWidget(self.progress)
@@ -218,6 +214,9 @@ class QtErrorsTab(QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(self.banner)
         layout.addLayout(bar)
+        # The numbers get the tab's whole width: beside the buttons they wrapped to three lines.
+        layout.addWidget(self.end_to_end_label)
+        layout.addWidget(self.evaluation_label)
         layout.addWidget(self.splitter, 1)
         layout.addWidget(self.message)
 

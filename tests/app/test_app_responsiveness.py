@@ -111,3 +111,19 @@ def test_the_errors_tab_draws_the_final_result_in_two_passes(qtbot):
         [(name, fn)] = later
         fn()
     assert len(started) == 1 and name == "drawing the analysis"
+
+
+def test_a_steady_label_grows_with_its_text_and_never_shrinks_back(qtbot):
+    """Streamed texts must not re-lay out the tab each time they get shorter or longer again."""
+    from app.qt_common import QtSteadyLabel
+
+    label = QtSteadyLabel("", lines=1)
+    qtbot.addWidget(label)
+    label.resize(200, label.minimumHeight())
+    one_line = label.minimumHeight()
+    assert one_line == label.fontMetrics().lineSpacing()
+    label.setText("a sentence long enough to wrap onto several lines at two hundred pixels wide " * 3)
+    grown = label.minimumHeight()
+    assert grown >= 3 * one_line
+    label.setText("short")
+    assert label.minimumHeight() == grown
